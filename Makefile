@@ -1,0 +1,34 @@
+# tokenservice: `make run` serves, `make test` runs the whole suite.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+GEN    := clients/python/tokenservice/v1
+PROTO  := protos/tokenservice/v1/token_service.proto
+
+.PHONY: install run test protos check-protos lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ./clients/python -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/tokenservice serve
+
+test: install
+	$(VENV)/bin/pytest
+
+# Regenerates the Python stubs from protos/ (committed; tests/test_protos.py
+# proves they match).
+protos: install
+	$(PY) -m tokenservice_server.protogen $(GEN)
+
+lint: install
+	$(VENV)/bin/ruff check service tests clients bench
+
+clean:
+	rm -rf $(VENV) *.egg-info service/*.egg-info clients/python/*.egg-info
