@@ -1,5 +1,65 @@
-"""Client library for tokenservice: stubs re-exported, typed client to come."""
+"""Client library for tokenservice.
+
+- `TokenServiceClient` / `AsyncTokenServiceClient`: typed clients with deadlines,
+  gRPC-native retries on UNAVAILABLE and typed exceptions.
+- `AuthInterceptor` / `AsyncAuthInterceptor`: protect a consumer gRPC service with
+  tokenservice tokens; handlers read the caller through `current_principal()`.
+- `token_credentials`: the call credentials a client uses to present its token.
+"""
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
 
-__all__ = ["token_service_pb2", "token_service_pb2_grpc"]
+from .aio import AsyncTokenServiceClient
+from .channel import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, service_config
+from .client import TokenServiceClient
+from .credentials import rotating_token_credentials, token_credentials
+from .errors import (
+    DeadlineExceeded,
+    ErrorInfo,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TokenServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+from .interceptor import (
+    DEFAULT_PUBLIC_METHODS,
+    AsyncAuthInterceptor,
+    AuthInterceptor,
+    PrincipalCache,
+    requires_scopes,
+)
+from .principal import Principal, current_principal
+
+__all__ = [
+    "DEFAULT_PUBLIC_METHODS",
+    "DEFAULT_RETRY",
+    "DEFAULT_TIMEOUT",
+    "AsyncAuthInterceptor",
+    "AsyncTokenServiceClient",
+    "AuthInterceptor",
+    "DeadlineExceeded",
+    "ErrorInfo",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Principal",
+    "PrincipalCache",
+    "RateLimited",
+    "RetryPolicy",
+    "TokenServiceClient",
+    "TokenServiceError",
+    "Unauthenticated",
+    "Unavailable",
+    "current_principal",
+    "requires_scopes",
+    "rotating_token_credentials",
+    "service_config",
+    "token_credentials",
+    "token_service_pb2",
+    "token_service_pb2_grpc",
+]

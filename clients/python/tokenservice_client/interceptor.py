@@ -1,0 +1,433 @@
+"""Server interceptors that protect a consumer service with tokenservice tokens.
+
+One line on a sync server::
+
+    server = grpc.server(pool, interceptors=[AuthInterceptor("localhost:50051", SCOPES)])
+
+and on an asyncio server::
+
+    server = grpc.aio.server(interceptors=[AsyncAuthInterceptor("localhost:50051", SCOPES)])
+
+where SCOPES maps full method names (`"/pkg.Service/Method"`, or `"/pkg.Service/*"` for
+every method of a service) to the scopes a caller's token must all hold; decorating a
+servicer method with `@requires_scopes(...)` does the same from the code. The
+interceptor reads `authorization: Bearer <token>`, calls Authenticate, and either
+aborts with UNAUTHENTICATED / PERMISSION_DENIED or runs the handler with the caller's
+`Principal` available through `current_principal()`.
+
+Methods with no declared scopes are refused (fail closed) unless `default_scopes` says
+otherwise; `public` methods (by default the health and reflection services) are let
+through without a token.
+
+Caching: `cache_ttl=0` (the default) asks tokenservice on every call, so a revoked
+token stops working at once. A positive `cache_ttl` remembers successful
+authentications for that many seconds: it saves a round trip per call but DELAYS
+REVOCATION (and user disabling, and scope changes) BY UP TO `cache_ttl` SECONDS for
+this process. Failures are never cached.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import hashlib
+import hmac
+import inspect
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from .aio import AsyncTokenServiceClient
+from .client import TokenServiceClient
+from .errors import InvalidArgument, RateLimited, TokenServiceError, Unauthenticated
+from .principal import _CURRENT, Principal
+
+__all__ = [
+    "DEFAULT_PUBLIC_METHODS",
+    "AsyncAuthInterceptor",
+    "AuthInterceptor",
+    "PrincipalCache",
+    "requires_scopes",
+]
+
+log = logging.getLogger("tokenservice_client")
+
+DEFAULT_PUBLIC_METHODS: tuple[str, ...] = (
+    "/grpc.health.v1.Health/*",
+    "/grpc.reflection.v1.ServerReflection/*",
+    "/grpc.reflection.v1alpha.ServerReflection/*",
+)
+
+_SCOPES_ATTR = "__tokenservice_scopes__"
+_TOKEN_SYNTAX = re.compile(r"[A-Za-z0-9_]{1,512}")
+_UNAUTHENTICATED = "missing or invalid API token"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def requires_scopes(*scopes: str) -> Callable[[_F], _F]:
+    """Declares on a servicer method the scopes its caller's token must all hold."""
+
+    def mark(fn: _F) -> _F:
+        setattr(fn, _SCOPES_ATTR, frozenset(scopes))
+        return fn
+
+    return mark
+
+
+class PrincipalCache:
+    """A small TTL cache of successful authentications.
+
+    Keyed by an HMAC of the token under a per-process random key, so the raw token is
+    never a dictionary key. An entry never outlives the token's own expiry.
+    """
+
+    def __init__(
+        self,
+        ttl: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._key = os.urandom(32)
+        self._entries: collections.OrderedDict[bytes, tuple[float, Principal]] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def _digest(self, token: str) -> bytes:
+        return hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+
+    def get(self, token: str) -> Principal | None:
+        key = self._digest(token)
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            deadline, principal = entry
+            if now >= deadline or _expired(principal):
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return principal
+
+    def put(self, token: str, principal: Principal) -> None:
+        key = self._digest(token)
+        deadline = self._clock() + self._ttl
+        with self._lock:
+            self._entries[key] = (deadline, principal)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _expired(principal: Principal) -> bool:
+    return principal.expires_at is not None and principal.expires_at <= datetime.now(UTC)
+
+
+def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not _TOKEN_SYNTAX.fullmatch(token):
+        return None
+    return token
+
+
+class _Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _deny_for(err: TokenServiceError) -> _Denied:
+    if isinstance(err, Unauthenticated | InvalidArgument):
+        return _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+    if isinstance(err, RateLimited):
+        return _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many failed authentications")
+    log.warning("tokenservice Authenticate failed: %s", err.code.name)
+    return _Denied(grpc.StatusCode.UNAVAILABLE, "authentication service unavailable")
+
+
+class _Policy:
+    """Which scopes a method needs: a frozenset, or None for a public method."""
+
+    def __init__(
+        self,
+        scopes: Mapping[str, Iterable[str]],
+        public: Iterable[str],
+        default_scopes: Iterable[str] | None,
+    ) -> None:
+        for method, required in scopes.items():
+            if not method.startswith("/") or isinstance(required, str):
+                raise ValueError(
+                    f"{method!r}: keys are '/package.Service/Method', values lists of scopes"
+                )
+        self._scopes = {m: frozenset(s) for m, s in scopes.items()}
+        self._public = frozenset(public)
+        self._default = None if default_scopes is None else frozenset(default_scopes)
+
+    @staticmethod
+    def _wildcard(method: str) -> str:
+        return method.rsplit("/", 1)[0] + "/*"
+
+    def is_public(self, method: str) -> bool:
+        return method in self._public or self._wildcard(method) in self._public
+
+    def required(self, method: str, behavior: Any) -> frozenset[str] | None:
+        """The scopes needed, or None when the method has no declared policy."""
+        declared = [
+            s
+            for s in (
+                self._scopes.get(method),
+                self._scopes.get(self._wildcard(method)),
+                getattr(behavior, _SCOPES_ATTR, None),
+            )
+            if s is not None
+        ]
+        if not declared:
+            return self._default
+        return frozenset().union(*declared)
+
+
+def _behavior_of(handler: grpc.RpcMethodHandler) -> tuple[str, Any]:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return kind, behavior
+    raise ValueError("handler has no behavior")
+
+
+_CONSTRUCTORS = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:
+    return _CONSTRUCTORS[kind](
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _check_scopes(principal: Principal, required: frozenset[str] | None) -> None:
+    if required is None:
+        raise _Denied(grpc.StatusCode.PERMISSION_DENIED, "method has no scope policy")
+    missing = sorted(required - principal.scopes)
+    if missing:
+        raise _Denied(
+            grpc.StatusCode.PERMISSION_DENIED, f"token lacks scope(s): {', '.join(missing)}"
+        )
+
+
+def _auth_timeout(default: float, context: Any) -> float:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default
+    return max(min(default, remaining), 0.001)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Protects a sync `grpc.server`; see the module docstring."""
+
+    def __init__(
+        self,
+        tokenservice: TokenServiceClient | str,
+        scopes: Mapping[str, Iterable[str]] | None = None,
+        *,
+        public: Iterable[str] = DEFAULT_PUBLIC_METHODS,
+        default_scopes: Iterable[str] | None = None,
+        cache_ttl: float = 0.0,
+        cache: PrincipalCache | None = None,
+    ) -> None:
+        self._client = (
+            TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
+        )
+        self._policy = _Policy(scopes or {}, public, default_scopes)
+        self._cache = cache or (PrincipalCache(cache_ttl) if cache_ttl > 0 else None)
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, context: Any) -> Principal:
+        """The caller's principal, or raises _Denied."""
+        token = _bearer_token(metadata)
+        if token is None:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        if self._cache is not None and (hit := self._cache.get(token)) is not None:
+            return hit
+        timeout = _auth_timeout(self._client.timeout, context)
+        try:
+            principal = Principal.from_response(self._client.authenticate(token, timeout=timeout))
+        except TokenServiceError as err:
+            raise _deny_for(err) from None
+        if self._cache is not None:
+            self._cache.put(token, principal)
+        return principal
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or self._policy.is_public(method):
+            return handler
+        kind, behavior = _behavior_of(handler)
+        required = self._policy.required(method, behavior)
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+
+        def admit(context: grpc.ServicerContext) -> contextvars.Context:
+            try:
+                principal = self.authenticate(metadata, context)
+                _check_scopes(principal, required)
+            except _Denied as denied:
+                context.abort(denied.code, denied.message)
+            ctx = contextvars.copy_context()
+            ctx.run(_CURRENT.set, principal)
+            return ctx
+
+        if kind in ("unary_unary", "stream_unary"):
+
+            def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
+                return admit(context).run(behavior, request, context)
+
+            return _rebuild(handler, kind, unary_response)
+
+        def stream_response(request: Any, context: grpc.ServicerContext) -> Any:
+            ctx = admit(context)
+            responses = ctx.run(behavior, request, context)
+            while True:
+                try:
+                    item = ctx.run(next, responses)
+                except StopIteration:
+                    return
+                yield item
+
+        return _rebuild(handler, kind, stream_response)
+
+
+class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Protects a `grpc.aio.server`; see the module docstring.
+
+    Given a target string it opens its `AsyncTokenServiceClient` lazily, inside the
+    server's event loop.
+    """
+
+    def __init__(
+        self,
+        tokenservice: AsyncTokenServiceClient | str,
+        scopes: Mapping[str, Iterable[str]] | None = None,
+        *,
+        public: Iterable[str] = DEFAULT_PUBLIC_METHODS,
+        default_scopes: Iterable[str] | None = None,
+        cache_ttl: float = 0.0,
+        cache: PrincipalCache | None = None,
+    ) -> None:
+        self._target = tokenservice if isinstance(tokenservice, str) else None
+        self._client = tokenservice if isinstance(tokenservice, AsyncTokenServiceClient) else None
+        self._policy = _Policy(scopes or {}, public, default_scopes)
+        self._cache = cache or (PrincipalCache(cache_ttl) if cache_ttl > 0 else None)
+
+    def _tokenservice(self) -> AsyncTokenServiceClient:
+        if self._client is None:
+            assert self._target is not None
+            self._client = AsyncTokenServiceClient(self._target)
+        return self._client
+
+    async def authenticate(
+        self, metadata: Sequence[tuple[str, Any]] | None, context: Any
+    ) -> Principal:
+        """The caller's principal, or raises _Denied."""
+        token = _bearer_token(metadata)
+        if token is None:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        if self._cache is not None and (hit := self._cache.get(token)) is not None:
+            return hit
+        client = self._tokenservice()
+        timeout = _auth_timeout(client.timeout, context)
+        try:
+            principal = Principal.from_response(await client.authenticate(token, timeout=timeout))
+        except TokenServiceError as err:
+            raise _deny_for(err) from None
+        if self._cache is not None:
+            self._cache.put(token, principal)
+        return principal
+
+    async def close(self) -> None:
+        """Closes the tokenservice channel if this interceptor opened it."""
+        if self._client is not None and self._target is not None:
+            await self._client.close()
+            self._client = None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or self._policy.is_public(method):
+            return handler
+        kind, behavior = _behavior_of(handler)
+        required = self._policy.required(method, behavior)
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+
+        async def admit(context: grpc.aio.ServicerContext) -> Principal:
+            try:
+                principal = await self.authenticate(metadata, context)
+                _check_scopes(principal, required)
+            except _Denied as denied:
+                await context.abort(denied.code, denied.message)
+            return principal
+
+        if kind in ("unary_unary", "stream_unary"):
+
+            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                # Each aio RPC runs in its own task, so the variable stays with this call.
+                _CURRENT.set(await admit(context))
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            return _rebuild(handler, kind, unary_response)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _CURRENT.set(await admit(context))
+                async for item in behavior(request, context):
+                    yield item
+
+            return _rebuild(handler, kind, stream_response)
+
+        async def write_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # A streaming handler written as a coroutine that calls context.write().
+            _CURRENT.set(await admit(context))
+            return await behavior(request, context)
+
+        return _rebuild(handler, kind, write_response)
