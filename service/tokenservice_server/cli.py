@@ -1,0 +1,210 @@
+"""The tokenservice command line. Bad input: one line on stderr, a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import NoReturn
+
+import peewee
+
+from . import logs
+from .config import Config, ConfigError, load_config
+from .db import DatabaseURLError, connection, open_database
+from .errors import DomainError, InvalidArgument
+from .migrations import migrate
+from .scopes import ScopeCatalog
+from .service import TokenService
+from .store import Store
+
+log = logging.getLogger("tokenservice")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tokenservice", description="API tokens over gRPC and REST/JSON.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def db_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--database-url", help="sqlite:///path.db or postgresql://user:pass@host/db")
+
+    serve = sub.add_parser("serve", help="run the gRPC server and the REST shim")
+    serve.add_argument("--host")
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--http-port", type=int)
+    db_flag(serve)
+    serve.add_argument("--scopes-file")
+    serve.add_argument("--bcrypt-rounds", type=int)
+    serve.add_argument("--no-rest", dest="rest_enabled", action="store_const", const=False,
+                       help="serve gRPC only")
+
+    rest = sub.add_parser("rest", help="run the REST shim alone, in front of a gRPC server")
+    rest.add_argument("--grpc-target", default="127.0.0.1:50051", help="HOST:PORT")
+    rest.add_argument("--host")
+    rest.add_argument("--http-port", type=int)
+
+    mig = sub.add_parser("migrate", help="create or upgrade the schema")
+    db_flag(mig)
+
+    user = sub.add_parser("user", help="manage users").add_subparsers(
+        dest="user_command", required=True, parser_class=_Parser
+    )
+    add = user.add_parser("add", help="create a user")
+    add.add_argument("--email", required=True)
+    add.add_argument("--org", required=True)
+    add.add_argument("--permissions", required=True, help="comma-separated scopes")
+    db_flag(add)
+    add.add_argument("--scopes-file")
+    disable = user.add_parser("disable", help="disable a user and stop all their tokens")
+    disable.add_argument("--email", required=True)
+    db_flag(disable)
+
+    token = sub.add_parser("token", help="manage tokens").add_subparsers(
+        dest="token_command", required=True, parser_class=_Parser
+    )
+    create = token.add_parser("create", help="create a token; prints it alone on the last line")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name", required=True)
+    create.add_argument("--scopes", required=True, help="comma-separated scopes")
+    create.add_argument("--expires-at", help="ISO 8601, for example 2027-01-01T00:00:00Z")
+    db_flag(create)
+    create.add_argument("--scopes-file")
+    create.add_argument("--bcrypt-rounds", type=int)
+
+    scopes = sub.add_parser("scopes", help="print the scope catalog")
+    scopes.add_argument("--scopes-file")
+    return parser
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parse_time(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidArgument(
+            [("expires_at", f"{value!r} is not an ISO 8601 date-time")]
+        ) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _service(config: Config) -> TokenService:
+    db = open_database(config.database_url)
+    migrate(db)
+    return TokenService(config, Store(db), ScopeCatalog.load(config.scopes_file))
+
+
+def _serve(config: Config) -> int:
+    from .server import TokenServer
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = TokenServer(config)
+    server.start()
+    rest = None
+    if config.rest_enabled:
+        from .rest import RestServer
+
+        rest = RestServer(f"127.0.0.1:{server.port}" if config.host in ("0.0.0.0", "::")
+                          else _target(config.host, server.port), config.host, config.http_port)
+        rest.start()
+        log.info("serving REST", extra={"port": rest.port})
+    stop.wait()
+    log.info("stopping: draining in-flight calls")
+    if rest is not None:
+        rest.stop(config.shutdown_grace_seconds)
+    server.stop()
+    return 0
+
+
+def _target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    config = load_config(flags)
+    logs.configure(config.log_level)
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "rest":
+        from .rest import run_rest
+
+        run_rest(args.grpc_target, config.host, config.http_port)
+        return 0
+    if args.command == "scopes":
+        catalog = ScopeCatalog.load(config.scopes_file)
+        width = max(len(s.name) for s in catalog)
+        for s in catalog:
+            print(f"{s.name:<{width}}  {'api_only' if s.api_only else '        '}  {s.description}")
+        return 0
+    if args.command == "migrate":
+        db = open_database(config.database_url)
+        applied = migrate(db)
+        print(f"schema at version {max(applied) if applied else 'current'}"
+              + (f" (applied {', '.join(map(str, applied))})" if applied else ""))
+        return 0
+    service = _service(config)
+    with connection(service.store.db):
+        if args.command == "user" and args.user_command == "add":
+            service.add_user(args.email, args.org, _split(args.permissions))
+            print(f"user {args.email.strip().lower()} added to org {args.org.strip()}")
+        elif args.command == "user" and args.user_command == "disable":
+            service.disable_user(args.email)
+            print(f"user {args.email.strip().lower()} disabled; their tokens no longer work")
+        elif args.command == "token":
+            expires = _parse_time(args.expires_at) if args.expires_at else None
+            created = service.mint_for_email(args.email, args.name, _split(args.scopes), expires)
+            info = created.info
+            print(f"created token {info.name!r} id={info.id} prefix={info.token_prefix}"
+                  f" scopes={','.join(info.scopes)}"
+                  f" expires={info.expires_at.isoformat() if info.expires_at else 'never'}")
+            print("store it now, it will not be shown again:")
+            print(created.raw)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = run(argv)
+    except UsageError as e:
+        print(f"tokenservice: {e}", file=sys.stderr)
+        code = 2
+    except InvalidArgument as e:
+        reasons = "; ".join(f"{field}: {why}" for field, why in e.violations)
+        print(f"tokenservice: {reasons}", file=sys.stderr)
+        code = 1
+    except DomainError as e:
+        print(f"tokenservice: {e.message}", file=sys.stderr)
+        code = 1
+    except (ConfigError, DatabaseURLError, ValueError) as e:
+        print(f"tokenservice: {e}", file=sys.stderr)
+        code = 1
+    except peewee.DatabaseError as e:
+        print(f"tokenservice: database error: {type(e).__name__}: {str(e).splitlines()[0]}",
+              file=sys.stderr)
+        code = 1
+    except OSError as e:
+        print(f"tokenservice: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,50 @@
+"""Domain errors: small classes the gRPC layer maps to status codes in one place."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error a caller may see; `message` is safe to show."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(DomainError):
+    def __init__(self, violations: list[tuple[str, str]], message: str | None = None) -> None:
+        self.violations = violations
+        if message is None:
+            message = "; ".join(f"{field}: {desc}" for field, desc in violations)
+        super().__init__(message)
+
+
+class Unauthenticated(DomainError):
+    pass
+
+
+class PermissionDenied(DomainError):
+    pass
+
+
+class NotFound(DomainError):
+    pass
+
+
+class AlreadyExists(DomainError):
+    pass
+
+
+class RateLimited(DomainError):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(DomainError):
+    pass
+
+
+# The one message every failed authentication gets, whatever the reason.
+AUTH_FAILED = "invalid, expired or revoked token"
+CALLER_UNAUTHENTICATED = "missing or invalid credentials"

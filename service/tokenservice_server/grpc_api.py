@@ -1,0 +1,272 @@
+"""The gRPC face: a thin servicer translating protos to service calls, and one interceptor.
+
+The interceptor does the cross-cutting work once per RPC: a database
+connection, the caller's authentication for the methods that need it, the
+mapping of domain errors to status codes with rich details, and one log line.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
+import grpc
+import peewee
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
+
+from .db import connection
+from .errors import (
+    CALLER_UNAUTHENTICATED,
+    AlreadyExists,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
+from .service import Principal, TokenInfo, TokenService
+
+log = logging.getLogger("tokenservice.rpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenService"].full_name
+_PREFIX = f"/{SERVICE_NAME}/"
+# Methods whose caller must present `authorization: Bearer <token>`.
+CALLER_AUTHENTICATED = frozenset(
+    _PREFIX + m for m in ("CreateToken", "ListTokens", "GetToken", "RevokeToken")
+)
+ERROR_DOMAIN = "tokenservice.dev"
+
+_caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
+_token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
+
+_CODES: dict[type[DomainError], tuple[int, grpc.StatusCode]] = {
+    InvalidArgument: (code_pb2.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT),
+    Unauthenticated: (code_pb2.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED),
+    PermissionDenied: (code_pb2.PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED),
+    NotFound: (code_pb2.NOT_FOUND, grpc.StatusCode.NOT_FOUND),
+    AlreadyExists: (code_pb2.ALREADY_EXISTS, grpc.StatusCode.ALREADY_EXISTS),
+    RateLimited: (code_pb2.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Unavailable: (code_pb2.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+}
+
+
+def status_for(error: DomainError) -> grpc.Status:
+    """A grpc.Status with the google.rpc details AIP-193 asks for."""
+    code = _CODES[type(error)][0]
+    status = status_pb2.Status(code=code, message=error.message)
+    if isinstance(error, InvalidArgument):
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                for f, d in error.violations
+            ]
+        )
+        status.details.add().Pack(detail)
+    elif isinstance(error, RateLimited):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, int(error.retry_after * 1e9)))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.add().Pack(
+            error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain=ERROR_DOMAIN)
+        )
+    return rpc_status.to_status(status)
+
+
+def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str]) -> str:
+    """The caller's address; a trusted proxy (the REST shim) may name the real client."""
+    peer = context.peer()
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rsplit(":", 1)[0]
+    elif kind == "ipv6":
+        host = rest.rsplit(":", 1)[0].strip("[]")
+    else:
+        host = peer
+    if host in trusted_proxies:
+        for key, value in context.invocation_metadata():
+            if key == "x-forwarded-for" and value:
+                return value.split(",")[0].strip()
+    return host
+
+
+def bearer_token(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata():
+        if key == "authorization":
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class RpcInterceptor(grpc.ServerInterceptor):
+    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
+        self._service = service
+        self._db = service.store.db
+        self._trusted = frozenset(trusted_proxies)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = handler._replace(unary_unary=self._wrap(method, handler.unary_unary))
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        ours = method.startswith(_PREFIX)
+        needs_caller = method in CALLER_AUTHENTICATED
+        service, db, trusted = self._service, self._db, self._trusted
+
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            token_ctx = _token_id.set(None)
+            try:
+                if not ours:
+                    return behavior(request, context)
+                with connection(db):
+                    if needs_caller:
+                        raw = bearer_token(context)
+                        try:
+                            if raw is None:
+                                raise Unauthenticated(CALLER_UNAUTHENTICATED)
+                            caller = service.authenticate(raw, client_address(context, trusted))
+                        except Unauthenticated:
+                            raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
+                        _token_id.set(caller.token_id)
+                        caller_ctx = _caller.set(caller)
+                        try:
+                            return behavior(request, context)
+                        finally:
+                            _caller.reset(caller_ctx)
+                    return behavior(request, context)
+            except DomainError as error:
+                code = _CODES[type(error)][1]
+                context.abort_with_status(status_for(error))
+            except peewee.DatabaseError:
+                code = grpc.StatusCode.UNAVAILABLE
+                context.abort_with_status(
+                    status_for(Unavailable("the token store is unavailable, try again"))
+                )
+            except Exception as error:
+                if isinstance(error, grpc.RpcError) or type(error).__name__ == "_AbortError":
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.error("unexpected error", exc_info=True, extra={"method": method})
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                log.info(
+                    "rpc",
+                    extra={
+                        "method": method,
+                        "status": code.name,
+                        "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                        "token_id": _token_id.get(),
+                    },
+                )
+                _token_id.reset(token_ctx)
+
+        return handle
+
+
+def _ts(message: Any, value: Any) -> None:
+    if value is not None:
+        message.FromDatetime(value)
+
+
+def token_pb(info: TokenInfo) -> pb.ApiToken:
+    message = pb.ApiToken(
+        id=info.id,
+        name=info.name,
+        token_prefix=info.token_prefix,
+        scopes=info.scopes,
+        created_by_email=info.created_by_email,
+        org_id=info.org_id,
+    )
+    _ts(message.expires_at, info.expires_at)
+    _ts(message.last_used_at, info.last_used_at)
+    _ts(message.revoked_at, info.revoked_at)
+    _ts(message.created_at, info.created_at)
+    return message
+
+
+class TokenServiceServicer(pb_grpc.TokenServiceServicer):
+    """Protos in, service calls, protos out. Nothing else lives here."""
+
+    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
+        self._service = service
+        self._trusted = frozenset(trusted_proxies)
+
+    def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenResponse:
+        expires_at = None
+        if request.HasField("expires_at"):
+            try:
+                expires_at = request.expires_at.ToDatetime(tzinfo=UTC)
+            except (ValueError, OverflowError):
+                raise InvalidArgument(
+                    [("expires_at", "is not a valid timestamp")]
+                ) from None
+        created = self._service.create_token(
+            _caller.get(), request.name, list(request.scopes), expires_at
+        )
+        _token_id.set(created.info.id)
+        return pb.CreateTokenResponse(token=created.raw, api_token=token_pb(created.info))
+
+    def ListTokens(self, request: pb.ListTokensRequest, context: Any) -> pb.ListTokensResponse:
+        page = self._service.list_tokens(_caller.get(), request.page_size, request.page_token)
+        return pb.ListTokensResponse(
+            tokens=[token_pb(t) for t in page.tokens], next_page_token=page.next_page_token
+        )
+
+    def GetToken(self, request: pb.GetTokenRequest, context: Any) -> pb.ApiToken:
+        return token_pb(self._service.get_token(_caller.get(), request.id))
+
+    def RevokeToken(self, request: pb.RevokeTokenRequest, context: Any) -> pb.ApiToken:
+        return token_pb(self._service.revoke_token(_caller.get(), request.id))
+
+    def Authenticate(
+        self, request: pb.AuthenticateRequest, context: grpc.ServicerContext
+    ) -> pb.AuthenticateResponse:
+        principal = self._service.authenticate(
+            request.token, client_address(context, self._trusted)
+        )
+        _token_id.set(principal.token_id)
+        response = pb.AuthenticateResponse(
+            token_id=principal.token_id,
+            user_id=principal.user_id,
+            user_email=principal.email,
+            org_id=principal.org_id,
+            scopes=principal.scopes,
+        )
+        _ts(response.expires_at, principal.expires_at)
+        return response
+
+    def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:
+        return pb.ListScopesResponse(
+            scopes=[
+                pb.Scope(name=s.name, description=s.description, api_only=s.api_only)
+                for s in self._service.catalog
+            ]
+        )

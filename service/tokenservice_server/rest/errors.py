@@ -1,0 +1,169 @@
+"""The REST error shape and the mapping from gRPC statuses to it (contract section 5).
+
+Every error leaves the shim as
+
+    {"error": {"code": "validation_error", "message": "...",
+               "details": [{"field": "scopes", "description": "..."}]}}
+
+Field paths in `details` use the proto JSON names (lowerCamelCase), which is what
+a REST caller sent, even when the gRPC server named the proto field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.rpc import error_details_pb2, status_pb2
+
+# gRPC status -> (HTTP status, error code). Anything not listed is a 500.
+STATUS_MAP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (422, "validation_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthorized"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "forbidden"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limited"),
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
+}
+INTERNAL = (500, "internal_error")
+
+# For these the server's message is passed through; for the rest (internal
+# failures, unreachable backends) it may carry a stack trace or an internal
+# address, so the caller gets a fixed message instead.
+_PASS_MESSAGE = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+_FIXED_MESSAGE = {
+    grpc.StatusCode.UNAVAILABLE: "The service is unavailable; try again later.",
+}
+_INTERNAL_MESSAGE = "An internal error occurred."
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass
+class ApiError(Exception):
+    """An error response: raised anywhere in the shim, rendered once by the app."""
+
+    status: int
+    code: str
+    message: str
+    details: list[dict[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+def validation_error(message: str, *violations: tuple[str, str]) -> ApiError:
+    details = [{"field": f, "description": d} for f, d in violations]
+    return ApiError(422, "validation_error", message, details)
+
+
+def not_found(message: str = "No such resource.") -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "internal_error", _INTERNAL_MESSAGE)
+
+
+def to_json_name(name: str) -> str:
+    """protoc's json_name rule: drop each underscore and upper-case the letter after it."""
+    out, upper = [], False
+    for ch in name:
+        if ch == "_":
+            upper = True
+        elif upper:
+            out.append(ch.upper())
+            upper = False
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_SEGMENT = re.compile(r"([^\[\]]+)((?:\[[^\]]*\])*)")
+
+
+def json_field_path(path: str, message: Descriptor | None) -> str:
+    """Rewrites a proto field path (`api_token.expires_at`, `scopes[1]`) into JSON names.
+
+    Uses the message descriptor where the path resolves, protoc's rule elsewhere,
+    and leaves a path that is already lowerCamelCase as it is.
+    """
+    out = []
+    current = message
+    for segment in path.split("."):
+        m = _SEGMENT.fullmatch(segment)
+        if m is None:
+            out.append(segment)
+            current = None
+            continue
+        name, index = m.group(1), m.group(2)
+        fd: FieldDescriptor | None = None
+        if current is not None:
+            fd = current.fields_by_name.get(name)
+            if fd is None:
+                fd = next((f for f in current.fields if f.json_name == name), None)
+        out.append((fd.json_name if fd is not None else to_json_name(name)) + index)
+        current = fd.message_type if fd is not None and fd.message_type is not None else None
+    return ".".join(out)
+
+
+def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        trailing = err.trailing_metadata() or ()
+    except Exception:  # a locally generated error may have none
+        return None
+    for key, value in trailing:
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            try:
+                return status_pb2.Status.FromString(value)
+            except Exception:
+                return None
+    return None
+
+
+def from_rpc_error(err: grpc.RpcError, request: Descriptor | None) -> ApiError:
+    """The REST error for a failed RPC, with BadRequest violations and RetryInfo."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    status, error_code = STATUS_MAP.get(code, INTERNAL)
+    if code in _PASS_MESSAGE:
+        message = (err.details() if hasattr(err, "details") else "") or code.name.lower()
+    else:
+        message = _FIXED_MESSAGE.get(code, _INTERNAL_MESSAGE)
+    api_error = ApiError(status, error_code, message)
+    rich = _rich_status(err) if code in _PASS_MESSAGE else None
+    if rich is not None:
+        for detail in rich.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                for violation in bad_request.field_violations:
+                    api_error.details.append(
+                        {
+                            "field": json_field_path(violation.field, request),
+                            "description": violation.description,
+                        }
+                    )
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) and status == 429:
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                delay = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+                api_error.headers["Retry-After"] = str(max(1, math.ceil(delay)))
+    if status == 401:
+        api_error.headers["WWW-Authenticate"] = "Bearer"
+    return api_error

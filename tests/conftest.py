@@ -1,0 +1,218 @@
+"""Shared fixtures: a real tokenservice on a free port, real stubs, real bcrypt (4 rounds)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
+from tokenservice_server.config import Config
+from tokenservice_server.db import connection
+from tokenservice_server.server import TokenServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENSERVICE = str(Path(sys.executable).with_name("tokenservice"))
+MANAGER_PERMISSIONS = ("api_token:manage", "pass:read", "pass:create", "invoice.view")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class RunningServer:
+    """An in-process tokenservice and a channel to it."""
+
+    server: TokenServer
+    target: str
+    channel: grpc.Channel
+    stub: pb_grpc.TokenServiceStub
+    health: health_pb2_grpc.HealthStub
+    _users: set[str] = field(default_factory=set)
+
+    @property
+    def config(self) -> Config:
+        return self.server.config
+
+    def add_user(self, email: str, org: str = "acme", permissions=MANAGER_PERMISSIONS) -> None:
+        with connection(self.server.db):
+            self.server.service.add_user(email, org, list(permissions))
+
+    def disable_user(self, email: str) -> None:
+        with connection(self.server.db):
+            self.server.service.disable_user(email)
+
+    def mint(
+        self,
+        email: str,
+        scopes=("api_token:manage",),
+        name: str = "bootstrap",
+        expires_at: datetime | None = None,
+    ) -> str:
+        """Creates a token the way `tokenservice token create` does; returns the raw token."""
+        with connection(self.server.db):
+            return self.server.service.mint_for_email(email, name, list(scopes), expires_at).raw
+
+    def manager(self, email: str = "manager@acme.test", org: str = "acme",
+                permissions=MANAGER_PERMISSIONS, scopes=None) -> str:
+        """A user plus a token holding api_token:manage (and the given scopes)."""
+        self.add_user(email, org, permissions)
+        return self.mint(email, scopes or permissions)
+
+    def authenticate(self, token: str) -> pb.AuthenticateResponse:
+        return self.stub.Authenticate(pb.AuthenticateRequest(token=token), timeout=10)
+
+    def health_status(self) -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def make_config(database_url: str, **overrides) -> Config:
+    base = dict(
+        host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        database_url=database_url,
+        bcrypt_rounds=4,
+        rest_enabled=False,
+        shutdown_grace_seconds=2.0,
+        health_probe_seconds=0.2,
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """The store each test gets: a fresh SQLite file."""
+    return f"sqlite:///{tmp_path / 'tokens.db'}"
+
+
+@pytest.fixture
+def server_config(database_url: str) -> Config:
+    return make_config(database_url)
+
+
+def start_server(config: Config) -> RunningServer:
+    server = TokenServer(config)
+    port = server.start()
+    target = f"127.0.0.1:{port}"
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=10)
+    return RunningServer(
+        server, target, channel, pb_grpc.TokenServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+
+
+@pytest.fixture
+def ts(server_config: Config) -> Iterator[RunningServer]:
+    """A real tokenservice gRPC server on a free port, stopped after the test."""
+    running = start_server(server_config)
+    try:
+        yield running
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+# Servers in their own process, for the command line, signals and kill -9.
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "TOKENSERVICE_BCRYPT_ROUNDS": "4", **(env or {})}
+    result = subprocess.run(
+        [TOKENSERVICE, *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"tokenservice {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    grpc_port: int
+    http_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def spawn_server(database_url: str, log_path: Path, *extra: str, rest: bool = False,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    """Runs `tokenservice serve` and waits until its health service says SERVING."""
+    grpc_port, http_port = free_port(), free_port()
+    args = [TOKENSERVICE, "serve", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+            "--database-url", database_url, *extra]
+    if not rest:
+        args.append("--no-rest")
+    full_env = {**os.environ, "TOKENSERVICE_BCRYPT_ROUNDS": "4", **(env or {})}
+    log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=full_env,
+                            stdin=subprocess.DEVNULL)
+    log_file.close()
+    running = ServerProcess(proc, grpc_port, http_port, log_path)
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(running.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{running.log()}")
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return running
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"server did not become healthy:\n{running.log()}")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator:
+    """Starts `tokenservice serve` processes; kills what is left after the test."""
+    started: list[ServerProcess] = []
+
+    def _spawn(database_url: str, *extra: str, **kwargs) -> ServerProcess:
+        running = spawn_server(database_url, tmp_path / f"server{len(started)}.log", *extra,
+                               **kwargs)
+        started.append(running)
+        return running
+
+    yield _spawn
+    for running in started:
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait()
