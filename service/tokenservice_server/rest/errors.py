@@ -153,12 +153,15 @@ def from_rpc_error(err: grpc.RpcError, request: Descriptor | None) -> ApiError:
                 bad_request = error_details_pb2.BadRequest()
                 detail.Unpack(bad_request)
                 for violation in bad_request.field_violations:
+                    json_path = json_field_path(violation.field, request)
                     api_error.details.append(
-                        {
-                            "field": json_field_path(violation.field, request),
-                            "description": violation.description,
-                        }
+                        {"field": json_path, "description": violation.description}
                     )
+                    if json_path != violation.field and violation.field:
+                        # The message names fields too; name them as the caller did.
+                        api_error.message = re.sub(
+                            rf"\b{re.escape(violation.field)}\b", json_path, api_error.message
+                        )
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) and status == 429:
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)

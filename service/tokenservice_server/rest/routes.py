@@ -78,7 +78,7 @@ def is_scalar_like(fd: FieldDescriptor) -> bool:
 
 
 def is_repeated(fd: FieldDescriptor) -> bool:
-    return fd.label == FieldDescriptor.LABEL_REPEATED
+    return fd.is_repeated
 
 
 def is_map(fd: FieldDescriptor) -> bool:

@@ -310,6 +310,11 @@ def _null_fill(data: dict[str, Any], desc: Descriptor) -> None:
             data[key] = None
         elif plain and isinstance(data[key], dict):
             _null_fill(data[key], fd.message_type)
+    # Descriptor order, as a person reading the proto expects.
+    ordered = {fd.json_name: data.pop(fd.json_name) for fd in desc.fields if fd.json_name in data}
+    ordered.update(data)
+    data.clear()
+    data.update(ordered)
 
 
 def render_response(route: Route, message: Message) -> Any:

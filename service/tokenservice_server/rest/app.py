@@ -1,0 +1,302 @@
+"""The ASGI app: matches a route, transcodes, calls gRPC over a real channel, renders.
+
+A plain ASGI callable using starlette's Request/Response, rather than
+starlette's router, because the routes come from descriptors and the router's
+405 lists only the methods of the first route that matched a path; here 404,
+405 and its Allow header are decided over all routes at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
+from .openapi import build_openapi
+from .routes import Route, build_routes
+from .transcode import build_request, parse_json, render_response
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+# The deadline passed on to gRPC when the caller sends none, and the most a
+# caller may ask for with a `grpc-timeout` header (gRPC's own format: 5S, 250m).
+DEFAULT_DEADLINE_S = 10.0
+MAX_DEADLINE_S = 60.0
+HEALTH_DEADLINE_S = 2.0
+
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+
+# Every response says no-store: most carry token data, and a uniform header
+# cannot be forgotten on a new route.
+_COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+def default_services() -> list[ServiceDescriptor]:
+    from tokenservice.v1 import token_service_pb2
+
+    return list(token_service_pb2.DESCRIPTOR.services_by_name.values())
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    response = Response(content, status_code=status, media_type="application/json")
+    for key, value in {**_COMMON_HEADERS, **(headers or {})}.items():
+        response.headers[key] = value
+    return response
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.status, error.body(), error.headers)
+
+
+def _bearer_metadata(value: str) -> str:
+    """`authorization` metadata from the header: scheme `Bearer` case-insensitively."""
+    value = value.strip()
+    if not _PRINTABLE_ASCII.fullmatch(value):
+        raise unauthorized("The Authorization header is malformed.")
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() == "bearer":
+        return "Bearer " + credentials.strip()
+    return value
+
+
+def parse_deadline(header: str | None) -> float:
+    if not header:
+        return DEFAULT_DEADLINE_S
+    m = _TIMEOUT.fullmatch(header.strip())
+    if m is None:
+        raise ApiError(
+            422,
+            "validation_error",
+            "The grpc-timeout header is malformed.",
+            [{"field": "grpc-timeout", "description": "must be like 5S or 250m"}],
+        )
+    seconds = int(m.group(1)) * _TIMEOUT_UNITS[m.group(2)]
+    return min(seconds, MAX_DEADLINE_S)
+
+
+def _is_json(content_type: str) -> bool:
+    media, _, params = content_type.partition(";")
+    media = media.strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return False
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset" and val.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+class RestApp:
+    """The REST/JSON shim as an ASGI application."""
+
+    def __init__(
+        self,
+        grpc_target: str,
+        *,
+        services: Iterable[ServiceDescriptor] | None = None,
+        trusted_health: bool = True,
+        default_deadline: float = DEFAULT_DEADLINE_S,
+    ) -> None:
+        self.grpc_target = grpc_target
+        self.services = list(services) if services is not None else default_services()
+        self.routes: list[Route] = build_routes(self.services)
+        self.trusted_health = trusted_health
+        self.default_deadline = default_deadline
+        self.openapi = build_openapi(self.routes)
+        self._openapi_bytes = json.dumps(self.openapi).encode("utf-8")
+        self._channel: grpc.aio.Channel | None = None
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _get_channel(self) -> grpc.aio.Channel:
+        """The channel, created on first use inside the serving event loop."""
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.grpc_target, options=[("grpc.enable_retries", 1)]
+            )
+            self._calls = {}
+        return self._channel
+
+    async def aclose(self, grace: float | None = None) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(grace)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self._get_channel()
+                except Exception as exc:  # pragma: no cover - bad target syntax
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose(grace=1.0)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets: the server closes the connection
+        request = Request(scope, receive)
+        try:
+            response = await self._dispatch(request)
+        except ApiError as error:
+            response = error_response(error)
+        except Exception:
+            # Logged without the request: it may carry a token.
+            log.exception("unexpected failure in the REST shim")
+            response = error_response(internal_error())
+        await response(scope, receive, send)
+
+    # -- dispatch ----------------------------------------------------------
+
+    async def _dispatch(self, request: Request) -> Response:
+        raw = request.scope.get("raw_path")
+        path = raw.decode("latin-1") if raw else request.scope["path"]
+        path = path.split("?", 1)[0]
+        method = request.method
+        if path in ("/healthz", "/openapi.json"):
+            if method != "GET":
+                raise self._method_not_allowed(["GET"])
+            if path == "/healthz":
+                return await self._health()
+            response = Response(self._openapi_bytes, media_type="application/json")
+            response.headers.update(_COMMON_HEADERS)
+            return response
+        matches = [(r, v) for r in self.routes if (v := r.template.match(path)) is not None]
+        if not matches:
+            raise not_found("No route matches this path.")
+        for route, values in matches:
+            if route.http_method == method:
+                return await self._call(route, values, request)
+        raise self._method_not_allowed([r.http_method for r, _ in matches])
+
+    @staticmethod
+    def _method_not_allowed(methods: list[str]) -> ApiError:
+        allow = ", ".join(sorted(set(methods)))
+        return ApiError(
+            405,
+            "method_not_allowed",
+            "This method is not allowed on this path.",
+            headers={"Allow": allow},
+        )
+
+    async def _read_body(self, request: Request) -> bytes:
+        too_large = ApiError(
+            413, "validation_error", f"The request body is larger than {MAX_BODY_BYTES} bytes."
+        )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse_body(self, request: Request) -> Any:
+        content_type = request.headers.get("content-type")
+        raw = await self._read_body(request)
+        if content_type is None and not raw:
+            return None
+        if content_type is None or not _is_json(content_type):
+            raise ApiError(
+                415, "validation_error", "The request body must be application/json."
+            )
+        if not raw.strip():
+            return None
+        return parse_json(raw)
+
+    def _metadata(self, request: Request) -> list[tuple[str, str]]:
+        metadata = []
+        authorization = request.headers.getlist("authorization")
+        if len(authorization) > 1:
+            raise unauthorized("Send a single Authorization header.")
+        if authorization:
+            metadata.append(("authorization", _bearer_metadata(authorization[0])))
+        if request.client is not None and request.client.host:
+            metadata.append(("x-forwarded-for", request.client.host))
+        return metadata
+
+    def _callable(self, route: Route) -> grpc.aio.UnaryUnaryMultiCallable:
+        channel = self._get_channel()
+        call = self._calls.get(route.rpc_path)
+        if call is None:
+            call = channel.unary_unary(
+                route.rpc_path,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=route.response_class.FromString,
+            )
+            self._calls[route.rpc_path] = call
+        return call
+
+    async def _call(
+        self, route: Route, values: dict[tuple[str, ...], str], request: Request
+    ) -> Response:
+        metadata = self._metadata(request)
+        deadline = (
+            parse_deadline(request.headers.get("grpc-timeout"))
+            if "grpc-timeout" in request.headers
+            else self.default_deadline
+        )
+        query = list(request.query_params.multi_items())
+        body = await self._parse_body(request) if route.body else None
+        message = build_request(route, values, query, body)
+        try:
+            reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, route.method.input_type) from None
+        return json_response(route.success_status, render_response(route, reply))
+
+    async def _health(self) -> Response:
+        stub = health_pb2_grpc.HealthStub(self._get_channel())
+        names = [""] if self.trusted_health else [s.full_name for s in self.services]
+        try:
+            for name in names:
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=name), timeout=HEALTH_DEADLINE_S
+                )
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    break
+            else:
+                return json_response(200, {"status": "SERVING"})
+        except grpc.aio.AioRpcError:
+            pass
+        error = ApiError(503, "unavailable", "The service is not serving.")
+        return error_response(error)
+
+
+def create_app(grpc_target: str, *, trusted_health: bool = True, **options: Any) -> RestApp:
+    """The REST shim as an ASGI app proxying to the gRPC server at grpc_target.
+
+    The gRPC channel is opened in the serving event loop (at lifespan start-up,
+    or on the first request) and closed at lifespan shutdown.
+    """
+    return RestApp(grpc_target, trusted_health=trusted_health, **options)

@@ -1,0 +1,120 @@
+"""Serving the shim with uvicorn: in a background thread beside the gRPC server, or alone.
+
+uvicorn because it is the reference ASGI server: HTTP/1.1 keep-alive, one event
+loop in which every request awaits its gRPC call without blocking the others
+(grpc.aio), bounded graceful shutdown, and nothing to install beyond a pure
+Python wheel. Access logs are off: a URL may carry what a client should not
+have put there, and the shim never logs request data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+import uvicorn
+
+from .app import create_app
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 30.0
+
+
+def _config(app, host: str, port: int, grace: float) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_config=None,  # the application configures logging, not uvicorn
+        access_log=False,
+        server_header=False,
+        # The client address is the TCP peer: X-Forwarded-For from a caller is
+        # not trusted, so nobody can dodge the per-address throttle with it.
+        proxy_headers=False,
+        timeout_graceful_shutdown=max(1, round(grace)),
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class RestServer:
+    """The shim served by uvicorn on its own thread and event loop."""
+
+    def __init__(self, grpc_target: str, host: str, port: int) -> None:
+        self.grpc_target = grpc_target
+        self.host = host
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Binds (port 0 picks a free port, then `self.port` is the real one) and serves."""
+        sock = _bind(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        server = uvicorn.Server(_config(create_app(self.grpc_target), self.host, self.port, 5.0))
+        self._server = server
+        ready = threading.Event()
+
+        def run() -> None:
+            try:
+                asyncio.run(server.serve(sockets=[sock]))
+            except BaseException as exc:  # SystemExit when lifespan start-up fails
+                self._error = exc
+            finally:
+                sock.close()
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name=f"rest-{self.port}", daemon=True)
+        self._thread.start()
+        while not ready.wait(0.01):
+            if server.started:
+                break
+            if not self._thread.is_alive():
+                break
+        if not server.started:
+            self._thread.join(_START_TIMEOUT_S)
+            raise RuntimeError(f"the REST shim failed to start: {self._error!r}")
+        log.info("REST shim listening on %s:%d -> gRPC %s", self.host, self.port, self.grpc_target)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops accepting, lets in-flight requests finish (up to grace seconds), closes."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.config.timeout_graceful_shutdown = max(1, round(grace))
+        server.should_exit = True
+        thread.join(grace + 5.0)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(5.0)
+        self._server = self._thread = None
+
+
+def run_rest(grpc_target: str, host: str, port: int) -> None:
+    """Serves the shim in the foreground until SIGINT/SIGTERM, then drains and returns."""
+    sock = _bind(host, port)
+    server = uvicorn.Server(_config(create_app(grpc_target), host, sock.getsockname()[1], 5.0))
+    log.info("REST shim on %s:%d -> gRPC %s", host, sock.getsockname()[1], grpc_target)
+    try:
+        server.run(sockets=[sock])  # uvicorn handles the signals on the main thread
+    finally:
+        sock.close()
