@@ -20,10 +20,9 @@ from google.protobuf import json_format
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the generated passes_pb2
 
-from tokenservice_client import token_credentials  # noqa: E402
-
 import passes_pb2 as pb  # noqa: E402
 import passes_pb2_grpc as pb_grpc  # noqa: E402
+from tokenservice_client import token_credentials  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

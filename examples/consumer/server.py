@@ -24,15 +24,14 @@ import grpc.aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the generated passes_pb2
 
+import passes_pb2 as pb  # noqa: E402
+import passes_pb2_grpc as pb_grpc  # noqa: E402
 from tokenservice_client import (  # noqa: E402
     AsyncAuthInterceptor,
     AuthInterceptor,
     current_principal,
     requires_scopes,
 )
-
-import passes_pb2 as pb  # noqa: E402
-import passes_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVICE = "/example.passes.v1.PassService"
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
+
 from tokenservice.v1 import token_service_pb2 as pb
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
+
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
@@ -82,12 +83,18 @@ class AsyncTokenServiceClient:
     def timeout(self) -> float:
         return self._timeout
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(
+        self,
+        method: Any,
+        request: Any,
+        timeout: float | None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Any:
         try:
             return await method(
                 request,
                 timeout=self._timeout if timeout is None else timeout,
-                metadata=self._metadata or None,
+                metadata=(*self._metadata, *metadata) or None,
             )
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc_error(err) from err
@@ -129,10 +136,14 @@ class AsyncTokenServiceClient:
         return await self._call(self._stub.RevokeToken, request, timeout)
 
     async def authenticate(
-        self, token: str, *, timeout: float | None = None
+        self,
+        token: str,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> pb.AuthenticateResponse:
         request = pb.AuthenticateRequest(token=token)
-        return await self._call(self._stub.Authenticate, request, timeout)
+        return await self._call(self._stub.Authenticate, request, timeout, metadata)
 
     async def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
         return await self._call(self._stub.ListScopes, pb.ListScopesRequest(), timeout)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
+
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
@@ -94,12 +95,18 @@ class TokenServiceClient:
     def timeout(self) -> float:
         return self._timeout
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(
+        self,
+        method: Any,
+        request: Any,
+        timeout: float | None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Any:
         try:
             return method(
                 request,
                 timeout=self._timeout if timeout is None else timeout,
-                metadata=self._metadata or None,
+                metadata=(*self._metadata, *metadata) or None,
             )
         except grpc.RpcError as err:
             raise error_from_rpc_error(err) from err
@@ -142,10 +149,20 @@ class TokenServiceClient:
         """Revokes at once; revoking a revoked token returns it unchanged."""
         return self._call(self._stub.RevokeToken, pb.RevokeTokenRequest(id=token_id), timeout)
 
-    def authenticate(self, token: str, *, timeout: float | None = None) -> pb.AuthenticateResponse:
-        """Verifies a raw token; raises `Unauthenticated` for any bad token."""
+    def authenticate(
+        self,
+        token: str,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> pb.AuthenticateResponse:
+        """Verifies a raw token; raises `Unauthenticated` for any bad token.
+
+        `metadata` is sent along, e.g. `x-forwarded-for` naming the original client
+        (honoured only when this process is one of tokenservice's trusted proxies).
+        """
         request = pb.AuthenticateRequest(token=token)
-        return self._call(self._stub.Authenticate, request, timeout)
+        return self._call(self._stub.Authenticate, request, timeout, metadata)
 
     def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
         return self._call(self._stub.ListScopes, pb.ListScopesRequest(), timeout)

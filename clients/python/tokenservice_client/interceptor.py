@@ -247,6 +247,24 @@ def _check_scopes(principal: Principal, required: frozenset[str] | None) -> None
         )
 
 
+def _peer_ip(context: Any) -> str | None:
+    """The caller's IP from `context.peer()` ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
+    kind, _, rest = (context.peer() or "").partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return None
+
+
+def _forwarded(context: Any, forward: bool) -> tuple[tuple[str, str], ...]:
+    # tokenservice throttles failed authentications per client address. Naming our
+    # caller lets it throttle that caller rather than this whole service; it honours
+    # the header only from the proxies it trusts.
+    ip = _peer_ip(context) if forward else None
+    return (("x-forwarded-for", ip),) if ip else ()
+
+
 def _auth_timeout(default: float, context: Any) -> float:
     remaining = context.time_remaining()
     if remaining is None:
@@ -266,12 +284,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
         default_scopes: Iterable[str] | None = None,
         cache_ttl: float = 0.0,
         cache: PrincipalCache | None = None,
+        forward_client_address: bool = True,
     ) -> None:
+        self._forward = forward_client_address
         self._client = (
             TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
         )
         self._policy = _Policy(scopes or {}, public, default_scopes)
-        self._cache = cache or (PrincipalCache(cache_ttl) if cache_ttl > 0 else None)
+        self._cache = (
+            cache if cache is not None else PrincipalCache(cache_ttl) if cache_ttl > 0 else None
+        )
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, context: Any) -> Principal:
         """The caller's principal, or raises _Denied."""
@@ -282,7 +304,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return hit
         timeout = _auth_timeout(self._client.timeout, context)
         try:
-            principal = Principal.from_response(self._client.authenticate(token, timeout=timeout))
+            response = self._client.authenticate(
+                token, timeout=timeout, metadata=_forwarded(context, self._forward)
+            )
+            principal = Principal.from_response(response)
         except TokenServiceError as err:
             raise _deny_for(err) from None
         if self._cache is not None:
@@ -348,11 +373,15 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
         default_scopes: Iterable[str] | None = None,
         cache_ttl: float = 0.0,
         cache: PrincipalCache | None = None,
+        forward_client_address: bool = True,
     ) -> None:
+        self._forward = forward_client_address
         self._target = tokenservice if isinstance(tokenservice, str) else None
         self._client = tokenservice if isinstance(tokenservice, AsyncTokenServiceClient) else None
         self._policy = _Policy(scopes or {}, public, default_scopes)
-        self._cache = cache or (PrincipalCache(cache_ttl) if cache_ttl > 0 else None)
+        self._cache = (
+            cache if cache is not None else PrincipalCache(cache_ttl) if cache_ttl > 0 else None
+        )
 
     def _tokenservice(self) -> AsyncTokenServiceClient:
         if self._client is None:
@@ -372,7 +401,10 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
         client = self._tokenservice()
         timeout = _auth_timeout(client.timeout, context)
         try:
-            principal = Principal.from_response(await client.authenticate(token, timeout=timeout))
+            response = await client.authenticate(
+                token, timeout=timeout, metadata=_forwarded(context, self._forward)
+            )
+            principal = Principal.from_response(response)
         except TokenServiceError as err:
             raise _deny_for(err) from None
         if self._cache is not None:
