@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -183,6 +184,9 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     argv = sys.argv[1:] if argv is None else argv
+    # gRPC's C core logs to stderr on its own; errors reach the person through
+    # the one-line messages below instead (set GRPC_VERBOSITY to see them).
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         code = run(argv)
     except UsageError as e:
@@ -207,4 +211,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except Exception as e:  # a bug: still one line, and the type says where to look
+        print(f"tokenservice: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
     sys.exit(code)

@@ -163,9 +163,13 @@ class RpcInterceptor(grpc.ServerInterceptor):
                     return behavior(request, context)
             except DomainError as error:
                 code = _CODES[type(error)][1]
+                if error.__cause__ is not None:
+                    log.warning("database error",
+                                extra={"method": method, "error": _describe(error.__cause__)})
                 context.abort_with_status(status_for(error))
-            except peewee.DatabaseError:
+            except peewee.DatabaseError as error:
                 code = grpc.StatusCode.UNAVAILABLE
+                log.warning("database error", extra={"method": method, "error": _describe(error)})
                 context.abort_with_status(
                     status_for(Unavailable("the token store is unavailable, try again"))
                 )
@@ -189,6 +193,12 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 _token_id.reset(token_ctx)
 
         return handle
+
+
+def _describe(error: BaseException) -> str:
+    """The error's type and first line, for operators; never sent to callers."""
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}"
 
 
 def _ts(message: Any, value: Any) -> None:

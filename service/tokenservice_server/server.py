@@ -110,11 +110,13 @@ class TokenServer:
 
     def start(self) -> int:
         """Binds and starts serving; returns the real port (the config may say 0)."""
-        self.port = self._server.add_insecure_port(
-            _address(self.config.host, self.config.grpc_port)
-        )
+        address = _address(self.config.host, self.config.grpc_port)
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises this when the port is taken
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {_address(self.config.host, self.config.grpc_port)}")
+            raise OSError(f"cannot listen on {address}: address in use or not available")
         self._server.start()
         self.usage.start()
         self.probe.start()

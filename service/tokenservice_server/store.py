@@ -145,8 +145,11 @@ class Store:
             query = query.where(ApiToken.user == uuid.UUID(user_id))
         if after is not None:
             created, last_id = after
+            # A row-value comparison, which both backends answer from the index;
+            # values in a Tuple skip field conversion, so convert the id here.
+            last_key = ApiToken.id.db_value(uuid.UUID(last_id))
             query = query.where(
-                Tuple(ApiToken.created_at, ApiToken.id) < Tuple(created, uuid.UUID(last_id))
+                Tuple(ApiToken.created_at, ApiToken.id) < Tuple(created, last_key)
             )
         query = query.order_by(ApiToken.created_at.desc(), ApiToken.id.desc()).limit(limit)
         return list(query)

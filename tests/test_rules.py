@@ -1,0 +1,137 @@
+"""The plain-function rules, tested without a server."""
+
+from __future__ import annotations
+
+import string
+import zlib
+
+import pytest
+
+from tokenservice_server import tokens
+from tokenservice_server.config import ConfigError, load_config
+from tokenservice_server.crypto import BcryptPool, VerifiedCache, hash_secret
+from tokenservice_server.errors import InvalidArgument, RateLimited
+from tokenservice_server.service import decode_page_token, encode_page_token, validate_name
+from tokenservice_server.throttle import FailureBuckets
+
+ALLOWED = set(string.ascii_letters + string.digits + "_")
+
+
+def test_token_format() -> None:
+    raw, parts = tokens.new_token("tks_")
+    assert raw.startswith("tks_") and set(raw) <= ALLOWED
+    assert tokens.parse(raw, "tks_") == parts
+    assert len(parts.secret) == 32  # 32 base62 characters: about 190 bits
+    assert tokens.display_prefix(raw) == raw[:12]
+    assert len({tokens.new_token("tks_")[1].lookup_id for _ in range(1000)}) == 1000
+
+
+def test_checksum_rejects_every_single_character_change() -> None:
+    raw, _ = tokens.new_token("tks_")
+    for i in range(4, len(raw)):
+        for replacement in "0aZ":
+            if raw[i] != replacement:
+                changed = raw[:i] + replacement + raw[i + 1:]
+                assert tokens.parse(changed, "tks_") is None, (i, replacement)
+
+
+def test_checksum_is_crc32_in_base62() -> None:
+    raw, _ = tokens.new_token("tks_")
+    body, check = raw[:-6], raw[-6:]
+    value = 0
+    for ch in check:
+        value = value * 62 + tokens.ALPHABET.index(ch)
+    assert value == zlib.crc32(body.encode())
+
+
+@pytest.mark.parametrize("bad", ["", "tks_", "sk_live_abc", "tks_" + "a" * 50, "x" * 54,
+                                 "tks_" + "é" * 50])
+def test_parse_rejects_look_alikes(bad: str) -> None:
+    assert tokens.parse(bad, "tks_") is None
+
+
+def test_bcrypt_input_stays_under_72_bytes() -> None:
+    _, parts = tokens.new_token("tks_")
+    assert len(parts.secret.encode()) <= 72
+    hashed = hash_secret(parts.secret, 4)
+    assert BcryptPool(1, 1).check(parts.secret, hashed)
+    assert not BcryptPool(1, 1).check(parts.secret[::-1], hashed)
+    assert not BcryptPool(1, 1).check(parts.secret, "not a bcrypt hash")
+
+
+def test_verified_cache_is_keyed_by_an_hmac_and_bound_to_the_hash() -> None:
+    cache = VerifiedCache(max_entries=2)
+    digest = cache.digest("lookup", "secret")
+    assert b"secret" not in digest and len(digest) == 32
+    assert VerifiedCache(2).digest("lookup", "secret") != digest  # a key per process
+    cache.add(digest, "$2b$hash")
+    assert cache.is_verified(digest, "$2b$hash")
+    assert not cache.is_verified(digest, "$2b$other-hash")
+    for i in range(3):
+        cache.add(cache.digest("l", str(i)), "h")
+    assert len(cache) == 2 and not cache.is_verified(digest, "$2b$hash")
+
+
+def test_bcrypt_pool_refuses_when_too_many_wait() -> None:
+    pool = BcryptPool(slots=1, max_waiting=0)
+    with pytest.raises(RateLimited):
+        pool.check("s", hash_secret("s", 4))
+
+
+def test_failure_buckets_throttle_and_refill() -> None:
+    now = [0.0]
+    buckets = FailureBuckets(burst=3, per_second=1.0, clock=lambda: now[0])
+    assert buckets.untouched("a")
+    for _ in range(3):
+        assert buckets.retry_after("a") == 0
+        buckets.fail("a")
+    assert buckets.retry_after("a") == pytest.approx(1.0)
+    assert buckets.retry_after("b") == 0  # per key
+    now[0] = 1.5
+    assert buckets.retry_after("a") == 0 and not buckets.untouched("a")
+    now[0] = 10
+    assert buckets.untouched("a")
+
+
+def test_buckets_stay_bounded() -> None:
+    buckets = FailureBuckets(burst=1, per_second=1.0, max_keys=10)
+    for i in range(100):
+        buckets.fail(str(i))
+    assert len(buckets._buckets) == 10
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("CI/CD Pipeline", True), ("  trimmed  ", True), ("x" * 200, True), ("x" * 201, False),
+     ("", False), ("\x7f", False), ("a\nb", False), ("a\u202ab", False), ("a\u2069b", False),
+     ("emoji 🚀", True), ("a\u200db", True)],
+)
+def test_names(name: str, ok: bool) -> None:
+    clean, why = validate_name(name)
+    assert (why is None) == ok
+    if ok:
+        assert clean == name.strip()
+
+
+def test_page_tokens_round_trip_and_reject_garbage() -> None:
+    token = encode_page_token(1_700_000_000_000_000, "0b6f6f0c-7d1e-4c39-9d6a-5b3f0ad9b8c1")
+    assert set(token) <= ALLOWED | {"-"}
+    assert decode_page_token(token) == (1_700_000_000_000_000,
+                                        "0b6f6f0c-7d1e-4c39-9d6a-5b3f0ad9b8c1")
+    for bad in ["", "x", "Mjp4Onk", token[:-3]]:
+        with pytest.raises(InvalidArgument):
+            decode_page_token(bad)
+
+
+def test_config_precedence_flags_over_environment_over_defaults() -> None:
+    assert load_config({}, {}).grpc_port == 50051
+    env = {"TOKENSERVICE_GRPC_PORT": "6000", "TOKENSERVICE_BCRYPT_ROUNDS": "5"}
+    assert load_config({}, env).grpc_port == 6000
+    config = load_config({"grpc_port": 7000}, env)
+    assert (config.grpc_port, config.bcrypt_rounds) == (7000, 5)
+    with pytest.raises(ConfigError):
+        load_config({}, {"TOKENSERVICE_BCRYPT_ROUNDS": "3"})
+    with pytest.raises(ConfigError):
+        load_config({}, {"TOKENSERVICE_HTTP_PORT": "eighty"})
+    with pytest.raises(AttributeError):
+        config.grpc_port = 1  # frozen
