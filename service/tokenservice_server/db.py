@@ -1,16 +1,38 @@
-"""Opening the database from a URL, with the settings each backend needs."""
+"""Opening the database from a URL, with the settings each backend needs.
+
+PostgreSQL is how several replicas share one store, so its connections must
+survive what a shared database does: restarts, failovers, a DBA killing
+backends, a stuck query. The rules here:
+
+- connections are pooled; a connection that failed is closed for real, never
+  handed back to the pool, and the pool's idle connections go with it (a restart
+  killed them all), so the next request opens a fresh one;
+- a connection idle for more than a second is pinged when checked out, so a
+  quiet service notices a restart before a caller does;
+- every statement has a timeout, and a transaction left idle is ended by the
+  server, so one stuck worker cannot hold locks or a pool slot forever;
+- any driver error becomes `Unavailable` with one fixed message: callers see
+  UNAVAILABLE and retry, and no driver text reaches them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import peewee
-from playhouse.db_url import connect
+from playhouse.db_url import connect, parse
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from .errors import Unavailable
 from .models import database
+
+log = logging.getLogger("tokenservice.db")
 
 # SQLite: WAL lets readers run beside the writer; FULL sync makes every
 # acknowledged write survive a crash or power loss; the busy timeout queues
@@ -23,10 +45,55 @@ SQLITE_PRAGMAS = {
     "cache_size": -16_000,
 }
 STATEMENT_TIMEOUT_MS = 5_000
+# A transaction nobody is using any more (a worker died mid-request) is ended
+# by the server after this long, releasing its locks.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
+# Pooled connections unused for longer than this are pinged on check-out.
+PING_AFTER_IDLE_SECONDS = 1.0
+# Connections older than this are replaced, so the pool follows DNS and failovers.
+STALE_SECONDS = 300
+UNAVAILABLE_MESSAGE = "the token store is unavailable, try again"
 
 
 class DatabaseURLError(ValueError):
     pass
+
+
+class PostgresPool(PooledPostgresqlDatabase):
+    """peewee's PostgreSQL pool, with a cheap liveness check on check-out.
+
+    peewee pings every connection on check-out (one more round trip per
+    request). We ping only connections that sat idle for a while; one that
+    dies under load fails its request, and connection() then discards it and
+    every idle sibling.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._idle_since: dict[int, float] = {}
+        self._idle_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def _can_reuse(self, conn: Any) -> bool:
+        reusable = bool(super()._can_reuse(conn)) and not conn.closed
+        if reusable:
+            with self._idle_lock:
+                self._idle_since[self.conn_key(conn)] = time.monotonic()
+        return reusable
+
+    def _is_closed(self, conn: Any) -> bool:
+        with self._idle_lock:
+            idle_since = self._idle_since.pop(self.conn_key(conn), None)
+        if conn.closed:
+            return True
+        if idle_since is None or time.monotonic() - idle_since > PING_AFTER_IDLE_SECONDS:
+            return bool(super()._is_closed(conn))  # a round trip: SELECT 1
+        status = self._adapter.txn_status(conn)
+        return status != self._adapter.txn_idle
+
+    def _close_raw(self, conn: Any) -> None:
+        with self._idle_lock:
+            self._idle_since.pop(self.conn_key(conn), None)
+        super()._close_raw(conn)
 
 
 def open_database(url: str, max_connections: int = 20) -> peewee.Database:
@@ -37,16 +104,27 @@ def open_database(url: str, max_connections: int = 20) -> peewee.Database:
             raise DatabaseURLError(f"database URL {url!r} names no file")
         db = connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
     elif scheme in ("postgres", "postgresql"):
-        # Pooled: one connection per worker at most, stale ones recycled, and
-        # a statement timeout so a stuck query cannot hold a worker forever.
-        pooled = "postgresql+pool" + url[len(scheme) :]
-        db = connect(
-            pooled,
+        params = parse(url)
+        if not params.get("database"):
+            raise DatabaseURLError(f"database URL {url!r} names no database")
+        server_options = (
+            f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+        )
+        params.setdefault("options", server_options)
+        params.setdefault("connect_timeout", 5)
+        params.setdefault("application_name", "tokenservice")
+        # TCP keepalives: a server that vanished from the network (no RST) is
+        # noticed in about a minute instead of the kernel's two hours.
+        params.setdefault("keepalives", 1)
+        params.setdefault("keepalives_idle", 30)
+        params.setdefault("keepalives_interval", 10)
+        params.setdefault("keepalives_count", 3)
+        db = PostgresPool(
             max_connections=max_connections,
-            stale_timeout=300,
-            timeout=10,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            connect_timeout=5,
+            stale_timeout=STALE_SECONDS,
+            timeout=10,  # seconds to wait for a free pooled connection
+            **params,
         )
     else:
         raise DatabaseURLError(
@@ -60,7 +138,7 @@ def is_sqlite(db: peewee.Database) -> bool:
     return isinstance(db, peewee.SqliteDatabase)
 
 
-DB_ERRORS = (peewee.OperationalError, peewee.InterfaceError, peewee.InternalError)
+DB_ERRORS = (peewee.DatabaseError, MaxConnectionsExceeded)
 
 
 @contextlib.contextmanager
@@ -69,27 +147,61 @@ def connection(db: peewee.Database) -> Iterator[None]:
 
     SQLite keeps one connection per worker thread open (opening one costs more
     than a query); a pooled PostgreSQL connection goes back to the pool after
-    every request, and a broken one is dropped so the next request reconnects.
+    every request. After a database error the connection is closed for real,
+    so the next request reconnects.
     """
     sqlite = is_sqlite(db)
     try:
         db.connect(reuse_if_open=True)
         yield
     except DB_ERRORS as e:
-        _discard(db)
-        raise Unavailable("the token store is unavailable, try again") from e
-    except peewee.DatabaseError as e:
-        _discard(db)
-        raise Unavailable("the token store is unavailable, try again") from e
+        broken = _discard(db)
+        if broken:
+            _discard_idle(db)
+        raise Unavailable(UNAVAILABLE_MESSAGE) from e
     finally:
         if not sqlite and not db.is_closed():
-            with contextlib.suppress(peewee.DatabaseError):
+            try:
                 db.close()
+            except Exception:
+                _discard(db)
 
 
-def _discard(db: peewee.Database) -> None:
+def _discard(db: peewee.Database) -> bool:
+    """Closes this thread's connection without returning it to a pool.
+
+    Returns True when the connection was already broken (lost by the server),
+    as opposed to merely having run a failing statement.
+    """
+    state = db._state  # peewee's per-thread connection state
+    conn = state.conn
+    broken = conn is None or bool(getattr(conn, "closed", False))
+    if isinstance(db, PostgresPool) and conn is not None:
+        with contextlib.suppress(Exception):
+            status = db._adapter.txn_status(conn)
+            broken = broken or status == db._adapter.txn_unknown
+        with db._pool_lock:
+            db._in_use.pop(db.conn_key(conn), None)
+            db._pool_available.notify()
+    state.reset()  # also drops a transaction stack left by a failed rollback
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+    return broken
+
+
+def _discard_idle(db: peewee.Database) -> None:
+    """A lost connection usually means the server restarted: its idle siblings are dead too."""
+    if isinstance(db, PostgresPool):
+        with contextlib.suppress(Exception):
+            db.close_idle()
+        log.warning("lost the database connection; reconnecting on the next request")
+
+
+def close_all(db: peewee.Database) -> None:
+    """Closes every connection (pooled or per-thread) on shutdown."""
     with contextlib.suppress(Exception):
-        if hasattr(db, "manual_close"):
-            db.manual_close()  # pooled: close for real, not back into the pool
+        if isinstance(db, PostgresPool):
+            db.close_all()
         else:
             db.close()
