@@ -1,0 +1,94 @@
+"""The Node example (clients/node) against a real tokenservice: `npm ci`, then
+`node index.js` calls ListScopes, CreateToken and Authenticate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import google.api
+import pytest
+
+from tokenservice_client import TokenServiceClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_DIR = ROOT / "clients" / "node"
+GOOGLEAPIS = Path(next(iter(google.api.__path__))).parents[1]
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the Node example cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def node_example() -> Path:
+    """clients/node with its pinned dependencies installed by `npm ci`."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        _missing("node and npm are needed for the Node example (apt-get install nodejs npm)")
+    result = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=NODE_DIR, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    if result.returncode != 0:
+        _missing(f"npm ci failed: {result.stderr[-2000:]}")
+    return NODE_DIR
+
+
+@pytest.fixture
+def database_url(sqlite_database_url: str) -> str:
+    return sqlite_database_url
+
+
+def run_node(target: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TOKENSERVICE_TARGET": target,
+        "TOKENSERVICE_TOKEN": token,
+        "GOOGLEAPIS_PROTO_DIR": str(GOOGLEAPIS),
+    }
+    return subprocess.run(
+        ["node", "index.js", *args], cwd=NODE_DIR, env=env, capture_output=True, text=True,
+        timeout=120, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_node_example_lists_scopes_creates_and_authenticates(node_example: Path, ts) -> None:
+    email = f"node-{uuid.uuid4().hex[:8]}@example.com"
+    ts.add_user(email, "acme", ["api_token:manage", "pass:read", "invoice.view"])
+    bootstrap = ts.mint(email, ["api_token:manage", "pass:read", "invoice.view"])
+
+    result = run_node(ts.target, bootstrap, "--scopes", "pass:read,invoice.view")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "api_token:manage" in report["scopes"] and "invoice.view" in report["scopes"]
+    assert report["authenticated"]["tokenId"] == report["created"]["id"]
+    assert report["authenticated"]["userEmail"] == email
+    assert report["created"]["tokenPrefix"].startswith("tks_")
+    assert "tks_" not in json.dumps(report["authenticated"])  # no raw token printed
+
+    # The token Node created is real: the Python client sees it, with its scopes.
+    with TokenServiceClient(ts.target, token=bootstrap) as client:
+        made = client.get_token(report["created"]["id"])
+    assert made.name == "node example"
+    assert sorted(made.scopes) == ["invoice.view", "pass:read"]
+
+
+def test_node_example_reports_grpc_errors(node_example: Path, ts) -> None:
+    email = f"node-{uuid.uuid4().hex[:8]}@example.com"
+    ts.add_user(email, "acme", ["api_token:manage", "pass:read"])
+    bootstrap = ts.mint(email, ["api_token:manage", "pass:read"])
+
+    bad = run_node(ts.target, "tks_" + "x" * 40)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("UNAUTHENTICATED")
+
+    too_strong = run_node(ts.target, bootstrap, "--scopes", "loyalty:manage")
+    assert too_strong.returncode == 1
+    assert too_strong.stderr.startswith("INVALID_ARGUMENT")
