@@ -10,9 +10,12 @@ have put there, and the shim never logs request data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
 import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -21,6 +24,28 @@ from .app import create_app
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 30.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that a stop signal ends it cleanly.
+
+    uvicorn re-raises a captured SIGTERM/SIGINT once it has shut down, so the
+    process would die of the signal; `tokenservice rest` should drain and exit 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _config(app, host: str, port: int, grace: float) -> uvicorn.Config:
@@ -70,7 +95,7 @@ class RestServer:
         """Binds (port 0 picks a free port, then `self.port` is the real one) and serves."""
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        server = uvicorn.Server(_config(create_app(self.grpc_target), self.host, self.port, 5.0))
+        server = _Server(_config(create_app(self.grpc_target), self.host, self.port, 5.0))
         self._server = server
         ready = threading.Event()
 
@@ -112,7 +137,7 @@ class RestServer:
 def run_rest(grpc_target: str, host: str, port: int) -> None:
     """Serves the shim in the foreground until SIGINT/SIGTERM, then drains and returns."""
     sock = _bind(host, port)
-    server = uvicorn.Server(_config(create_app(grpc_target), host, sock.getsockname()[1], 5.0))
+    server = _Server(_config(create_app(grpc_target), host, sock.getsockname()[1], 5.0))
     log.info("REST shim on %s:%d -> gRPC %s", host, sock.getsockname()[1], grpc_target)
     try:
         server.run(sockets=[sock])  # uvicorn handles the signals on the main thread
