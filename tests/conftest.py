@@ -147,7 +147,7 @@ def own_pg_cluster(pg_cluster: PgCluster) -> Iterator[PgCluster]:
 @pytest.fixture
 def pg_database_url(pg_cluster: PgCluster) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    url = pg_cluster.create_database()
+    url = pg_cluster.take_database()
     yield url
     with contextlib.suppress(Exception):
         pg_cluster.drop_database(pgcluster.dbname_of(url))
