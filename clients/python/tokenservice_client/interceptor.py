@@ -24,6 +24,11 @@ token stops working at once. A positive `cache_ttl` remembers successful
 authentications for that many seconds: it saves a round trip per call but DELAYS
 REVOCATION (and user disabling, and scope changes) BY UP TO `cache_ttl` SECONDS for
 this process. Failures are never cached.
+
+Throttling: tokenservice throttles failed authentications per client address. With
+`forward_client_address=True` (the default) the interceptor names its own caller in
+`x-forwarded-for`, which tokenservice honours only from its trusted proxies, so one
+bad caller does not get this whole service throttled.
 """
 
 from __future__ import annotations
