@@ -28,7 +28,7 @@ protos: install
 	$(PY) -m tokenservice_server.protogen $(GEN)
 
 lint: install
-	$(VENV)/bin/ruff check service tests clients bench
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) *.egg-info service/*.egg-info clients/python/*.egg-info
