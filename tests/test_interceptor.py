@@ -135,6 +135,10 @@ def test_missing_malformed_and_unknown_tokens_are_unauthenticated(serve) -> None
     assert _code(lambda: stub().WhoAmI(pb.WhoAmIRequest(), timeout=10)) == (
         grpc.StatusCode.UNAUTHENTICATED
     )
+    streaming = stub().ListPasses
+    assert _code(lambda: list(streaming(pb.ListPassesRequest(), timeout=10))) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
     call = stub().WhoAmI.with_call
     for header in ("Basic dXNlcjpwYXNz", "Bearer", "Bearer tks_nope!", "tks_abc"):
         code = _code(
@@ -362,6 +366,9 @@ def test_async_interceptor_end_to_end(ts_target: str, mint) -> None:
                 assert await code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
                 anonymous = anon.WhoAmI(pb.WhoAmIRequest(), timeout=10)
                 assert await code_of(anonymous) == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    [p async for p in anon.ListPasses(pb.ListPassesRequest(), timeout=10)]
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
                 manager.revoke_token(reader.api_token.id)
                 revoked = rs.WhoAmI(pb.WhoAmIRequest(), timeout=10)
