@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .. import console
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
 from .openapi import build_openapi
 from .routes import Route, build_routes
@@ -162,6 +163,9 @@ class RestApp:
             return
         if scope["type"] != "http":
             return  # no websockets: the server closes the connection
+        if console.is_console_path(scope["path"]):
+            await console.app(scope, receive, send)  # the web console's static files
+            return
         request = Request(scope, receive)
         try:
             response = await self._dispatch(request)
