@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,11 @@ from urllib.parse import urlparse
 import peewee
 from playhouse.db_url import connect, parse
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
+
+try:
+    import psycopg2
+except ImportError:  # pragma: no cover - SQLite-only installs
+    psycopg2 = None
 
 from .errors import Unavailable
 from .models import database
@@ -138,7 +144,16 @@ def is_sqlite(db: peewee.Database) -> bool:
     return isinstance(db, peewee.SqliteDatabase)
 
 
-DB_ERRORS = (peewee.DatabaseError, MaxConnectionsExceeded)
+# peewee wraps driver errors raised while executing, but not those raised while
+# fetching rows from a cursor (psycopg2.InterfaceError when the server went away
+# mid-fetch): catch the drivers' own base classes too.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    peewee.DatabaseError,
+    peewee.InterfaceError,  # not a DatabaseError in peewee: "connection already closed"
+    MaxConnectionsExceeded,
+    sqlite3.Error,
+    *((psycopg2.Error,) if psycopg2 is not None else ()),
+)
 
 
 @contextlib.contextmanager
