@@ -142,11 +142,12 @@
     if (message) statusTimer = setTimeout(() => { status.textContent = ""; }, 8000);
   }
 
-  // "2026-12-31T23:59:59Z" -> <time>2026-12-31 23:59 UTC</time>
+  // "2026-12-31T23:59:59Z" -> <time>2026-12-31 23:59 UTC</time> (two lines in the table)
   function timeCell(iso, empty) {
     if (!iso) return el("span", { class: "muted", text: empty });
-    const text = iso.slice(0, 10) + " " + iso.slice(11, 16) + " UTC";
-    return el("time", { datetime: iso, title: iso, text });
+    return el("time", { datetime: iso, title: iso },
+      el("span", { class: "date", text: iso.slice(0, 10) }), " ",
+      el("span", { class: "tod", text: iso.slice(11, 16) + " UTC" }));
   }
 
   function scopeChips(scopes) {
@@ -320,7 +321,10 @@
   }
 
   function statusOf(t) {
-    if (t.revokedAt) return el("span", { class: "badge badge-revoked" }, "Revoked ", timeCell(t.revokedAt, ""));
+    if (t.revokedAt) {
+      return el("span", { class: "state" },
+        el("span", { class: "badge badge-revoked", text: "Revoked" }), " ", timeCell(t.revokedAt, ""));
+    }
     if (isExpired(t)) return el("span", { class: "badge badge-expired", text: "Expired" });
     return el("span", { class: "badge badge-active", text: "Active" });
   }
@@ -329,7 +333,7 @@
     const current = state.who && t.id === state.who.tokenId;
     const nameCell = el("th", { scope: "row", class: "name", tabindex: "-1", "data-id": t.id },
       el("span", { class: "name-text", text: t.name }),
-      current ? el("span", { class: "tag", text: "this session" }) : null);
+      current ? " " : null, current ? el("span", { class: "tag", text: "this session" }) : null);
     let action = null;
     if (!t.revokedAt) {
       action = el("button", {

@@ -1,0 +1,461 @@
+"""The web console (issue 7) driven in headless Chromium against a real tokenservice and shim.
+
+Chromium is Debian's (`/usr/bin/chromium`, installed by .ci/run), driven by
+Playwright's Python package; Playwright's own browser download is not used.
+Without the browser these tests skip, except under CI=true, where they fail.
+The browser tests run on SQLite only: the console sees the store through the
+REST API, whose behaviour on PostgreSQL the other suites cover.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from rest_helpers import Rest, bearer_header, running_rest
+
+from tokenservice_server.console import SECURITY_HEADERS
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parents[1]
+SIGN_IN_SCOPES = ("api_token:manage", "pass:read", "invoice.view")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but the browser tests cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def database_url(sqlite_database_url: str) -> str:
+    """SQLite only: overrides conftest's SQLite-and-PostgreSQL parametrisation."""
+    return sqlite_database_url
+
+
+@pytest.fixture
+def rest(ts) -> Iterator[Rest]:
+    with running_rest(ts.target) as running:
+        yield running
+
+
+@pytest.fixture
+def manager(ts) -> str:
+    """A token holding api_token:manage, pass:read and invoice.view (not pass:create,
+    which its user holds)."""
+    return ts.manager(scopes=SIGN_IN_SCOPES)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright Python package is not installed")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, rest: Rest):
+    """A fresh browser context (its own storage) on the console; fails the test on a
+    script error or a Content-Security-Policy violation."""
+    context = browser.new_context(
+        base_url=rest.base_url, viewport={"width": 1280, "height": 900},
+        permissions=["clipboard-read", "clipboard-write"],
+    )
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on(
+        "console",
+        lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
+    page.goto("/console/")
+    yield page
+    context.close()
+    assert problems == []
+
+
+def sign_in(page, token: str) -> None:
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name="API Keys").wait_for()
+    page.locator("#tokens-body tr").first.wait_for()
+
+
+def row(page, name: str):
+    return page.locator("#tokens-body tr", has=page.get_by_role("rowheader", name=name))
+
+
+def api_tokens(rest: Rest, token: str) -> list[dict]:
+    r = rest.client.get("/api/v1/api-tokens", headers=bearer_header(token))
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+# -- serving ------------------------------------------------------------------
+
+
+def test_console_is_served_with_security_headers_and_no_inline_code(rest: Rest) -> None:
+    r = rest.client.get("/console")
+    assert r.status_code == 308 and r.headers["location"] == "/console/"
+    page = rest.client.get("/console/")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    for name, value in SECURITY_HEADERS.items():
+        assert page.headers[name] == value
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
+    # The policy allows no inline code, so the page must have none; and nothing
+    # may come from another origin (machines may have no internet).
+    html = page.text
+    assert re.findall(r"<script\b[^>]*>", html) == ['<script src="console.js" defer>']
+    assert not re.search(r"\son[a-z]+\s*=|\sstyle\s*=|<style", html)
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    js = rest.client.get("/console/console.js")
+    assert js.headers["content-type"] == "text/javascript; charset=utf-8"
+    assert not re.search(r"localStorage\s*[.\[]|document\.cookie|indexedDB\.", js.text)
+    css = rest.client.get("/console/console.css")
+    assert css.headers["content-type"] == "text/css; charset=utf-8" and "@import" not in css.text
+    assert rest.client.get("/console/index.html").text == html
+    for missing in ("/console/nope.js", "/console/../pyproject.toml", "/console/static/index.html"):
+        assert rest.client.get(missing).status_code == 404, missing
+    r = rest.client.post("/console/")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    # The API around it is unchanged.
+    assert rest.client.get("/consoles").status_code == 404
+    assert rest.client.get("/api/v1/scopes").status_code == 200
+
+
+# -- signing in ---------------------------------------------------------------
+
+
+def test_sign_in_says_who_you_are_and_keeps_the_token_in_session_storage_only(
+    ts, page, manager: str
+) -> None:
+    token_field = page.get_by_label("API token")
+    error = page.locator("#signin-token-error")
+
+    page.get_by_role("button", name="Sign in").click()
+    assert error.inner_text() == "Paste an API token to sign in."
+
+    token_field.fill("tks_not_a_real_token")
+    page.get_by_role("button", name="Sign in").click()
+    error.filter(has_text="was not accepted").wait_for()
+    assert token_field.get_attribute("aria-invalid") == "true"
+    assert token_field.evaluate("el => el === document.activeElement")
+
+    ts.add_user("reader@acme.test", permissions=("pass:read",))
+    reader = ts.mint("reader@acme.test", scopes=("pass:read",))
+    token_field.fill(reader)
+    page.get_by_role("button", name="Sign in").click()
+    error.filter(has_text="does not hold the api_token:manage scope").wait_for()
+    assert page.evaluate("sessionStorage.length") == 0
+
+    sign_in(page, manager)
+    assert page.locator("#who-email").inner_text() == "manager@acme.test"
+    assert page.locator("#who-org").inner_text() == "acme"
+    page.locator("#keys-view summary").click()  # opens the session's details
+    assert page.locator("#session-scopes li").all_inner_texts() == list(SIGN_IN_SCOPES)
+    assert page.get_by_role("status").inner_text() == "Signed in as manager@acme.test."
+    assert row(page, "bootstrap this session").count() == 1
+
+    storage = page.evaluate(
+        "({session: Object.values(sessionStorage), local: localStorage.length,"
+        " cookie: document.cookie})"
+    )
+    assert storage == {"session": [manager], "local": 0, "cookie": ""}
+    assert page.context.cookies() == []
+    assert manager not in page.url
+
+    page.reload()  # the same tab keeps its session
+    page.get_by_role("heading", name="API Keys").wait_for()
+
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="Sign in to the console").wait_for()
+    assert page.evaluate("sessionStorage.length") == 0
+    assert token_field.evaluate("el => el === document.activeElement")
+
+    other_tab = page.context.new_page()  # sessionStorage is per tab: a new tab starts signed out
+    other_tab.goto("/console/")
+    other_tab.get_by_role("heading", name="Sign in to the console").wait_for()
+
+
+def test_a_revoked_sign_in_token_sends_you_back_to_sign_in_with_the_reason(
+    rest: Rest, page, manager: str
+) -> None:
+    sign_in(page, manager)
+    me = rest.client.post("/api/v1/authenticate", json={"token": manager}).json()["tokenId"]
+    r = rest.client.delete(f"/api/v1/api-tokens/{me}", headers=bearer_header(manager))
+    assert r.status_code == 200, r.text
+
+    page.get_by_role("button", name="Refresh").click()
+    alert = page.locator("#signin-alert")
+    alert.wait_for()
+    assert "no longer accepted" in alert.inner_text()
+    assert "expired or been revoked" in alert.inner_text()
+    assert page.locator("#keys-view").is_hidden()
+    assert page.evaluate("sessionStorage.length") == 0
+
+    page.reload()  # nothing is left to sign in with
+    page.get_by_role("heading", name="Sign in to the console").wait_for()
+
+
+# -- creating -----------------------------------------------------------------
+
+
+def test_create_with_scopes_and_expiry_shows_the_token_once(
+    rest: Rest, page, manager: str
+) -> None:
+    sign_in(page, manager)
+    create = page.get_by_role("button", name="Create API Key")
+    create.focus()
+    page.keyboard.press("Enter")  # keyboard all the way
+    dialog = page.get_by_role("dialog", name="Create API Key")
+    dialog.wait_for()
+    assert page.get_by_label("Name").evaluate("el => el === document.activeElement")
+
+    # Only what the sign-in token holds is offered, not everything its user holds.
+    offered = dialog.locator("input[type=checkbox]").evaluate_all("els => els.map(e => e.value)")
+    assert offered == list(SIGN_IN_SCOPES)
+
+    page.keyboard.type("POS Integration")
+    dialog.get_by_label("pass:read").check()
+    dialog.get_by_label("invoice.view").check()
+    dialog.get_by_label("Expires on").fill("2099-12-31")
+    dialog.get_by_role("button", name="Create").click()
+
+    token_field = dialog.get_by_label("Token for POS Integration")
+    token_field.wait_for()
+    raw = token_field.input_value()
+    assert raw.startswith("tks_")
+    assert "It will not be shown again" in dialog.inner_text()
+    copy = dialog.get_by_role("button", name="Copy")
+    assert copy.evaluate("el => el === document.activeElement")
+    copy.click()
+    dialog.get_by_text("Copied to the clipboard.").wait_for()
+    assert page.evaluate("navigator.clipboard.readText()") == raw
+
+    # What the console created is what the API holds.
+    who = rest.client.post("/api/v1/authenticate", json={"token": raw}).json()
+    assert who["scopes"] == ["pass:read", "invoice.view"]
+    assert who["expiresAt"] == "2099-12-31T23:59:59Z"
+    assert [t["name"] for t in api_tokens(rest, manager)] == ["POS Integration", "bootstrap"]
+
+    dialog.get_by_role("button", name="Done").click()
+    assert dialog.is_hidden()
+    assert create.evaluate("el => el === document.activeElement")
+    assert raw not in page.content()
+    assert page.locator("#created-token").input_value() == ""
+
+    new_row = row(page, "POS Integration")
+    new_row.wait_for()
+    cells = new_row.locator("td").all_inner_texts()
+    assert cells[0] == raw[:12] + "…"
+    assert cells[1].split() == ["pass:read", "invoice.view"]
+    assert cells[5].split() == ["2099-12-31", "23:59", "UTC"]  # expires
+    assert cells[6] == "Active"
+
+    page.reload()
+    row(page, "POS Integration").wait_for()
+    assert raw not in page.content()
+    assert raw not in page.evaluate("JSON.stringify(Object.values(sessionStorage))")
+
+
+def test_validation_errors_appear_beside_their_fields(rest: Rest, page, manager: str) -> None:
+    sign_in(page, manager)
+    page.get_by_role("button", name="Create API Key").click()
+    dialog = page.get_by_role("dialog", name="Create API Key")
+
+    dialog.get_by_role("button", name="Create").click()  # no name, no scope
+    name_error = dialog.locator("#create-name-error")
+    name_error.wait_for()
+    assert name_error.inner_text() == "Name is required."
+    assert "scope" in dialog.locator("#create-scopes-error").inner_text()
+    assert dialog.locator("#create-expires-error").is_hidden()
+    name = dialog.get_by_label("Name")
+    assert name.get_attribute("aria-invalid") == "true"
+    assert name.evaluate("el => el === document.activeElement")
+    described = name.get_attribute("aria-describedby").split()
+    assert "create-name-error" in described
+
+    name.fill("Sync Service")
+    dialog.get_by_label("pass:read").check()
+    dialog.get_by_label("Expires on").fill("2001-01-01")  # the API refuses the past
+    dialog.get_by_role("button", name="Create").click()
+    expires_error = dialog.locator("#create-expires-error")
+    expires_error.wait_for()
+    assert "future" in expires_error.inner_text()
+    assert name_error.is_hidden() and name.get_attribute("aria-invalid") is None
+    assert dialog.get_by_label("Expires on").evaluate("el => el === document.activeElement")
+
+    assert [t["name"] for t in api_tokens(rest, manager)] == ["bootstrap"]
+
+    page.keyboard.press("Escape")  # closes; focus goes back to the button that opened it
+    assert dialog.is_hidden()
+    assert page.get_by_role("button", name="Create API Key").evaluate(
+        "el => el === document.activeElement"
+    )
+
+
+# -- revoking -----------------------------------------------------------------
+
+
+def test_revoke_asks_for_confirmation_then_revokes(rest: Rest, page, manager: str) -> None:
+    created = rest.create(manager, name="Old Sync", scopes=["pass:read"]).json()
+    rest.create(manager, name="Keeper", scopes=["pass:read"])
+    sign_in(page, manager)
+
+    revoke = page.get_by_role("button", name="Revoke Old Sync")
+    revoke.click()
+    confirm = page.get_by_role("dialog", name="Revoke API key?")
+    confirm.wait_for()
+    assert "Old Sync" in confirm.inner_text()
+    assert created["token"][:12] in confirm.inner_text()
+    cancel = confirm.get_by_role("button", name="Cancel")
+    assert cancel.evaluate("el => el === document.activeElement")  # the safe choice first
+    cancel.click()
+    assert revoke.evaluate("el => el === document.activeElement")
+    assert rest.client.post("/api/v1/authenticate", json={"token": created["token"]}).is_success
+
+    revoke.click()
+    confirm.get_by_role("button", name="Revoke").click()
+    page.get_by_role("status").filter(has_text="API key Old Sync revoked.").wait_for()
+    old = row(page, "Old Sync")
+    assert old.locator("td").nth(6).inner_text().split()[0] == "Revoked"
+    assert old.get_by_role("button").count() == 0
+    assert old.get_by_role("rowheader").evaluate("el => el === document.activeElement")
+    assert row(page, "Keeper").get_by_role("button", name="Revoke Keeper").is_visible()
+
+    r = rest.client.post("/api/v1/authenticate", json={"token": created["token"]})
+    assert r.status_code == 401
+    listed = {t["name"]: t["revokedAt"] for t in api_tokens(rest, manager)}
+    assert listed["Old Sync"] is not None and listed["Keeper"] is None
+
+    page.reload()
+    assert row(page, "Old Sync").locator("td").nth(6).inner_text().split()[0] == "Revoked"
+
+
+def test_revoking_your_own_sign_in_token_signs_you_out(page, manager: str) -> None:
+    sign_in(page, manager)
+    page.get_by_role("button", name="Revoke bootstrap").click()
+    page.get_by_role("dialog").get_by_role("button", name="Revoke").click()
+    alert = page.locator("#signin-alert")
+    alert.wait_for()
+    assert "the token you signed in with" in alert.inner_text()
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+# -- the list -----------------------------------------------------------------
+
+
+def test_org_admins_see_every_token_of_their_org_only(ts, rest: Rest, page) -> None:
+    admin = ts.manager(
+        email="admin@acme.test", permissions=("api_token:manage", "api_token:admin", "pass:read")
+    )
+    colleague = ts.manager(email="colleague@acme.test")
+    rest.create(colleague, name="Colleague's key")
+    stranger = ts.manager(email="someone@globex.test", org="globex")
+    rest.create(stranger, name="Globex key")
+
+    sign_in(page, admin)
+    page.get_by_text("You hold api_token:admin").wait_for()
+    theirs = row(page, "Colleague's key")
+    theirs.wait_for()
+    assert theirs.locator("td").nth(2).inner_text() == "colleague@acme.test"  # Created by
+    assert page.get_by_role("columnheader", name="Created by").is_visible()
+    assert row(page, "Globex key").count() == 0
+
+    # A plain manager sees only their own tokens, and no Created by column.
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, colleague)
+    names = page.locator("#tokens-body .name-text").all_inner_texts()
+    assert names == ["Colleague's key", "bootstrap"]
+    assert page.get_by_role("columnheader", name="Created by").is_hidden()
+
+
+def test_long_lists_load_more_by_page_token(ts, page, manager: str) -> None:
+    for i in range(24):
+        ts.mint("manager@acme.test", scopes=("pass:read",), name=f"key {i:02}")
+    expiring = datetime.now(UTC) + timedelta(seconds=2)
+    ts.mint("manager@acme.test", scopes=("pass:read",), name="short-lived", expires_at=expiring)
+    sign_in(page, manager)
+    body = page.locator("#tokens-body tr")
+    assert body.count() == 20
+    more = page.get_by_role("button", name="Load more")
+    more.click()
+    page.locator("#tokens-body tr:nth-child(26)").wait_for()
+    assert body.count() == 26
+    assert more.is_hidden()
+    names = page.locator("#tokens-body .name-text").all_inner_texts()
+    assert len(set(names)) == 26 and names[-1] == "bootstrap"
+    # The first new row takes the focus, so keyboard users continue where they were.
+    assert page.locator("#tokens-body tr:nth-child(21) th").evaluate(
+        "el => el === document.activeElement"
+    )
+    page.wait_for_timeout(2_100)
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_role("status").filter(has_text="refreshed").wait_for()
+    assert row(page, "short-lived").locator("td").nth(6).inner_text() == "Expired"
+
+
+def test_api_failures_are_shown_in_words(rest: Rest, page, manager: str) -> None:
+    sign_in(page, manager)
+    rest.server.stop(grace=1)  # the service goes away
+    page.get_by_role("button", name="Refresh").click()
+    alert = page.locator("#list-alert")
+    alert.wait_for()
+    assert "Could not load API keys." in alert.inner_text()
+    assert "Could not reach tokenservice" in alert.inner_text()
+    assert page.get_by_role("heading", name="API Keys").is_visible()  # still signed in
+
+
+# -- screenshots ----------------------------------------------------------------
+
+
+def test_screenshot_script_makes_both_pictures(tmp_path: Path, browser) -> None:
+    """docs/screenshots.py keeps working, so the README's pictures can be redone."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "screenshots.py"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("console-list.png", "console-create.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_expiry_is_sent_as_the_end_of_the_day_in_utc(rest: Rest, page, manager: str) -> None:
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    sign_in(page, manager)
+    page.get_by_role("button", name="Create API Key").click()
+    dialog = page.get_by_role("dialog", name="Create API Key")
+    dialog.get_by_label("Name").fill("Tomorrow")
+    dialog.get_by_label("pass:read").check()
+    dialog.get_by_label("Expires on").fill(tomorrow)
+    with page.expect_request("**/api/v1/api-tokens") as request:
+        dialog.get_by_role("button", name="Create").click()
+    assert request.value.post_data_json == {
+        "name": "Tomorrow", "scopes": ["pass:read"], "expiresAt": f"{tomorrow}T23:59:59Z",
+    }
+    assert request.value.headers["authorization"] == f"Bearer {manager}"
+    assert "?" not in request.value.url
+    dialog.get_by_label("Token for Tomorrow").wait_for()
