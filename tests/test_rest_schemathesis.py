@@ -55,6 +55,10 @@ def live(tmp_path_factory) -> Iterator[tuple[str, str]]:
 # what /openapi.json returns.
 DOCUMENT = build_openapi(build_routes(default_services()))
 schema = schemathesis.openapi.from_dict(DOCUMENT)
+# Positive and negative data for every documented parameter and body, but no
+# invented headers: a garbage Content-Length is refused by the HTTP layer with a
+# bare 400 before the shim sees the request, which is not the API's to document.
+schema.config.generation.update(allow_extra_parameters=False)
 
 
 def test_served_document_is_the_one_tested(live) -> None:
@@ -68,6 +72,7 @@ def test_served_document_is_the_one_tested(live) -> None:
     max_examples=30,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=list(HealthCheck),
 )
 def test_no_5xx_and_responses_match_the_document(case, live) -> None:
