@@ -208,6 +208,12 @@
     $("signin-token").focus();
   }
 
+  function rejected(message) {
+    const error = new Error(message);
+    error.rejected = true; // the token itself will not do, as opposed to the service failing
+    return error;
+  }
+
   // Checks a token with POST /authenticate; resolves to the answer or throws
   // an Error whose message says why the console cannot use it.
   async function verify(token) {
@@ -216,13 +222,13 @@
       who = await api("POST", "/authenticate", { token });
     } catch (err) {
       if (err.status === 401 || err.status === 422) {
-        throw new Error("This token was not accepted. Check that you pasted all of it; " +
+        throw rejected("This token was not accepted. Check that you pasted all of it; " +
           "it may also have expired or been revoked.");
       }
       throw new Error(describe(err));
     }
     if (!who.scopes.includes(MANAGE)) {
-      throw new Error("This token does not hold the " + MANAGE + " scope, which the console " +
+      throw rejected("This token does not hold the " + MANAGE + " scope, which the console " +
         "needs to list, create and revoke API keys.");
     }
     return who;
@@ -607,7 +613,14 @@
       const who = await verify(saved);
       await enter(saved, who);
     } catch (err) {
-      signOut("Your saved sign-in is no longer valid. " + err.message, true);
+      if (err.rejected) {
+        signOut("Your saved sign-in is no longer valid. " + err.message, true);
+        return;
+      }
+      // The service failed, not the token: keep it, so that a reload tries again.
+      showView("signin");
+      alertBox($("signin-alert"), "Could not check your sign-in. " + err.message +
+        " Reload the page to try again, or sign in below.");
     }
   }
 
