@@ -16,6 +16,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from .. import __version__
 from .routes import Route, is_map, is_repeated, is_scalar_like
+from .transcode import CREDENTIAL_QUERY_PARAMS
 
 # Documentation only: RPCs that need no caller credentials (the shim forwards an
 # Authorization header whenever one is sent). Anything not listed is documented
@@ -231,6 +232,8 @@ def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     for name, fds in route.query_params.items():
         if name != ".".join(fd.json_name for fd in fds):
             continue  # the snake_case spelling is accepted but documented once
+        if name.lower().replace("_", "").replace("-", "") in CREDENTIAL_QUERY_PARAMS:
+            continue  # refused by the shim: never from a URL
         param: dict[str, Any] = {
             "name": name,
             "in": "query",
