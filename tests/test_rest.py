@@ -187,7 +187,8 @@ def test_bad_values_are_422_with_the_field(rest: Rest, manager: str) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"{", b"[1, 2]", b'{"name": "a", "name": "b"}', b'{"name": NaN}', b"\xff\xfe"],
+    [b"{", b"[1, 2]", b"null", b'"x"', b'{"name": "a", "name": "b"}', b'{"name": NaN}',
+     b"\xff\xfe"],
 )
 def test_malformed_json_is_422(rest: Rest, manager: str, content: bytes) -> None:
     r = rest.client.post(
@@ -438,3 +439,39 @@ def test_seed_examples_replayed_through_curl(ts, rest: Rest) -> None:
     assert created["apiToken"]["name"] == "CI/CD Pipeline"
     assert created["apiToken"]["tokenPrefix"] == created["token"][:12]
     assert created["apiToken"]["revokedAt"] is None
+
+
+def test_empty_body_is_the_empty_message(rest: Rest) -> None:
+    r = rest.client.post("/api/v1/authenticate")
+    assert_error(r, 401, "unauthorized")
+
+
+def test_a_stalled_request_does_not_block_others(rest: Rest, manager: str) -> None:
+    import threading
+
+    release = threading.Event()
+    result: dict[str, httpx.Response] = {}
+
+    def body():
+        yield b'{"name": "slow", '
+        release.wait(30)
+        yield b'"scopes": ["pass:read"]}'
+
+    def send() -> None:
+        with httpx.Client(base_url=rest.base_url, timeout=30) as other:
+            result["r"] = other.post(
+                "/api/v1/api-tokens", content=body(),
+                headers={**bearer_header(manager), "Content-Type": "application/json"},
+            )
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        for _ in range(5):  # answered while the first request is still open
+            assert rest.client.get("/api/v1/scopes").status_code == 200
+            assert rest.create(manager).status_code == 201
+        assert "r" not in result
+    finally:
+        release.set()
+        sender.join(30)
+    assert result["r"].status_code == 201

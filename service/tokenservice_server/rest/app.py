@@ -225,7 +225,7 @@ class RestApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse_body(self, request: Request) -> Any:
+    async def _parse_body(self, request: Request, whole_message: bool) -> Any:
         content_type = request.headers.get("content-type")
         raw = await self._read_body(request)
         if content_type is None and not raw:
@@ -236,7 +236,10 @@ class RestApp:
             )
         if not raw.strip():
             return None
-        return parse_json(raw)
+        value = parse_json(raw)
+        if whole_message and not isinstance(value, dict):
+            raise ApiError(422, "validation_error", "The request body must be a JSON object.")
+        return value
 
     def _metadata(self, request: Request) -> list[tuple[str, str]]:
         metadata = []
@@ -271,7 +274,7 @@ class RestApp:
             else self.default_deadline
         )
         query = list(request.query_params.multi_items())
-        body = await self._parse_body(request) if route.body else None
+        body = await self._parse_body(request, route.body == "*") if route.body else None
         message = build_request(route, values, query, body)
         try:
             reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
