@@ -175,7 +175,7 @@ def test_sign_in_says_who_you_are_and_keeps_the_token_in_session_storage_only(
     assert page.locator("#who-org").inner_text() == "acme"
     page.locator("#keys-view summary").click()  # opens the session's details
     assert page.locator("#session-scopes li").all_inner_texts() == list(SIGN_IN_SCOPES)
-    assert page.get_by_role("status").inner_text() == "Signed in as manager@acme.test."
+    page.get_by_role("status").filter(has_text="Signed in as manager@acme.test.").wait_for()
     assert row(page, "bootstrap this session").count() == 1
 
     storage = page.evaluate(
