@@ -22,7 +22,7 @@ def record(pids: list[int], seconds: float, tmp: Path) -> dict[str, Any]:
         return {"error": "py-spy is not installed (pip install py-spy==0.4.3)"}
     out = tmp / "profile.txt"
     command = [exe, "record", "--pid", str(pids[0]), "--duration", str(int(seconds)),
-               "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(out)]
+               "--rate", "200", "--format", "raw", "--nonblocking", "--gil", "--output", str(out)]
     if len(pids) > 1:
         command.append("--subprocesses")
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)

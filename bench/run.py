@@ -212,8 +212,9 @@ class Bench:
         cold_per_phase = len(cold) // a.repeats
         per: dict[str, list[dict[str, Any]]] = {p: [] for p in PHASES}
         per["flood_invalid"] = []
+        chosen = tuple(p for p in PHASES if p in a.phases)
         for r in range(a.repeats):
-            order = PHASES[r % len(PHASES):] + PHASES[: r % len(PHASES)]
+            order = chosen[r % len(chosen):] + chosen[: r % len(chosen)]
             if r % 2:
                 order = tuple(reversed(order))
             for name in order:
@@ -296,7 +297,7 @@ class Bench:
                          "server_workers": a.workers or 1, "warm_tokens": a.warm_tokens,
                          "cold_concurrency": 4, "create_concurrency": 4},
             "sizes": sizes,
-            "targets": targets(sizes),
+            "targets": targets(sizes) if set(a.phases) >= set(PHASES) else [],
             "elapsed_s": round(time.monotonic() - self.started, 1),
         }
 
@@ -396,6 +397,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--label", default="", help="a name for this run in the results")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: dated)")
     p.add_argument("--max-minutes", type=float, default=30.0)
+    p.add_argument("--phases", type=lambda s: s.split(","), default=list(PHASES),
+                   help="a subset, for tuning: " + ",".join(PHASES))
     p.add_argument("--no-report", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
     if args.quick:

@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bcrypt-rounds", type=int)
     serve.add_argument("--no-rest", dest="rest_enabled", action="store_const", const=False,
                        help="serve gRPC only")
+    serve.add_argument("--workers", type=int,
+                       help="N gRPC server processes sharing the port (default 1)")
+    # Set by `serve --workers N` on the processes it starts; not for people.
+    serve.add_argument("--reuse-port", dest="reuse_port", action="store_const", const=True,
+                       help=argparse.SUPPRESS)
 
     rest = sub.add_parser("rest", help="run the REST shim alone, in front of a gRPC server")
     rest.add_argument("--grpc-target", default="127.0.0.1:50051", help="HOST:PORT")
@@ -116,6 +121,8 @@ def _serve(config: Config) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if config.workers > 1:
+        return _supervise(config, stop)
     server = TokenServer(config)
     server.start()
     rest = None
@@ -132,6 +139,100 @@ def _serve(config: Config) -> int:
         rest.stop(config.shutdown_grace_seconds)
     server.stop()
     return 0
+
+
+def _worker_command(config: Config, port: int) -> list[str]:
+    command = [
+        sys.executable, "-c", "from tokenservice_server.cli import main; main()", "serve",
+        "--host", config.host, "--grpc-port", str(port), "--database-url", config.database_url,
+        "--bcrypt-rounds", str(config.bcrypt_rounds), "--workers", "1", "--reuse-port",
+        "--no-rest",
+    ]
+    if config.scopes_file:
+        command += ["--scopes-file", config.scopes_file]
+    return command
+
+
+def _supervise(config: Config, stop: threading.Event) -> int:
+    """`serve --workers N`: N gRPC processes on one port (SO_REUSEPORT), the REST shim here.
+
+    A Python process runs Python on one core at a time (the GIL), so one
+    process cannot use a second core; N processes can. They share nothing but
+    the database: each has its own verified-secret cache and throttle buckets,
+    and reads revocation from the database on every call as before. SIGTERM or
+    SIGINT drains the shim, then every worker (each flushes its last_used_at).
+    """
+    import subprocess
+    import time
+
+    db = open_database(config.database_url)
+    migrate(db)  # once, before the workers race to do it
+    db.close()
+    port = config.grpc_port
+    if port == 0:
+        import socket
+
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
+            s.bind((config.host, 0))
+            port = s.getsockname()[1]
+    command = _worker_command(config, port)
+    workers = [subprocess.Popen(command) for _ in range(config.workers)]
+    log.info("supervising gRPC workers",
+             extra={"workers": len(workers), "port": port, "pids": [w.pid for w in workers]})
+    rest = None
+    try:
+        _wait_listening(config.host, port, workers, stop)
+        if config.rest_enabled and not stop.is_set():
+            from .rest import RestServer
+
+            rest = RestServer(_target("127.0.0.1" if config.host in ("0.0.0.0", "::")
+                                      else config.host, port), config.host, config.http_port)
+            rest.start()
+            log.info("serving REST", extra={"port": rest.port})
+        while not stop.wait(1.0):
+            for i, worker in enumerate(workers):
+                if worker.poll() is not None:
+                    log.warning("gRPC worker exited; starting another",
+                                extra={"pid": worker.pid, "exit_code": worker.returncode})
+                    time.sleep(1.0)
+                    workers[i] = subprocess.Popen(command)
+    finally:
+        log.info("stopping: draining in-flight calls")
+        if rest is not None:
+            rest.stop(config.shutdown_grace_seconds)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        codes = []
+        for worker in workers:
+            try:
+                codes.append(worker.wait(timeout=config.shutdown_grace_seconds + 15))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                codes.append(worker.wait())
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _wait_listening(host: str, port: int, workers: list, stop: threading.Event) -> None:
+    """Until the port answers; a worker that dies on start (port taken) fails the serve."""
+    import socket
+
+    deadline = threading.Event()
+    timer = threading.Timer(60, deadline.set)
+    timer.start()
+    try:
+        while not stop.is_set():
+            if any(w.poll() is not None for w in workers):
+                raise OSError(f"cannot serve on {_target(host, port)}: a worker exited on start")
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    return
+            except OSError:
+                if deadline.is_set():
+                    raise OSError(f"no gRPC worker listens on {_target(host, port)}") from None
+                stop.wait(0.1)
+    finally:
+        timer.cancel()
 
 
 def _target(host: str, port: int) -> str:

@@ -29,8 +29,10 @@ class Config:
     last_used_flush_seconds: float = 15.0
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace_seconds: float = 10.0
-    # gRPC worker threads; bcrypt gets at most bcrypt_concurrency of them.
-    grpc_workers: int = 32
+    # gRPC worker threads; bcrypt gets at most bcrypt_concurrency of them (and at most
+    # bcrypt_max_waiting wait for it). More runnable threads than this only fight over
+    # the GIL: 32 served fewer calls with a p99 twice as long (BENCHMARKS.md).
+    grpc_workers: int = 12
     bcrypt_concurrency: int = 2
     bcrypt_max_waiting: int = 8
     # Verified-secret cache entries (keyed HMACs of secrets, never secrets).
@@ -47,6 +49,11 @@ class Config:
     log_level: str = "INFO"
     # Seconds between database probes for the health service.
     health_probe_seconds: float = 2.0
+    # `serve --workers N`: N server processes sharing the gRPC port (SO_REUSEPORT),
+    # so one Python process's GIL does not cap the service at one core.
+    workers: int = 1
+    # Set by `serve --workers` for its worker processes only: share the port on purpose.
+    reuse_port: bool = False
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -110,3 +117,5 @@ def validate(config: Config) -> None:
         raise ConfigError("the token prefix may hold only letters, digits and _")
     if config.grpc_workers < 2 or config.bcrypt_concurrency < 1:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
+    if not 1 <= config.workers <= 64:
+        raise ConfigError("--workers must be between 1 and 64")

@@ -92,8 +92,9 @@ class TokenServer:
                 max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"
             ),
             interceptors=[RpcInterceptor(self.service, config.trusted_proxies)],
-            # Refuse to share a port with another process by accident.
-            options=[("grpc.so_reuseport", 0)],
+            # Refuse to share a port with another process by accident; only the
+            # workers of `serve --workers N` share it, on purpose.
+            options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
             TokenServiceServicer(self.service, config.trusted_proxies), self._server

@@ -167,12 +167,14 @@ class TokenService:
 
     # Authenticate: the hot path.
 
-    def authenticate(self, raw_token: str, client: str = "") -> Principal:
+    def authenticate(self, raw_token: str, client: str | Callable[[], str] = "") -> Principal:
         """Verifies a raw token. Every failure raises Unauthenticated(AUTH_FAILED).
 
         Cost: a checksum, one indexed read of token and user, and either a
         cache hit or exactly one bcrypt check. Revocation, expiry and the
         user's state come from that read, so they hold on every call.
+        `client` (the caller's address) may be a callable: only the failure
+        and throttling paths need it, so the gRPC layer passes it lazily.
         """
         parsed = tokens.parse(raw_token, self.config.token_prefix)
         row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
@@ -204,7 +206,8 @@ class TokenService:
             expires_at=None if row.expires_at is None else from_micros(row.expires_at),
         )
 
-    def _fail(self, client: str, lookup_id: str | None) -> None:
+    def _fail(self, client: str | Callable[[], str], lookup_id: str | None) -> None:
+        client = client() if callable(client) else client
         wait = self.client_failures.retry_after(client)
         if wait > 0 and lookup_id is None:
             raise RateLimited("too many failed authentications, slow down", wait)
@@ -213,13 +216,13 @@ class TokenService:
             self.lookup_failures.fail(lookup_id)
         raise Unauthenticated(AUTH_FAILED)
 
-    def _may_try_secret(self, client: str, lookup_id: str) -> None:
+    def _may_try_secret(self, client: str | Callable[[], str], lookup_id: str) -> None:
         """Refuses a bcrypt check to a token being guessed at, or to a throttled client
         guessing at a token that has failed before. A token's first check from any
         client goes ahead, so a flood never locks a good token out."""
         wait = self.lookup_failures.retry_after(lookup_id)
         if wait == 0 and not self.lookup_failures.untouched(lookup_id):
-            wait = self.client_failures.retry_after(client)
+            wait = self.client_failures.retry_after(client() if callable(client) else client)
         if wait > 0:
             raise RateLimited("too many failed authentications, slow down", wait)
 

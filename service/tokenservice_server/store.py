@@ -174,6 +174,9 @@ class Store:
 
 def _uuid_str(value: object) -> str:
     """SQLite hands back the UUID as 32 hex digits, PostgreSQL as a uuid or str."""
+    if type(value) is str and len(value) == 32:  # SQLite: format without parsing twice
+        h = value.lower()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
 
 
