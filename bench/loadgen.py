@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CALL_TIMEOUT_S = 10.0
+CHANNELS = 4
 HOST = "127.0.0.1"
 
 
@@ -118,12 +119,17 @@ async def _run(phase: Phase) -> Result:
         loops = [_http_loop(phase, loop) for _ in range(phase.concurrency)]
         await asyncio.gather(*loops)
     else:
-        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
-        async with grpc.aio.insecure_channel(f"{HOST}:{phase.grpc_port}", options) as channel:
+        # Several connections, as many consumers would open: with `serve --workers N`
+        # the kernel spreads connections (not calls) over the workers.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(f"{HOST}:{phase.grpc_port}", options)
+                    for _ in range(min(CHANNELS, phase.concurrency))]
+        metadata = (("authorization", f"Bearer {phase.bearer}"),)
+        check = health_pb2.HealthCheckRequest()
+
+        def caller(channel: Any) -> Any:
             stub = pb_grpc.TokenServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            metadata = (("authorization", f"Bearer {phase.bearer}"),)
-            check = health_pb2.HealthCheckRequest()
 
             async def call(token: str) -> None:
                 if phase.kind == "health":
@@ -142,8 +148,17 @@ async def _run(phase: Phase) -> Result:
                 else:
                     raise ValueError(phase.kind)
 
-            await channel.channel_ready()
-            await asyncio.gather(*(loop(call) for _ in range(phase.concurrency)))
+            return call
+
+        try:
+            for channel in channels:
+                await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT_S)
+            calls = [caller(c) for c in channels]
+            await asyncio.gather(*(loop(calls[i % len(calls)])
+                                   for i in range(phase.concurrency)))
+        finally:
+            for channel in channels:
+                await channel.close()
     latencies.sort()
     seconds = phase.duration
     if ran_out:  # the cold phase may use up its tokens before the deadline

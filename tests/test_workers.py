@@ -1,0 +1,117 @@
+"""`tokenservice serve --workers N`: processes sharing one port, state only in the database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
+
+TOKENSERVICE = str(Path(sys.executable).with_name("tokenservice"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(p) for p in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.slow
+def test_workers_share_the_port_see_one_database_and_drain_on_sigterm(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ts.db'}"
+    env = {**os.environ, "TOKENSERVICE_DATABASE_URL": url, "TOKENSERVICE_BCRYPT_ROUNDS": "4"}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([TOKENSERVICE, *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    cli("user", "add", "--email", "w@example.com", "--org", "acme",
+        "--permissions", "api_token:manage,pass:read")
+    raw = cli("token", "create", "--email", "w@example.com", "--name", "w",
+              "--scopes", "pass:read").strip().splitlines()[-1]
+    grpc_port, http_port = _free_port(), _free_port()
+    server = subprocess.Popen(
+        [TOKENSERVICE, "serve", "--workers", "2", "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port)], env=env, stderr=subprocess.DEVNULL,
+    )
+    channels = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+        assert len(_children(server.pid)) == 2
+        # Eight connections: the kernel spreads them over both workers.
+        channels = [grpc.insecure_channel(f"127.0.0.1:{grpc_port}",
+                                          [("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(8)]
+        stubs = [pb_grpc.TokenServiceStub(c) for c in channels]
+        for stub in stubs:
+            assert stub.Authenticate(pb.AuthenticateRequest(token=raw), timeout=10).scopes == [
+                "pass:read"
+            ]
+        cli("user", "disable", "--email", "w@example.com")
+        for stub in stubs:  # no worker remembers anything but the secret's verification
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Authenticate(pb.AuthenticateRequest(token=raw), timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        workers = _children(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+                f"/proc/{pid}/status").read_text()
+    finally:
+        for channel in channels:
+            channel.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.slow
+def test_without_workers_the_port_is_not_shared(tmp_path: Path) -> None:
+    env = {**os.environ, "TOKENSERVICE_DATABASE_URL": f"sqlite:///{tmp_path / 'ts.db'}"}
+    port = _free_port()
+    first = subprocess.Popen([TOKENSERVICE, "serve", "--no-rest", "--grpc-port", str(port)],
+                             env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        second = subprocess.run([TOKENSERVICE, "serve", "--no-rest", "--grpc-port", str(port)],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert "in use" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
