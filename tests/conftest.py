@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -284,3 +285,21 @@ def spawn(tmp_path: Path) -> Iterator:
         if running.proc.poll() is None:
             running.proc.kill()
             running.proc.wait()
+
+
+@pytest.fixture
+def ts_target(ts: RunningServer) -> str:
+    return ts.target
+
+
+@pytest.fixture
+def mint(ts: RunningServer):
+    """Adds a fresh user holding `permissions` (default: the scopes) in `org` and
+    returns a raw token carrying `scopes`."""
+
+    def mint(scopes, permissions=None, org: str = "acme") -> str:
+        email = f"user-{uuid.uuid4().hex[:12]}@example.com"
+        ts.add_user(email, org, list(permissions or scopes))
+        return ts.mint(email, list(scopes))
+
+    return mint

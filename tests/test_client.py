@@ -35,24 +35,6 @@ def database_url(sqlite_database_url: str) -> str:
 
 
 @pytest.fixture
-def ts_target(ts) -> str:
-    return ts.target
-
-
-@pytest.fixture
-def mint(ts):
-    """Adds a fresh user holding `permissions` (default: the scopes) in `org` and
-    returns a raw token carrying `scopes`."""
-
-    def mint(scopes, permissions=None, org: str = "acme") -> str:
-        email = f"user-{uuid.uuid4().hex[:12]}@example.com"
-        ts.add_user(email, org, list(permissions or scopes))
-        return ts.mint(email, list(scopes))
-
-    return mint
-
-
-@pytest.fixture
 def manager(ts_target: str, mint) -> Iterator[TokenServiceClient]:
     with TokenServiceClient(ts_target, token=mint(MANAGE)) as client:
         yield client

@@ -8,7 +8,6 @@ import importlib.util
 import socket
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -52,24 +51,6 @@ pb, pb_grpc = ex.pb, ex.pb_grpc
 @pytest.fixture
 def database_url(sqlite_database_url: str) -> str:
     return sqlite_database_url
-
-
-@pytest.fixture
-def ts_target(ts) -> str:
-    return ts.target
-
-
-@pytest.fixture
-def mint(ts):
-    """Adds a fresh user holding `permissions` (default: the scopes) in `org` and
-    returns a raw token carrying `scopes`."""
-
-    def mint(scopes, permissions=None, org: str = "acme") -> str:
-        email = f"user-{uuid.uuid4().hex[:12]}@example.com"
-        ts.add_user(email, org, list(permissions or scopes))
-        return ts.mint(email, list(scopes))
-
-    return mint
 
 
 def _code(call) -> grpc.StatusCode:
