@@ -47,6 +47,8 @@ def plot(results: dict[str, Any], png: Path) -> None:
               ("rest_auth", "REST Authenticate", "--"), ("list", "gRPC ListTokens", "-.")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, style in series:
+        if not all(key in s["summary"] for s in sizes):
+            continue
         left.plot(xs, [s["summary"][key]["rate"] for s in sizes], style, marker="o", label=label)
         right.plot(xs, [s["summary"][key]["p99_ms"] for s in sizes], style, marker="o",
                    label=label)
