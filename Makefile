@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GEN    := clients/python/tokenservice/v1
 PROTO  := protos/tokenservice/v1/token_service.proto
 
-.PHONY: install run test protos check-protos lint clean
+.PHONY: install run test bench protos lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ run: install
 
 test: install
 	$(VENV)/bin/pytest
+
+# The benchmark suite (not part of `make test`): BENCH_ARGS="--quick" for a short
+# run, "--backend postgres" for PostgreSQL.
+bench: install
+	$(PIP) install --quiet -e '.[bench]'
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 # Regenerates the Python stubs from protos/ (committed; tests/test_protos.py
 # proves they match).
