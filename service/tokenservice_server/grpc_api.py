@@ -169,7 +169,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
                     log.warning("database error",
                                 extra={"method": method, "error": _describe(error.__cause__)})
                 context.abort_with_status(status_for(error))
-            except peewee.DatabaseError as error:
+            except (peewee.DatabaseError, peewee.InterfaceError) as error:
                 code = grpc.StatusCode.UNAVAILABLE
                 log.warning("database error", extra={"method": method, "error": _describe(error)})
                 context.abort_with_status(
