@@ -175,10 +175,11 @@ class Dataset:
                 start = "".join(self.rng.choices(tokens.ALPHABET, k=3))
                 cursor = self.db.execute_sql(
                     "SELECT lookup_id FROM api_tokens WHERE lookup_id >= {p} AND revoked_at IS"
-                    " NULL AND name LIKE 'filler %' ORDER BY lookup_id LIMIT {p}".format(
+                    " NULL AND name LIKE {p} ORDER BY lookup_id LIMIT {p}".format(
                         p="?" if is_sqlite(self.db) else "%s"
                     ),
-                    (start, max(1, (warm + cold) // 20)),
+                    # The pattern is a parameter: psycopg2 reads a bare % as a placeholder.
+                    (start, "filler %", max(1, (warm + cold) // 20)),
                 )
                 rows.extend(r[0] for r in cursor.fetchall())
         rows = list(dict.fromkeys(rows))
