@@ -8,7 +8,8 @@ import sys
 import time
 
 # Attributes every LogRecord has; anything else passed in `extra` is a field.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# uvicorn adds a terminal-coloured copy of its messages: not for JSON lines.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
