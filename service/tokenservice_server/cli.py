@@ -131,7 +131,7 @@ def _serve(config: Config) -> int:
 
         rest = RestServer(f"127.0.0.1:{server.port}" if config.host in ("0.0.0.0", "::")
                           else _target(config.host, server.port), config.host, config.http_port)
-        rest.start()
+        rest.start(server.loop)
         log.info("serving REST", extra={"port": rest.port})
     stop.wait()
     log.info("stopping: draining in-flight calls")

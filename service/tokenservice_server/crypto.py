@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 
@@ -28,23 +30,57 @@ class BcryptPool:
 
     def __init__(self, slots: int, max_waiting: int) -> None:
         self._slots = threading.BoundedSemaphore(slots)
+        self._slot_count = slots
         self._max_waiting = max_waiting
         self._waiting = 0
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
-    def check(self, secret: str, hashed: str) -> bool:
+    def _enter(self) -> None:
         with self._lock:
             if self._waiting >= self._max_waiting:
                 raise RateLimited("too many token verifications in progress", retry_after=1.0)
             self._waiting += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+
+    def _checkpw(self, secret: str, hashed: str) -> bool:
         try:
             with self._slots:
                 return bcrypt.checkpw(secret.encode("ascii"), hashed.encode("ascii"))
         except ValueError:  # a corrupt stored hash never authenticates
             return False
+
+    def check(self, secret: str, hashed: str) -> bool:
+        self._enter()
+        try:
+            return self._checkpw(secret, hashed)
         finally:
-            with self._lock:
-                self._waiting -= 1
+            self._leave()
+
+    async def acheck(self, secret: str, hashed: str) -> bool:
+        """check() for an event loop: the same bounds, bcrypt on the pool's own threads."""
+        self._enter()
+        try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self._slot_count, thread_name_prefix="bcrypt"
+                )
+            job = self._executor.submit(self._checkpw, secret, hashed)
+        except BaseException:
+            self._leave()
+            raise
+        # The slot is given back when the check ends, even if the caller gave up
+        # (a cancelled RPC) while it ran: the bound counts bcrypt work, not waiters.
+        job.add_done_callback(lambda _: self._leave())
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
 
 class VerifiedCache:

@@ -39,6 +39,9 @@ class RateLimited(DomainError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # Set when the refusal is for a client address that keeps failing (not for
+        # a busy bcrypt pool): the gRPC layer holds such answers back (a tarpit).
+        self.client_throttled = False
 
 
 class Unavailable(DomainError):

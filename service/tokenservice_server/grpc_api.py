@@ -7,14 +7,18 @@ mapping of domain errors to status codes with rich details, and one log line.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent import futures
 from datetime import UTC
 from typing import Any
 
 import grpc
+import grpc.aio
 import peewee
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -35,7 +39,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .service import Principal, TokenInfo, TokenService
+from .service import PendingCheck, Principal, TokenInfo, TokenService
 
 log = logging.getLogger("tokenservice.rpc")
 
@@ -110,23 +114,47 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
     return None
 
 
-class RpcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
+AUTHENTICATE = _PREFIX + "Authenticate"
+# A throttled client's refusal is held back this long at most: a flooder with a
+# fixed number of calls in flight then sends only a few calls a second, and a
+# waiting call costs the event loop nothing.
+TARPIT_MAX_SECONDS = 1.0
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """The per-RPC work, for the grpc.aio server.
+
+    Coroutine handlers (Authenticate, health, reflection) run on the event loop;
+    the database read of Authenticate is a short synchronous call there, and its
+    bcrypt check goes to the bcrypt pool's threads. The other methods are
+    synchronous code (transactions, a bcrypt hash for CreateToken): they run
+    whole on `blocking`, a thread pool, with their connection and their caller.
+    A connection is never held across an await: peewee's connection state is
+    per thread, and other calls run on the loop's thread meanwhile.
+    """
+
+    def __init__(
+        self,
+        service: TokenService,
+        trusted_proxies: tuple[str, ...],
+        blocking: futures.Executor | None = None,
+    ) -> None:
         self._service = service
         self._db = service.store.db
         self._trusted = frozenset(trusted_proxies)
+        self._blocking = blocking
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = details.method
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         wrapped = handler._replace(unary_unary=self._wrap(method, handler.unary_unary))
@@ -136,52 +164,75 @@ class RpcInterceptor(grpc.ServerInterceptor):
     def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         ours = method.startswith(_PREFIX)
         needs_caller = method in CALLER_AUTHENTICATED
-        service, db, trusted = self._service, self._db, self._trusted
+        tarpit = method == AUTHENTICATE
+        is_async = inspect.iscoroutinefunction(behavior)
+        service, db, trusted, blocking = self._service, self._db, self._trusted, self._blocking
 
-        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        def run_blocking(request: Any, context: Any, raw: str | None) -> Any:
+            """A synchronous method, whole, on a worker thread (in a copy of the context)."""
+            with connection(db):
+                if needs_caller:
+                    try:
+                        if raw is None:
+                            raise Unauthenticated(CALLER_UNAUTHENTICATED)
+                        caller = service.authenticate(
+                            raw, lambda: client_address(context, trusted)
+                        )
+                    except Unauthenticated:
+                        raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
+                    _token_id.set(caller.token_id)
+                    _caller.set(caller)
+                return behavior(request, context)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             token_ctx = _token_id.set(None)
             try:
                 if not ours:
-                    return behavior(request, context)
-                with connection(db):
-                    if needs_caller:
-                        raw = bearer_token(context)
-                        try:
-                            if raw is None:
-                                raise Unauthenticated(CALLER_UNAUTHENTICATED)
-                            caller = service.authenticate(
-                                raw, lambda: client_address(context, trusted)
-                            )
-                        except Unauthenticated:
-                            raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
-                        _token_id.set(caller.token_id)
-                        caller_ctx = _caller.set(caller)
-                        try:
-                            return behavior(request, context)
-                        finally:
-                            _caller.reset(caller_ctx)
-                    return behavior(request, context)
+                    return await behavior(request, context)
+                if is_async:
+                    return await behavior(request, context)
+                raw = bearer_token(context) if needs_caller else None
+                ctx = contextvars.copy_context()
+                loop = asyncio.get_running_loop()
+                try:
+                    return await loop.run_in_executor(
+                        blocking, ctx.run, run_blocking, request, context, raw
+                    )
+                finally:
+                    _token_id.set(ctx.get(_token_id))
             except DomainError as error:
                 code = _CODES[type(error)][1]
                 if error.__cause__ is not None:
                     log.warning("database error",
                                 extra={"method": method, "error": _describe(error.__cause__)})
-                context.abort_with_status(status_for(error))
+                if tarpit and isinstance(error, RateLimited) and error.client_throttled:
+                    # A tarpit: a throttled client's refusal waits (costing the loop
+                    # nothing), and the wait does not count as refill time for it.
+                    hold = min(error.retry_after, TARPIT_MAX_SECONDS)
+                    await asyncio.sleep(hold)
+                    service.tarpitted(lambda: client_address(context, trusted), hold)
+                status = status_for(error)
+                await context.abort(status.code, status.details, status.trailing_metadata)
             except (peewee.DatabaseError, peewee.InterfaceError) as error:
                 code = grpc.StatusCode.UNAVAILABLE
                 log.warning("database error", extra={"method": method, "error": _describe(error)})
-                context.abort_with_status(
-                    status_for(Unavailable("the token store is unavailable, try again"))
-                )
+                status = status_for(Unavailable("the token store is unavailable, try again"))
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as error:
-                if isinstance(error, grpc.RpcError) or type(error).__name__ == "_AbortError":
+                if isinstance(error, grpc.RpcError):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.error("unexpected error", exc_info=True, extra={"method": method})
-                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 if log.isEnabledFor(logging.INFO):
                     # The one line per RPC. makeRecord + handle is what log.info does,
@@ -262,13 +313,23 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
     def RevokeToken(self, request: pb.RevokeTokenRequest, context: Any) -> pb.ApiToken:
         return token_pb(self._service.revoke_token(_caller.get(), request.id))
 
-    def Authenticate(
-        self, request: pb.AuthenticateRequest, context: grpc.ServicerContext
+    async def Authenticate(
+        self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthenticateResponse:
         trusted = self._trusted
-        principal = self._service.authenticate(
-            request.token, lambda: client_address(context, trusted)
-        )
+        service = self._service
+
+        def client() -> str:
+            return client_address(context, trusted)
+
+        # The one read, on the loop's thread; the connection is given back before
+        # any await (see RpcInterceptor).
+        with connection(service.store.db):
+            step = service.begin_authenticate(request.token, client)
+        if isinstance(step, PendingCheck):
+            ok = await service.bcrypt.acheck(step.secret, step.row.secret_hash)
+            step = service.finish_authenticate(step, ok, client)
+        principal = step
         _token_id.set(principal.token_id)
         response = pb.AuthenticateResponse(
             token_id=principal.token_id,

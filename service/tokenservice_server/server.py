@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from concurrent import futures
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
@@ -29,15 +34,35 @@ def _address(host: str, port: int) -> str:
 
 
 class HealthProbe:
-    """Reports SERVING only while the database answers a query."""
+    """Reports SERVING only while the database answers a query.
 
-    def __init__(self, servicer: health.HealthServicer, store: Store, interval: float) -> None:
+    The probe runs on a thread of its own (the query is synchronous); the aio
+    health servicer lives on the server's event loop, so statuses are set there.
+    """
+
+    def __init__(
+        self,
+        servicer: health.HealthServicer,
+        store: Store,
+        interval: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self._servicer = servicer
         self._store = store
         self._interval = interval
+        self._loop = loop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
         self.serving = False
+
+    def _set_all(self, status: int) -> None:
+        async def set_all() -> None:
+            for name in ("", SERVICE_NAME):
+                await self._servicer.set(name, status)
+
+        if self._loop.is_closed() or not self._loop.is_running():
+            return
+        asyncio.run_coroutine_threadsafe(set_all(), self._loop).result(timeout=10)
 
     def probe(self) -> bool:
         try:
@@ -50,13 +75,11 @@ class HealthProbe:
             log.log(logging.INFO if ok else logging.WARNING, "database %s",
                     "answers" if ok else "does not answer")
         self.serving = ok
-        status = (
+        self._set_all(
             health_pb2.HealthCheckResponse.SERVING
             if ok
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
-            self._servicer.set(name, status)
         return ok
 
     def start(self) -> None:
@@ -69,13 +92,17 @@ class HealthProbe:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
-        for name in ("", SERVICE_NAME):
-            self._servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._thread.is_alive():
+            self._thread.join()
+        self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 class TokenServer:
-    """The gRPC server with everything it needs; start() binds, stop() drains."""
+    """The gRPC server with everything it needs; start() binds, stop() drains.
+
+    The server is a grpc.aio server on an event loop of its own, in a background
+    thread; the methods here are synchronous, for the command line and the tests.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -85,25 +112,51 @@ class TokenServer:
         self.store = Store(self.db)
         self.usage = UsageRecorder(self.store_last_used, config.last_used_flush_seconds)
         self.service = TokenService(config, self.store, self.catalog, self.usage)
+        # Synchronous methods (management calls, with their transactions and bcrypt
+        # hashes) run here; Authenticate runs on the loop.
+        self._blocking = futures.ThreadPoolExecutor(
+            max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"
+        )
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._run_loop, name="grpc-loop", daemon=True
+        )
+        self._loop_thread.start()
+        self._stopped = threading.Event()
+        self._started = False
         self.health = health.HealthServicer()
-        self.probe = HealthProbe(self.health, self.store, config.health_probe_seconds)
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"
-            ),
-            interceptors=[RpcInterceptor(self.service, config.trusted_proxies)],
+        self.probe = HealthProbe(self.health, self.store, config.health_probe_seconds, self._loop)
+        self._server = self._call(self._build())
+        self.port = 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop (running on its own thread until stop())."""
+        return self._loop
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _build(self) -> grpc.aio.Server:
+        config = self.config
+        server = grpc.aio.server(
+            interceptors=[RpcInterceptor(self.service, config.trusted_proxies, self._blocking)],
             # Refuse to share a port with another process by accident; only the
             # workers of `serve --workers N` share it, on purpose.
             options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
-            TokenServiceServicer(self.service, config.trusted_proxies), self._server
+            TokenServiceServicer(self.service, config.trusted_proxies), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = 0
+        return server
 
     def store_last_used(self, batch: dict[str, int]) -> None:
         with connection(self.db):
@@ -118,7 +171,8 @@ class TokenServer:
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
-        self._server.start()
+        self._call(self._server.start())
+        self._started = True
         self.usage.start()
         self.probe.start()
         log.info("serving gRPC", extra={"address": _address(self.config.host, self.port)})
@@ -126,12 +180,27 @@ class TokenServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Stops accepting, drains in-flight calls, flushes last_used_at, closes the database."""
+        if self._stopped.is_set():
+            return
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         self.probe.stop()
-        self._server.stop(grace).wait()
+        self._call(self._server.stop(grace))
+        self._blocking.shutdown(wait=True)
+        self.service.bcrypt.close()
         self.usage.close()
+
+        async def close_loop_connection() -> None:
+            # SQLite keeps a connection per thread: the loop's thread has one too.
+            if not hasattr(self.db, "close_all"):
+                self.db.close()
+
+        self._call(close_loop_connection())
         self.db.close_all() if hasattr(self.db, "close_all") else self.db.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=10)
+        self._loop.close()
+        self._stopped.set()
         log.info("stopped")
 
     def wait(self) -> None:
-        self._server.wait_for_termination()
+        self._stopped.wait()

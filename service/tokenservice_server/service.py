@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import peewee
 
@@ -42,6 +43,13 @@ BIDI_FORMATTING = frozenset(
 )
 
 
+def _throttled(wait: float) -> RateLimited:
+    """Refusal of a client address that keeps failing: the gRPC layer may tarpit it."""
+    error = RateLimited("too many failed authentications, slow down", wait)
+    error.client_throttled = True
+    return error
+
+
 def now_micros() -> int:
     return time.time_ns() // 1000
 
@@ -56,6 +64,16 @@ class Principal:
     org_id: str
     scopes: tuple[str, ...]  # token scopes ∩ the user's current permissions
     expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCheck:
+    """A token found, its secret not yet verified: one bcrypt check is owed."""
+
+    lookup_id: str
+    secret: str
+    row: Any
+    digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +193,20 @@ class TokenService:
         user's state come from that read, so they hold on every call.
         `client` (the caller's address) may be a callable: only the failure
         and throttling paths need it, so the gRPC layer passes it lazily.
+
+        The same steps as begin_authenticate / finish_authenticate, which an
+        event loop uses to run the bcrypt check on a thread of its own.
         """
+        step = self.begin_authenticate(raw_token, client)
+        if isinstance(step, PendingCheck):
+            ok = self.bcrypt.check(step.secret, step.row.secret_hash)
+            return self.finish_authenticate(step, ok, client)
+        return step
+
+    def begin_authenticate(
+        self, raw_token: str, client: str | Callable[[], str] = ""
+    ) -> Principal | PendingCheck:
+        """The database part of authenticate(): a Principal, or the bcrypt check still owed."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
         row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
         if parsed is None or row is None:
@@ -183,9 +214,19 @@ class TokenService:
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
         if not self.verified.is_verified(digest, row.secret_hash):
             self._may_try_secret(client, parsed.lookup_id)
-            if not self.bcrypt.check(parsed.secret, row.secret_hash):
-                self._fail(client, parsed.lookup_id)
-            self.verified.add(digest, row.secret_hash)
+            return PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
+        return self._grant(row)
+
+    def finish_authenticate(
+        self, step: PendingCheck, ok: bool, client: str | Callable[[], str] = ""
+    ) -> Principal:
+        """After the bcrypt check: no database access."""
+        if not ok:
+            self._fail(client, step.lookup_id)
+        self.verified.add(step.digest, step.row.secret_hash)
+        return self._grant(step.row)
+
+    def _grant(self, row: Any) -> Principal:
         now = self.clock()
         if (
             row.revoked_at is not None
@@ -210,7 +251,7 @@ class TokenService:
         client = client() if callable(client) else client
         wait = self.client_failures.retry_after(client)
         if wait > 0 and lookup_id is None:
-            raise RateLimited("too many failed authentications, slow down", wait)
+            raise _throttled(wait)
         self.client_failures.fail(client)
         if lookup_id is not None:
             self.lookup_failures.fail(lookup_id)
@@ -221,10 +262,16 @@ class TokenService:
         guessing at a token that has failed before. A token's first check from any
         client goes ahead, so a flood never locks a good token out."""
         wait = self.lookup_failures.retry_after(lookup_id)
-        if wait == 0 and not self.lookup_failures.untouched(lookup_id):
-            wait = self.client_failures.retry_after(client() if callable(client) else client)
         if wait > 0:
             raise RateLimited("too many failed authentications, slow down", wait)
+        if not self.lookup_failures.untouched(lookup_id):
+            wait = self.client_failures.retry_after(client() if callable(client) else client)
+            if wait > 0:
+                raise _throttled(wait)
+
+    def tarpitted(self, client: str | Callable[[], str], seconds: float) -> None:
+        """A throttled client was kept waiting: its wait does not refill its bucket."""
+        self.client_failures.hold(client() if callable(client) else client, seconds)
 
     # Management: the caller is a Principal from authenticate().
 

@@ -53,6 +53,20 @@ class FailureBuckets:
         with self._lock:
             return self._level(key, self._clock()) >= self._burst
 
+    def hold(self, key: str, seconds: float) -> None:
+        """`key` was kept waiting `seconds` (a tarpit): that time refills nothing.
+
+        Without this a client answered after its retry delay would find its bucket
+        refilled on every call, and a tarpit would grant it the refill rate."""
+        with self._lock:
+            entry = self._buckets.get(key)
+            if entry is None:
+                return
+            now = self._clock()
+            tokens, at = entry
+            # At most one refill period of debt beyond the longest hold.
+            self._buckets[key] = (tokens, min(at + seconds, now + seconds))
+
     def fail(self, key: str) -> None:
         with self._lock:
             now = self._clock()

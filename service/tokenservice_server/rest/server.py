@@ -91,22 +91,33 @@ class RestServer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def start(self) -> None:
-        """Binds (port 0 picks a free port, then `self.port` is the real one) and serves."""
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Binds (port 0 picks a free port, then `self.port` is the real one) and serves.
+
+        With `loop` (a running loop on another thread: the gRPC server's), the shim
+        is served there instead of on a thread and loop of its own, so a REST call
+        and the gRPC call it makes never hop between two event loops.
+        """
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
         server = _Server(_config(create_app(self.grpc_target), self.host, self.port, 5.0))
         self._server = server
         ready = threading.Event()
 
-        def run() -> None:
+        async def serve() -> None:
             try:
-                asyncio.run(server.serve(sockets=[sock]))
+                await server.serve(sockets=[sock])
             except BaseException as exc:  # SystemExit when lifespan start-up fails
                 self._error = exc
             finally:
                 sock.close()
                 ready.set()
+
+        def run() -> None:
+            if loop is None:
+                asyncio.run(serve())
+            else:
+                asyncio.run_coroutine_threadsafe(serve(), loop).result()
 
         self._thread = threading.Thread(target=run, name=f"rest-{self.port}", daemon=True)
         self._thread.start()
