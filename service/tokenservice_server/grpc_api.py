@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
-from .db import connection
+from .db import connection, is_sqlite
 from .errors import (
     CALLER_UNAUTHENTICATED,
     AlreadyExists,
@@ -282,9 +282,16 @@ def token_pb(info: TokenInfo) -> pb.ApiToken:
 class TokenServiceServicer(pb_grpc.TokenServiceServicer):
     """Protos in, service calls, protos out. Nothing else lives here."""
 
-    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        service: TokenService,
+        trusted_proxies: tuple[str, ...],
+        blocking: futures.Executor | None = None,
+    ) -> None:
         self._service = service
         self._trusted = frozenset(trusted_proxies)
+        self._blocking = blocking
+        self._inline_reads = is_sqlite(service.store.db)
 
     def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenResponse:
         expires_at = None
@@ -322,10 +329,20 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         def client() -> str:
             return client_address(context, trusted)
 
-        # The one read, on the loop's thread; the connection is given back before
-        # any await (see RpcInterceptor).
-        with connection(service.store.db):
-            step = service.begin_authenticate(request.token, client)
+        def read() -> Principal | PendingCheck:
+            with connection(service.store.db):
+                return service.begin_authenticate(request.token, client)
+
+        # The one read. SQLite answers from the page cache in microseconds, so it
+        # runs on the loop's thread; a PostgreSQL round trip (which can stall until
+        # the statement timeout) runs on the worker pool, so it never holds up the
+        # loop. Either way no connection is held across an await (see RpcInterceptor).
+        if self._inline_reads:
+            step = read()
+        else:
+            step = await asyncio.get_running_loop().run_in_executor(
+                self._blocking, contextvars.copy_context().run, read
+            )
         if isinstance(step, PendingCheck):
             ok = await service.bcrypt.acheck(step.secret, step.row.secret_hash)
             step = service.finish_authenticate(step, ok, client)

@@ -107,6 +107,8 @@ class TokenServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.catalog = ScopeCatalog.load(config.scopes_file)
+        # Connections: one per worker thread (management calls, and Authenticate's
+        # read on PostgreSQL), the event loop's thread and the health probe.
         self.db = open_database(config.database_url, max_connections=config.grpc_workers + 4)
         migrate(self.db)
         self.store = Store(self.db)
@@ -150,7 +152,7 @@ class TokenServer:
             options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
-            TokenServiceServicer(self.service, config.trusted_proxies), server
+            TokenServiceServicer(self.service, config.trusted_proxies, self._blocking), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
