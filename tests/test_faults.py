@@ -50,6 +50,19 @@ class Tally:
         with self.lock:
             self.calls += 1
 
+    def create(self, stub, meta, name: str) -> bool:
+        """One CreateToken; an acknowledged token is recorded with its raw value."""
+        try:
+            made = stub.CreateToken(pb.CreateTokenRequest(name=name, scopes=["pass:read"]),
+                                    metadata=meta, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as error:
+            self.error("CreateToken", error)
+            return False
+        with self.lock:
+            self.created[made.api_token.id] = made.token
+        self.ok()
+        return True
+
     def error(self, method: str, error: grpc.RpcError) -> None:
         with self.lock:
             self.calls += 1
@@ -122,17 +135,7 @@ def test_postgres_restarted_under_load_loses_no_acknowledged_write(
             if stop.is_set():
                 return
             if n % 3 == 0:
-                try:
-                    made = stub.CreateToken(
-                        pb.CreateTokenRequest(name=f"load{seed}-{n}", scopes=["pass:read"]),
-                        metadata=meta, timeout=CALL_TIMEOUT,
-                    )
-                except grpc.RpcError as error:
-                    tally.error("CreateToken", error)
-                    continue
-                with tally.lock:
-                    tally.created[made.api_token.id] = made.token
-                tally.ok()
+                tally.create(stub, meta, f"load{seed}-{n}")
             else:
                 try:
                     stub.Authenticate(pb.AuthenticateRequest(token=rng.choice(warm)),
@@ -241,21 +244,13 @@ def test_sqlite_killed_repeatedly_mid_loop_keeps_every_acknowledged_write(
             for n in range(max_calls_per_thread):
                 if stop.is_set():
                     return
-                try:
-                    made = stub.CreateToken(
-                        pb.CreateTokenRequest(name=f"r{seed}-{n}", scopes=["pass:read"]),
-                        metadata=meta, timeout=CALL_TIMEOUT,
-                    )
-                except grpc.RpcError as error:
-                    tally.error("CreateToken", error)
+                if not tally.create(stub, meta, f"r{seed}-{n}"):
                     continue
                 with tally.lock:
-                    tally.created[made.api_token.id] = made.token
                     candidates = [t for t in tally.created if t not in tally.revoke_tried]
                     victim = local.choice(candidates) if n % 2 else None
                     if victim:
                         tally.revoke_tried.add(victim)
-                tally.ok()
                 if victim is None:
                     continue
                 try:

@@ -15,7 +15,7 @@ from typing import NoReturn
 import peewee
 
 from . import logs
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, grpc_address, load_config
 from .db import DatabaseURLError, connection, open_database
 from .errors import DomainError, InvalidArgument
 from .migrations import migrate
@@ -129,8 +129,7 @@ def _serve(config: Config) -> int:
     if config.rest_enabled:
         from .rest import RestServer
 
-        rest = RestServer(f"127.0.0.1:{server.port}" if config.host in ("0.0.0.0", "::")
-                          else _target(config.host, server.port), config.host, config.http_port)
+        rest = RestServer(_local_target(config.host, server.port), config.host, config.http_port)
         rest.start(server.loop)
         log.info("serving REST", extra={"port": rest.port})
     stop.wait()
@@ -185,8 +184,7 @@ def _supervise(config: Config, stop: threading.Event) -> int:
         if config.rest_enabled and not stop.is_set():
             from .rest import RestServer
 
-            rest = RestServer(_target("127.0.0.1" if config.host in ("0.0.0.0", "::")
-                                      else config.host, port), config.host, config.http_port)
+            rest = RestServer(_local_target(config.host, port), config.host, config.http_port)
             rest.start()
             log.info("serving REST", extra={"port": rest.port})
         while not stop.wait(1.0):
@@ -223,20 +221,22 @@ def _wait_listening(host: str, port: int, workers: list, stop: threading.Event) 
     try:
         while not stop.is_set():
             if any(w.poll() is not None for w in workers):
-                raise OSError(f"cannot serve on {_target(host, port)}: a worker exited on start")
+                address = grpc_address(host, port)
+                raise OSError(f"cannot serve on {address}: a worker exited on start")
             try:
                 with socket.create_connection((host, port), timeout=1):
                     return
             except OSError:
                 if deadline.is_set():
-                    raise OSError(f"no gRPC worker listens on {_target(host, port)}") from None
+                    raise OSError(f"no gRPC worker listens on {grpc_address(host, port)}") from None
                 stop.wait(0.1)
     finally:
         timer.cancel()
 
 
-def _target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _local_target(host: str, port: int) -> str:
+    """Where the REST shim dials the gRPC server bound on host:port: loopback for a wildcard."""
+    return grpc_address("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -119,3 +119,8 @@ def validate(config: Config) -> None:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
+
+
+def grpc_address(host: str, port: int) -> str:
+    """host:port as gRPC and the log spell it, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

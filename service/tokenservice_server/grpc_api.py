@@ -189,9 +189,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             token_ctx = _token_id.set(None)
             try:
-                if not ours:
-                    return await behavior(request, context)
-                if is_async:
+                if not ours or is_async:
+                    # Health, reflection and Authenticate: coroutines that manage
+                    # their own (short) database use.
                     return await behavior(request, context)
                 raw = bearer_token(context) if needs_caller else None
                 ctx = contextvars.copy_context()

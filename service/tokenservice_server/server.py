@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
-from .config import Config
+from .config import Config, grpc_address
 from .db import connection, open_database
 from .grpc_api import SERVICE_NAME, RpcInterceptor, TokenServiceServicer
 from .migrations import migrate
@@ -27,10 +27,6 @@ from .store import Store
 from .usage import UsageRecorder
 
 log = logging.getLogger("tokenservice.server")
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class HealthProbe:
@@ -166,7 +162,7 @@ class TokenServer:
 
     def start(self) -> int:
         """Binds and starts serving; returns the real port (the config may say 0)."""
-        address = _address(self.config.host, self.config.grpc_port)
+        address = grpc_address(self.config.host, self.config.grpc_port)
         try:
             self.port = self._server.add_insecure_port(address)
         except RuntimeError:  # grpcio raises this when the port is taken
@@ -177,7 +173,7 @@ class TokenServer:
         self._started = True
         self.usage.start()
         self.probe.start()
-        log.info("serving gRPC", extra={"address": _address(self.config.host, self.port)})
+        log.info("serving gRPC", extra={"address": grpc_address(self.config.host, self.port)})
         return self.port
 
     def stop(self, grace: float | None = None) -> None:

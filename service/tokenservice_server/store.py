@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import peewee
 from peewee import Tuple
 
-from .models import ApiToken, User, database, from_micros
+from .models import ApiToken, User, from_micros
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +49,7 @@ class Store:
             .join(User)
             .where(ApiToken.lookup_id == "?")
         )
-        with database.bind_ctx([ApiToken, User]):
-            self._auth_sql, _ = query.sql()
+        self._auth_sql, _ = query.sql()
 
     # Authenticate.
 
