@@ -20,7 +20,6 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from tokenservice_server.config import Config
-from tokenservice_server.db import connection
 from tokenservice_server.rest import RestServer
 from tokenservice_server.server import TokenServer
 
@@ -48,7 +47,7 @@ def day(days: int) -> str:
 
 def seed(server: TokenServer, base: str) -> str:
     """A user, a sign-in token and a few API keys in different states; returns the sign-in token."""
-    with connection(server.db):
+    with server.store.connection():
         server.service.add_user("you@example.com", "acme", PERMISSIONS)
         console = server.service.mint_for_email("you@example.com", "Console", PERMISSIONS, None).raw
     keys = [

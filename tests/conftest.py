@@ -57,11 +57,11 @@ class RunningServer:
         return self.server.config
 
     def add_user(self, email: str, org: str = "acme", permissions=MANAGER_PERMISSIONS) -> None:
-        with connection(self.server.db):
+        with connection(self.server.store.db):
             self.server.service.add_user(email, org, list(permissions))
 
     def disable_user(self, email: str) -> None:
-        with connection(self.server.db):
+        with connection(self.server.store.db):
             self.server.service.disable_user(email)
 
     def mint(
@@ -72,7 +72,7 @@ class RunningServer:
         expires_at: datetime | None = None,
     ) -> str:
         """Creates a token the way `tokenservice token create` does; returns the raw token."""
-        with connection(self.server.db):
+        with connection(self.server.store.db):
             return self.server.service.mint_for_email(email, name, list(scopes), expires_at).raw
 
     def manager(self, email: str = "manager@acme.test", org: str = "acme",

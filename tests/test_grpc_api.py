@@ -158,7 +158,7 @@ def test_authenticate_returns_scopes_cut_to_the_users_current_permissions(
     from tokenservice_server.db import connection
     from tokenservice_server.models import User
 
-    with connection(ts.server.db):
+    with connection(ts.server.store.db):
         User.update(permissions=["pass:read"]).where(User.email == "svc@acme.test").execute()
     assert list(ts.authenticate(raw).scopes) == ["pass:read"]
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import TOKENSERVICE, cli, make_config, start_server
 
 from tokenservice_server.config import Config
+from tokenservice_server.crypto import hasher_for
 from tokenservice_server.db import close_all, connection, open_database
 from tokenservice_server.migrations import LATEST, MIGRATIONS, current_version, migrate
 from tokenservice_server.scopes import ScopeCatalog
@@ -27,7 +28,8 @@ def test_a_version_1_database_upgrades_and_its_tokens_keep_working(database_url:
     assert migrate(db, target=1) == [1]
     with db.connection_context():
         assert current_version(db) == 1
-    service = TokenService(Config(bcrypt_rounds=4), Store(db), ScopeCatalog.load(None))
+    config = Config(bcrypt_rounds=4)
+    service = TokenService(config, Store(db), ScopeCatalog.load(None), hasher_for(config))
     with connection(db):
         service.add_user("old@acme.test", "acme", ["api_token:manage", "pass:read"])
         old = [service.mint_for_email("old@acme.test", f"old{i}", ["pass:read"], None)
@@ -40,8 +42,8 @@ def test_a_version_1_database_upgrades_and_its_tokens_keep_working(database_url:
     # The server upgrades on start, and the old tokens behave as before.
     ts = start_server(make_config(database_url))
     try:
-        with connection(ts.server.db):
-            assert current_version(ts.server.db) == LATEST
+        with connection(ts.server.store.db):
+            assert current_version(ts.server.store.db) == LATEST
         for created in old:
             answer = ts.authenticate(created.raw)
             assert answer.token_id == created.info.id

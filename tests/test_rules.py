@@ -9,10 +9,11 @@ import pytest
 
 from tokenservice_server import tokens
 from tokenservice_server.config import ConfigError, load_config
-from tokenservice_server.crypto import BcryptPool, VerifiedCache, hash_secret
+from tokenservice_server.crypto import BcryptHasher, VerifiedCache
 from tokenservice_server.errors import InvalidArgument, RateLimited
 from tokenservice_server.service import decode_page_token, encode_page_token, validate_name
 from tokenservice_server.throttle import FailureBuckets
+from tokenservice_server.values import Cursor
 
 ALLOWED = set(string.ascii_letters + string.digits + "_")
 
@@ -53,10 +54,20 @@ def test_parse_rejects_look_alikes(bad: str) -> None:
 def test_bcrypt_input_stays_under_72_bytes() -> None:
     _, parts = tokens.new_token("tks_")
     assert len(parts.secret.encode()) <= 72
-    hashed = hash_secret(parts.secret, 4)
-    assert BcryptPool(1, 1).check(parts.secret, hashed)
-    assert not BcryptPool(1, 1).check(parts.secret[::-1], hashed)
-    assert not BcryptPool(1, 1).check(parts.secret, "not a bcrypt hash")
+    hasher = BcryptHasher(rounds=4, slots=1, max_waiting=1)
+    hashed = hasher.hash(parts.secret)
+    assert hasher.verify(parts.secret, hashed)
+    assert not hasher.verify(parts.secret[::-1], hashed)
+    assert not hasher.verify(parts.secret, "not a bcrypt hash")
+    with pytest.raises(ValueError):
+        hasher.hash("x" * 73)
+
+
+def test_needs_rehash_when_the_hash_is_weaker_than_configured() -> None:
+    weak = BcryptHasher(rounds=4, slots=1, max_waiting=1).hash("s")
+    assert not BcryptHasher(rounds=4, slots=1, max_waiting=1).needs_rehash(weak)
+    assert BcryptHasher(rounds=5, slots=1, max_waiting=1).needs_rehash(weak)
+    assert BcryptHasher(rounds=4, slots=1, max_waiting=1).needs_rehash("not a bcrypt hash")
 
 
 def test_verified_cache_is_keyed_by_an_hmac_and_bound_to_the_hash() -> None:
@@ -72,10 +83,13 @@ def test_verified_cache_is_keyed_by_an_hmac_and_bound_to_the_hash() -> None:
     assert len(cache) == 2 and not cache.is_verified(digest, "$2b$hash")
 
 
-def test_bcrypt_pool_refuses_when_too_many_wait() -> None:
-    pool = BcryptPool(slots=1, max_waiting=0)
+def test_bcrypt_pool_refuses_when_too_many_wait_for_checks_and_hashes_alike() -> None:
+    hashed = BcryptHasher(rounds=4, slots=1, max_waiting=1).hash("s")
+    full = BcryptHasher(rounds=4, slots=1, max_waiting=0)
     with pytest.raises(RateLimited):
-        pool.check("s", hash_secret("s", 4))
+        full.verify("s", hashed)
+    with pytest.raises(RateLimited):
+        full.hash("s")  # CreateToken's hash shares the bound
 
 
 def test_failure_buckets_throttle_and_refill() -> None:
@@ -114,10 +128,10 @@ def test_names(name: str, ok: bool) -> None:
 
 
 def test_page_tokens_round_trip_and_reject_garbage() -> None:
-    token = encode_page_token(1_700_000_000_000_000, "0b6f6f0c-7d1e-4c39-9d6a-5b3f0ad9b8c1")
+    cursor = Cursor(1_700_000_000_000_000, "0b6f6f0c-7d1e-4c39-9d6a-5b3f0ad9b8c1")
+    token = encode_page_token(cursor)
     assert set(token) <= ALLOWED | {"-"}
-    assert decode_page_token(token) == (1_700_000_000_000_000,
-                                        "0b6f6f0c-7d1e-4c39-9d6a-5b3f0ad9b8c1")
+    assert decode_page_token(token) == cursor
     for bad in ["", "x", "Mjp4Onk", token[:-3]]:
         with pytest.raises(InvalidArgument):
             decode_page_token(bad)

@@ -16,14 +16,15 @@ import peewee
 
 from . import logs
 from .config import Config, ConfigError, grpc_address, load_config
-from .db import DatabaseURLError, connection, open_database
+from .crypto import hasher_for
+from .db import DatabaseURLError, open_database, open_migrated
 from .errors import DomainError, InvalidArgument
 from .migrations import migrate
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
 
-log = logging.getLogger("tokenservice")
+log = logging.getLogger("tokenservice.cli")
 
 
 class UsageError(Exception):
@@ -110,9 +111,12 @@ def _parse_time(value: str) -> datetime:
 
 
 def _service(config: Config) -> TokenService:
-    db = open_database(config.database_url)
-    migrate(db)
-    return TokenService(config, Store(db), ScopeCatalog.load(config.scopes_file))
+    return TokenService(
+        config,
+        Store(open_migrated(config.database_url)),
+        ScopeCatalog.load(config.scopes_file),
+        hasher_for(config),
+    )
 
 
 def _serve(config: Config) -> int:
@@ -131,7 +135,6 @@ def _serve(config: Config) -> int:
 
         rest = RestServer(_local_target(config.host, server.port), config.host, config.http_port)
         rest.start(server.loop)
-        log.info("serving REST", extra={"port": rest.port})
     stop.wait()
     log.info("stopping: draining in-flight calls")
     if rest is not None:
@@ -164,9 +167,7 @@ def _supervise(config: Config, stop: threading.Event) -> int:
     import subprocess
     import time
 
-    db = open_database(config.database_url)
-    migrate(db)  # once, before the workers race to do it
-    db.close()
+    open_migrated(config.database_url).close()  # once, before the workers race to do it
     port = config.grpc_port
     if port == 0:
         import socket
@@ -186,7 +187,6 @@ def _supervise(config: Config, stop: threading.Event) -> int:
 
             rest = RestServer(_local_target(config.host, port), config.host, config.http_port)
             rest.start()
-            log.info("serving REST", extra={"port": rest.port})
         while not stop.wait(1.0):
             for i, worker in enumerate(workers):
                 if worker.poll() is not None:
@@ -264,7 +264,7 @@ def run(argv: Sequence[str]) -> int:
               + (f" (applied {', '.join(map(str, applied))})" if applied else ""))
         return 0
     service = _service(config)
-    with connection(service.store.db):
+    with service.store.connection():
         if args.command == "user" and args.user_command == "add":
             service.add_user(args.email, args.org, _split(args.permissions))
             print(f"user {args.email.strip().lower()} added to org {args.org.strip()}")

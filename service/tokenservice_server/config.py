@@ -29,9 +29,10 @@ class Config:
     last_used_flush_seconds: float = 15.0
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace_seconds: float = 10.0
-    # gRPC worker threads; bcrypt gets at most bcrypt_concurrency of them (and at most
-    # bcrypt_max_waiting wait for it). More runnable threads than this only fight over
-    # the GIL: 32 served fewer calls with a p99 twice as long (BENCHMARKS.md).
+    # gRPC worker threads. Every bcrypt hash (CreateToken) and check (Authenticate)
+    # runs on at most bcrypt_concurrency threads at once, and at most
+    # bcrypt_max_waiting more wait for one; more runnable threads than this only
+    # fight over the GIL: 32 served fewer calls with a p99 twice as long.
     grpc_workers: int = 12
     bcrypt_concurrency: int = 2
     bcrypt_max_waiting: int = 8
@@ -54,9 +55,6 @@ class Config:
     workers: int = 1
     # Set by `serve --workers` for its worker processes only: share the port on purpose.
     reuse_port: bool = False
-
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("int",)}

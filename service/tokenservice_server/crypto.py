@@ -1,7 +1,8 @@
-"""bcrypt on a bounded pool, and the verified-secret cache."""
+"""Hashing secrets (the SecretHasher interface, bcrypt behind it) and the verified-secret cache."""
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import hmac
@@ -12,23 +13,45 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 
+from .config import Config
 from .errors import RateLimited
 
 
-def hash_secret(secret: str, rounds: int) -> str:
-    data = secret.encode("ascii")
-    assert len(data) <= 72, "bcrypt takes at most 72 bytes"
-    return bcrypt.hashpw(data, bcrypt.gensalt(rounds)).decode("ascii")
+class SecretHasher(abc.ABC):
+    """Turns a token's secret into what the store keeps, and checks a secret against it."""
+
+    @abc.abstractmethod
+    def hash(self, secret: str) -> str:
+        """A fresh salted hash of `secret` (blocking: call it off any event loop)."""
+
+    @abc.abstractmethod
+    def verify(self, secret: str, hashed: str) -> bool:
+        """Whether `secret` matches `hashed`; a corrupt `hashed` never matches."""
+
+    @abc.abstractmethod
+    async def averify(self, secret: str, hashed: str) -> bool:
+        """verify() for an event loop: the work runs on the hasher's own threads."""
+
+    @abc.abstractmethod
+    def needs_rehash(self, hashed: str) -> bool:
+        """Whether `hashed` was made with weaker settings than this hasher's."""
+
+    def close(self) -> None:  # noqa: B027 - most hashers hold nothing to release
+        """Releases the hasher's threads; later calls may start them again."""
 
 
-class BcryptPool:
-    """At most `slots` bcrypt checks at once and `max_waiting` queued; more are refused.
+class BcryptHasher(SecretHasher):
+    """bcrypt, with every hash and check on one bounded pool.
 
-    A flood of wrong secrets therefore holds at most slots + max_waiting worker
-    threads, and the rest keep serving tokens whose secret is already verified.
+    At most `slots` bcrypt computations run at once and `max_waiting` more may
+    queue; beyond that a call is refused with RateLimited. Hashes at CreateToken
+    and checks at Authenticate share the bound, so a flood of either holds at
+    most slots + max_waiting threads, and calls answered from the verified
+    cache keep being served.
     """
 
-    def __init__(self, slots: int, max_waiting: int) -> None:
+    def __init__(self, rounds: int, slots: int, max_waiting: int) -> None:
+        self.rounds = rounds
         self._slots = threading.BoundedSemaphore(slots)
         self._slot_count = slots
         self._max_waiting = max_waiting
@@ -46,6 +69,11 @@ class BcryptPool:
         with self._lock:
             self._waiting -= 1
 
+    @property
+    def queue_depth(self) -> int:
+        """bcrypt computations running or waiting for a slot."""
+        return self._waiting
+
     def _checkpw(self, secret: str, hashed: str) -> bool:
         try:
             with self._slots:
@@ -53,15 +81,25 @@ class BcryptPool:
         except ValueError:  # a corrupt stored hash never authenticates
             return False
 
-    def check(self, secret: str, hashed: str) -> bool:
+    def hash(self, secret: str) -> str:
+        data = secret.encode("ascii")
+        if len(data) > 72:
+            raise ValueError("bcrypt takes at most 72 bytes")
+        self._enter()
+        try:
+            with self._slots:
+                return bcrypt.hashpw(data, bcrypt.gensalt(self.rounds)).decode("ascii")
+        finally:
+            self._leave()
+
+    def verify(self, secret: str, hashed: str) -> bool:
         self._enter()
         try:
             return self._checkpw(secret, hashed)
         finally:
             self._leave()
 
-    async def acheck(self, secret: str, hashed: str) -> bool:
-        """check() for an event loop: the same bounds, bcrypt on the pool's own threads."""
+    async def averify(self, secret: str, hashed: str) -> bool:
         self._enter()
         try:
             if self._executor is None:
@@ -77,10 +115,23 @@ class BcryptPool:
         job.add_done_callback(lambda _: self._leave())
         return await asyncio.wrap_future(job)
 
+    def needs_rehash(self, hashed: str) -> bool:
+        # $2b$12$...: the cost is the third field.
+        parts = hashed.split("$")
+        try:
+            return int(parts[2]) < self.rounds
+        except (IndexError, ValueError):
+            return True
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+
+
+def hasher_for(config: Config) -> SecretHasher:
+    """The configured hasher: bcrypt, the one implementation today."""
+    return BcryptHasher(config.bcrypt_rounds, config.bcrypt_concurrency, config.bcrypt_max_waiting)
 
 
 class VerifiedCache:

@@ -32,6 +32,7 @@ from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 try:
     import psycopg2
+    import psycopg2.extensions
 except ImportError:  # pragma: no cover - SQLite-only installs
     psycopg2 = None
 
@@ -140,6 +141,15 @@ def open_database(url: str, max_connections: int = 20) -> peewee.Database:
     return db
 
 
+def open_migrated(url: str, max_connections: int = 20) -> peewee.Database:
+    """open_database(), then create or upgrade the schema: what every entry point needs."""
+    from .migrations import migrate  # migrations import this module
+
+    db = open_database(url, max_connections)
+    migrate(db)
+    return db
+
+
 def is_sqlite(db: peewee.Database) -> bool:
     return isinstance(db, peewee.SqliteDatabase)
 
@@ -186,22 +196,24 @@ def _discard(db: peewee.Database) -> bool:
     """Closes this thread's connection without returning it to a pool.
 
     Returns True when the connection was already broken (lost by the server),
-    as opposed to merely having run a failing statement.
+    as opposed to merely having run a failing statement. peewee pops its
+    transaction stack before rolling back, so no transaction is left open here
+    and the public close calls apply.
     """
-    state = db._state  # peewee's per-thread connection state
-    conn = state.conn
-    broken = conn is None or bool(getattr(conn, "closed", False))
-    if isinstance(db, PostgresPool) and conn is not None:
+    if db.is_closed():
+        return True
+    conn = db.connection()
+    broken = bool(getattr(conn, "closed", False))
+    if isinstance(db, PostgresPool):
         with contextlib.suppress(Exception):
-            status = db._adapter.txn_status(conn)
-            broken = broken or status == db._adapter.txn_unknown
-        with db._pool_lock:
-            db._in_use.pop(db.conn_key(conn), None)
-            db._pool_available.notify()
-    state.reset()  # also drops a transaction stack left by a failed rollback
-    if conn is not None:
+            broken = broken or (
+                conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
+            )
         with contextlib.suppress(Exception):
-            conn.close()
+            db.manual_close()  # closes it for real; the pool forgets it
+    else:
+        with contextlib.suppress(Exception):
+            db.close()
     return broken
 
 

@@ -48,6 +48,14 @@ class Unavailable(DomainError):
     pass
 
 
+class Conflict(Exception):
+    """A write the store refused because it would break a uniqueness rule.
+
+    Not a DomainError: the rules decide what it means (a lookup id collision to
+    draw again, an email already taken), so it never reaches a caller as is.
+    """
+
+
 # The one message every failed authentication gets, whatever the reason.
 AUTH_FAILED = "invalid, expired or revoked token"
 CALLER_UNAUTHENTICATED = "missing or invalid credentials"

@@ -14,12 +14,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent import futures
+from contextlib import AbstractContextManager
 from datetime import UTC
 from typing import Any
 
 import grpc
 import grpc.aio
-import peewee
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -27,7 +27,6 @@ from grpc_status import rpc_status
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
-from .db import connection, is_sqlite
 from .errors import (
     CALLER_UNAUTHENTICATED,
     AlreadyExists,
@@ -39,16 +38,13 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .service import PendingCheck, Principal, TokenInfo, TokenService
+from .policy import SERVICE_NAME, Caller, caller_for
+from .service import TokenService
+from .values import Principal, TokenInfo
 
 log = logging.getLogger("tokenservice.rpc")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenService"].full_name
 _PREFIX = f"/{SERVICE_NAME}/"
-# Methods whose caller must present `authorization: Bearer <token>`.
-CALLER_AUTHENTICATED = frozenset(
-    _PREFIX + m for m in ("CreateToken", "ListTokens", "GetToken", "RevokeToken")
-)
 ERROR_DOMAIN = "tokenservice.dev"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
@@ -136,11 +132,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
         service: TokenService,
+        connection: Callable[[], AbstractContextManager[None]],
         trusted_proxies: tuple[str, ...],
         blocking: futures.Executor | None = None,
     ) -> None:
         self._service = service
-        self._db = service.store.db
+        self._connection = connection
         self._trusted = frozenset(trusted_proxies)
         self._blocking = blocking
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -163,14 +160,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         ours = method.startswith(_PREFIX)
-        needs_caller = method in CALLER_AUTHENTICATED
+        # A method of ours missing from the policy table needs a caller: the safe default.
+        needs_caller = ours and caller_for(method) is not Caller.ANONYMOUS
         tarpit = method == AUTHENTICATE
         is_async = inspect.iscoroutinefunction(behavior)
-        service, db, trusted, blocking = self._service, self._db, self._trusted, self._blocking
+        service, connection = self._service, self._connection
+        trusted, blocking = self._trusted, self._blocking
 
         def run_blocking(request: Any, context: Any, raw: str | None) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
-            with connection(db):
+            with connection():
                 if needs_caller:
                     try:
                         if raw is None:
@@ -214,11 +213,6 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     await asyncio.sleep(hold)
                     service.tarpitted(lambda: client_address(context, trusted), hold)
                 status = status_for(error)
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            except (peewee.DatabaseError, peewee.InterfaceError) as error:
-                code = grpc.StatusCode.UNAVAILABLE
-                log.warning("database error", extra={"method": method, "error": _describe(error)})
-                status = status_for(Unavailable("the token store is unavailable, try again"))
                 await context.abort(status.code, status.details, status.trailing_metadata)
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -282,16 +276,9 @@ def token_pb(info: TokenInfo) -> pb.ApiToken:
 class TokenServiceServicer(pb_grpc.TokenServiceServicer):
     """Protos in, service calls, protos out. Nothing else lives here."""
 
-    def __init__(
-        self,
-        service: TokenService,
-        trusted_proxies: tuple[str, ...],
-        blocking: futures.Executor | None = None,
-    ) -> None:
+    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
         self._service = service
         self._trusted = frozenset(trusted_proxies)
-        self._blocking = blocking
-        self._inline_reads = is_sqlite(service.store.db)
 
     def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenResponse:
         expires_at = None
@@ -324,29 +311,9 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthenticateResponse:
         trusted = self._trusted
-        service = self._service
-
-        def client() -> str:
-            return client_address(context, trusted)
-
-        def read() -> Principal | PendingCheck:
-            with connection(service.store.db):
-                return service.begin_authenticate(request.token, client)
-
-        # The one read. SQLite answers from the page cache in microseconds, so it
-        # runs on the loop's thread; a PostgreSQL round trip (which can stall until
-        # the statement timeout) runs on the worker pool, so it never holds up the
-        # loop. Either way no connection is held across an await (see RpcInterceptor).
-        if self._inline_reads:
-            step = read()
-        else:
-            step = await asyncio.get_running_loop().run_in_executor(
-                self._blocking, contextvars.copy_context().run, read
-            )
-        if isinstance(step, PendingCheck):
-            ok = await service.bcrypt.acheck(step.secret, step.row.secret_hash)
-            step = service.finish_authenticate(step, ok, client)
-        principal = step
+        principal = await self._service.aauthenticate(
+            request.token, lambda: client_address(context, trusted)
+        )
         _token_id.set(principal.token_id)
         response = pb.AuthenticateResponse(
             token_id=principal.token_id,

@@ -1,8 +1,8 @@
 """Numbered schema migrations; the applied version lives in the schema_version table.
 
-Each migration is a small function that takes the database and a
-playhouse.migrate migrator. Migration 1 creates the first schema from a
-frozen copy of the models, so later model changes never alter what it does.
+Each migration is a small function of the database; it builds its own queries
+(never the store's), so it keeps doing what it did when written. Migration 1
+creates the first schema from a frozen copy of the models for the same reason.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import time
 from collections.abc import Callable
 
 import peewee
-from playhouse.migrate import PostgresqlMigrator, SchemaMigrator, SqliteMigrator
 
 from . import models
 from .db import is_sqlite
 
-Migration = Callable[[peewee.Database, SchemaMigrator], None]
+Migration = Callable[[peewee.Database], None]
 
 
-def _m0001_initial(db: peewee.Database, migrator: SchemaMigrator) -> None:
+def _m0001_initial(db: peewee.Database) -> None:
     class Base(peewee.Model):
         class Meta:
             database = db
@@ -60,7 +59,7 @@ def _m0001_initial(db: peewee.Database, migrator: SchemaMigrator) -> None:
     db.create_tables([User, ApiToken])
 
 
-def _m0002_hot_last_used(db: peewee.Database, migrator: SchemaMigrator) -> None:
+def _m0002_hot_last_used(db: peewee.Database) -> None:
     """Leave room in each api_tokens page so last_used_at updates stay in place.
 
     The usage recorder rewrites last_used_at for every token in use, every
@@ -78,10 +77,6 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (2, _m0002_hot_last_used),
 )
 LATEST = MIGRATIONS[-1][0]
-
-
-def _migrator(db: peewee.Database) -> SchemaMigrator:
-    return SqliteMigrator(db) if is_sqlite(db) else PostgresqlMigrator(db)
 
 
 def current_version(db: peewee.Database) -> int:
@@ -106,7 +101,7 @@ def migrate(db: peewee.Database, target: int = LATEST) -> list[int]:
             version = current_version(db)
             for number, step in MIGRATIONS:
                 if version < number <= target:
-                    step(db, _migrator(db))
+                    step(db)
                     models.SchemaVersion.create(
                         version=number, applied_at=time.time_ns() // 1000
                     )

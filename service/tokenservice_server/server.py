@@ -18,9 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
 from .config import Config, grpc_address
-from .db import connection, open_database
-from .grpc_api import SERVICE_NAME, RpcInterceptor, TokenServiceServicer
-from .migrations import migrate
+from .crypto import hasher_for
+from .db import open_migrated
+from .grpc_api import RpcInterceptor, TokenServiceServicer
+from .policy import SERVICE_NAME
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
@@ -62,7 +63,7 @@ class HealthProbe:
 
     def probe(self) -> bool:
         try:
-            with connection(self._store.db):
+            with self._store.connection():
                 self._store.ping()
             ok = True
         except Exception:
@@ -105,15 +106,22 @@ class TokenServer:
         self.catalog = ScopeCatalog.load(config.scopes_file)
         # Connections: one per worker thread (management calls, and Authenticate's
         # read on PostgreSQL), the event loop's thread and the health probe.
-        self.db = open_database(config.database_url, max_connections=config.grpc_workers + 4)
-        migrate(self.db)
-        self.store = Store(self.db)
+        self.store = Store(
+            open_migrated(config.database_url, max_connections=config.grpc_workers + 4)
+        )
         self.usage = UsageRecorder(self.store_last_used, config.last_used_flush_seconds)
-        self.service = TokenService(config, self.store, self.catalog, self.usage)
         # Synchronous methods (management calls, with their transactions and bcrypt
         # hashes) run here; Authenticate runs on the loop.
         self._blocking = futures.ThreadPoolExecutor(
             max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"
+        )
+        self.service = TokenService(
+            config,
+            self.store,
+            self.catalog,
+            hasher_for(config),
+            self.usage,
+            blocking=self._blocking,
         )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
@@ -121,7 +129,6 @@ class TokenServer:
         )
         self._loop_thread.start()
         self._stopped = threading.Event()
-        self._started = False
         self.health = health.HealthServicer()
         self.probe = HealthProbe(self.health, self.store, config.health_probe_seconds, self._loop)
         self._server = self._call(self._build())
@@ -142,13 +149,17 @@ class TokenServer:
     async def _build(self) -> grpc.aio.Server:
         config = self.config
         server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.service, config.trusted_proxies, self._blocking)],
+            interceptors=[
+                RpcInterceptor(
+                    self.service, self.store.connection, config.trusted_proxies, self._blocking
+                )
+            ],
             # Refuse to share a port with another process by accident; only the
             # workers of `serve --workers N` share it, on purpose.
             options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
-            TokenServiceServicer(self.service, config.trusted_proxies, self._blocking), server
+            TokenServiceServicer(self.service, config.trusted_proxies), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -157,7 +168,7 @@ class TokenServer:
         return server
 
     def store_last_used(self, batch: dict[str, int]) -> None:
-        with connection(self.db):
+        with self.store.connection():
             self.store.write_last_used(batch)
 
     def start(self) -> int:
@@ -170,7 +181,6 @@ class TokenServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
         self._call(self._server.start())
-        self._started = True
         self.usage.start()
         self.probe.start()
         log.info("serving gRPC", extra={"address": grpc_address(self.config.host, self.port)})
@@ -184,16 +194,15 @@ class TokenServer:
         self.probe.stop()
         self._call(self._server.stop(grace))
         self._blocking.shutdown(wait=True)
-        self.service.bcrypt.close()
+        self.service.close()
         self.usage.close()
 
         async def close_loop_connection() -> None:
             # SQLite keeps a connection per thread: the loop's thread has one too.
-            if not hasattr(self.db, "close_all"):
-                self.db.close()
+            self.store.close()
 
         self._call(close_loop_connection())
-        self.db.close_all() if hasattr(self.db, "close_all") else self.db.close()
+        self.store.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
         self._loop.close()

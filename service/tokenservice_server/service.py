@@ -1,37 +1,48 @@
-"""The rules of tokenservice, as plain functions of plain values: no grpc, no protobuf."""
+"""The rules of tokenservice: plain functions of plain values, no grpc, protobuf or peewee."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import peewee
 
 from . import tokens
 from .config import Config
-from .crypto import BcryptPool, VerifiedCache, hash_secret
+from .crypto import SecretHasher, VerifiedCache
 from .errors import (
     AUTH_FAILED,
     AlreadyExists,
+    Conflict,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     RateLimited,
     Unauthenticated,
 )
-from .models import ApiToken, from_micros, to_micros
 from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
 from .store import Store
 from .throttle import FailureBuckets
 from .usage import UsageRecorder
+from .values import (
+    AuthRow,
+    CreatedToken,
+    Cursor,
+    NewToken,
+    Principal,
+    TokenInfo,
+    TokenPage,
+    from_micros,
+    to_micros,
+)
 
 log = logging.getLogger("tokenservice.service")
 
@@ -41,6 +52,9 @@ MAX_NAME_LENGTH = 200
 BIDI_FORMATTING = frozenset(
     chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 )
+# A client address, or a function giving it: only the failure paths need it,
+# so the gRPC layer passes it lazily.
+Client = str | Callable[[], str]
 
 
 def _throttled(wait: float) -> RateLimited:
@@ -55,73 +69,13 @@ def now_micros() -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Principal:
-    """Who a valid token belongs to and what it may do right now."""
-
-    token_id: str
-    user_id: str
-    email: str
-    org_id: str
-    scopes: tuple[str, ...]  # token scopes ∩ the user's current permissions
-    expires_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class PendingCheck:
-    """A token found, its secret not yet verified: one bcrypt check is owed."""
+class _PendingCheck:
+    """A token found, its secret not yet verified: one hash check is owed."""
 
     lookup_id: str
     secret: str
-    row: Any
+    row: AuthRow
     digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    """A token's metadata as callers see it; never the raw token."""
-
-    id: str
-    name: str
-    token_prefix: str
-    scopes: tuple[str, ...]
-    expires_at: datetime | None
-    last_used_at: datetime | None
-    revoked_at: datetime | None
-    created_at: datetime
-    created_by_email: str
-    org_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedToken:
-    raw: str  # shown once, here only
-    info: TokenInfo
-
-
-@dataclass(frozen=True, slots=True)
-class TokenPage:
-    tokens: tuple[TokenInfo, ...]
-    next_page_token: str
-
-
-def _info(token: ApiToken, last_used_override: int | None = None) -> TokenInfo:
-    last_used = token.last_used_at
-    if last_used_override is not None:
-        candidate = from_micros(last_used_override)
-        if last_used is None or candidate > last_used:
-            last_used = candidate
-    return TokenInfo(
-        id=str(token.id),
-        name=token.name,
-        token_prefix=token.token_prefix,
-        scopes=tuple(token.scopes),
-        expires_at=token.expires_at,
-        last_used_at=last_used,
-        revoked_at=token.revoked_at,
-        created_at=token.created_at,
-        created_by_email=token.user.email,
-        org_id=token.org_id,
-    )
 
 
 def validate_name(name: str) -> tuple[str | None, str | None]:
@@ -139,12 +93,12 @@ def validate_name(name: str) -> tuple[str | None, str | None]:
     return clean, None
 
 
-def encode_page_token(created_at: int, token_id: str) -> str:
-    raw = f"1:{created_at}:{uuid.UUID(token_id).hex}".encode()
+def encode_page_token(cursor: Cursor) -> str:
+    raw = f"1:{cursor.created_at}:{uuid.UUID(cursor.id).hex}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_page_token(page_token: str) -> tuple[int, str]:
+def decode_page_token(page_token: str) -> Cursor:
     bad = InvalidArgument([("page_token", "is not a page token this service issued")])
     try:
         padded = page_token + "=" * (-len(page_token) % 4)
@@ -153,29 +107,38 @@ def decode_page_token(page_token: str) -> tuple[int, str]:
         )
         if version != "1":
             raise bad
-        return int(created), str(uuid.UUID(hex=token_hex))
+        return Cursor(int(created), str(uuid.UUID(hex=token_hex)))
     except (ValueError, UnicodeError, binascii.Error):
         raise bad from None
 
 
 class TokenService:
-    """Create, list, get, revoke and authenticate, over a Store."""
+    """Create, list, get, revoke and authenticate, over a Store and a SecretHasher.
+
+    The synchronous methods run inside a connection their caller holds
+    (`store.connection()`: one per RPC, or per command); `aauthenticate` manages
+    its own, because it decides itself what runs on the event loop.
+    """
 
     def __init__(
         self,
         config: Config,
         store: Store,
         catalog: ScopeCatalog,
+        hasher: SecretHasher,
         usage: UsageRecorder | None = None,
         clock: Callable[[], int] = now_micros,
+        blocking: Executor | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.catalog = catalog
+        self.hasher = hasher
         self.usage = usage
         self.clock = clock
+        # Where aauthenticate runs a store read that may not block the loop.
+        self.blocking = blocking
         self.verified = VerifiedCache(config.verified_cache_size)
-        self.bcrypt = BcryptPool(config.bcrypt_concurrency, config.bcrypt_max_waiting)
         self.client_failures = FailureBuckets(
             config.auth_failure_burst, config.auth_failure_refill_per_second
         )
@@ -183,30 +146,50 @@ class TokenService:
             config.lookup_failure_burst, config.lookup_failure_refill_per_second
         )
 
+    def close(self) -> None:
+        self.hasher.close()
+
     # Authenticate: the hot path.
 
-    def authenticate(self, raw_token: str, client: str | Callable[[], str] = "") -> Principal:
+    def authenticate(self, raw_token: str, client: Client = "") -> Principal:
         """Verifies a raw token. Every failure raises Unauthenticated(AUTH_FAILED).
 
         Cost: a checksum, one indexed read of token and user, and either a
-        cache hit or exactly one bcrypt check. Revocation, expiry and the
-        user's state come from that read, so they hold on every call.
-        `client` (the caller's address) may be a callable: only the failure
-        and throttling paths need it, so the gRPC layer passes it lazily.
-
-        The same steps as begin_authenticate / finish_authenticate, which an
-        event loop uses to run the bcrypt check on a thread of its own.
+        cache hit or exactly one hash check. Revocation, expiry and the user's
+        state come from that read, so they hold on every call.
         """
-        step = self.begin_authenticate(raw_token, client)
-        if isinstance(step, PendingCheck):
-            ok = self.bcrypt.check(step.secret, step.row.secret_hash)
-            return self.finish_authenticate(step, ok, client)
+        step = self._begin(raw_token, client)
+        if isinstance(step, _PendingCheck):
+            ok = self.hasher.verify(step.secret, step.row.secret_hash)
+            return self._finish(step, ok, client)
         return step
 
-    def begin_authenticate(
-        self, raw_token: str, client: str | Callable[[], str] = ""
-    ) -> Principal | PendingCheck:
-        """The database part of authenticate(): a Principal, or the bcrypt check still owed."""
+    async def aauthenticate(self, raw_token: str, client: Client = "") -> Principal:
+        """authenticate() for an event loop.
+
+        The one read runs on the loop's thread when the store answers it from
+        memory (SQLite), else on `blocking`; the hash check runs on the
+        hasher's threads. No connection is held across an await: peewee's
+        connection state is per thread, and other calls run on the loop meanwhile.
+        """
+
+        def read() -> Principal | _PendingCheck:
+            with self.store.connection():
+                return self._begin(raw_token, client)
+
+        if self.store.inline_reads:
+            step = read()
+        else:
+            step = await asyncio.get_running_loop().run_in_executor(
+                self.blocking, contextvars.copy_context().run, read
+            )
+        if isinstance(step, _PendingCheck):
+            ok = await self.hasher.averify(step.secret, step.row.secret_hash)
+            return self._finish(step, ok, client)
+        return step
+
+    def _begin(self, raw_token: str, client: Client) -> Principal | _PendingCheck:
+        """The store part: a Principal, or the hash check still owed."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
         row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
         if parsed is None or row is None:
@@ -214,19 +197,17 @@ class TokenService:
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
         if not self.verified.is_verified(digest, row.secret_hash):
             self._may_try_secret(client, parsed.lookup_id)
-            return PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
+            return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
         return self._grant(row)
 
-    def finish_authenticate(
-        self, step: PendingCheck, ok: bool, client: str | Callable[[], str] = ""
-    ) -> Principal:
-        """After the bcrypt check: no database access."""
+    def _finish(self, step: _PendingCheck, ok: bool, client: Client) -> Principal:
+        """After the hash check: no store access."""
         if not ok:
             self._fail(client, step.lookup_id)
         self.verified.add(step.digest, step.row.secret_hash)
         return self._grant(step.row)
 
-    def _grant(self, row: Any) -> Principal:
+    def _grant(self, row: AuthRow) -> Principal:
         now = self.clock()
         if (
             row.revoked_at is not None
@@ -247,7 +228,7 @@ class TokenService:
             expires_at=None if row.expires_at is None else from_micros(row.expires_at),
         )
 
-    def _fail(self, client: str | Callable[[], str], lookup_id: str | None) -> None:
+    def _fail(self, client: Client, lookup_id: str | None) -> None:
         client = client() if callable(client) else client
         wait = self.client_failures.retry_after(client)
         if wait > 0 and lookup_id is None:
@@ -257,8 +238,8 @@ class TokenService:
             self.lookup_failures.fail(lookup_id)
         raise Unauthenticated(AUTH_FAILED)
 
-    def _may_try_secret(self, client: str | Callable[[], str], lookup_id: str) -> None:
-        """Refuses a bcrypt check to a token being guessed at, or to a throttled client
+    def _may_try_secret(self, client: Client, lookup_id: str) -> None:
+        """Refuses a hash check to a token being guessed at, or to a throttled client
         guessing at a token that has failed before. A token's first check from any
         client goes ahead, so a flood never locks a good token out."""
         wait = self.lookup_failures.retry_after(lookup_id)
@@ -269,7 +250,7 @@ class TokenService:
             if wait > 0:
                 raise _throttled(wait)
 
-    def tarpitted(self, client: str | Callable[[], str], seconds: float) -> None:
+    def tarpitted(self, client: Client, seconds: float) -> None:
         """A throttled client was kept waiting: its wait does not refill its bucket."""
         self.client_failures.hold(client() if callable(client) else client, seconds)
 
@@ -279,11 +260,11 @@ class TokenService:
         if MANAGE not in caller.scopes:
             raise PermissionDenied(f"this call needs the scope {MANAGE}")
 
-    def _in_reach(self, caller: Principal, token: ApiToken | None) -> ApiToken:
+    def _in_reach(self, caller: Principal, token: TokenInfo | None) -> TokenInfo:
         if (
             token is None
             or token.org_id != caller.org_id
-            or (str(token.user_id) != caller.user_id and ADMIN not in caller.scopes)
+            or (token.user_id != caller.user_id and ADMIN not in caller.scopes)
         ):
             raise NotFound("no such token")
         return token
@@ -307,7 +288,7 @@ class TokenService:
         scopes: Sequence[str],
         expires_at: datetime | None,
     ) -> CreatedToken:
-        """Creates a token under contract rule 1; `held` is what the caller may grant."""
+        """Creates a token under the create rules; `held` is what the caller may grant."""
         violations: list[tuple[str, str]] = []
         clean_name, why = validate_name(name)
         if why:
@@ -321,30 +302,26 @@ class TokenService:
                 violations.append(("expires_at", "must be in the future"))
         if violations:
             raise InvalidArgument(violations)
-        raw, parts = tokens.new_token(self.config.token_prefix)
-        secret_hash = hash_secret(parts.secret, self.config.bcrypt_rounds)
         for attempt in range(3):
+            raw, parts = tokens.new_token(self.config.token_prefix)
+            new = NewToken(
+                lookup_id=parts.lookup_id,
+                token_prefix=tokens.display_prefix(raw),
+                secret_hash=self.hasher.hash(parts.secret),
+                name=clean_name or "",
+                scopes=tuple(chosen),
+                expires_at=expires,
+                created_at=now,
+                user_id=user_id,
+                org_id=org_id,
+            )
             try:
-                with self.store.db.atomic():
-                    token = self.store.insert_token(
-                        lookup_id=parts.lookup_id,
-                        token_prefix=tokens.display_prefix(raw),
-                        secret_hash=secret_hash,
-                        name=clean_name or "",
-                        scopes=chosen,
-                        expires_at=expires,
-                        created_at=now,
-                        user_id=user_id,
-                        org_id=org_id,
-                    )
-                break
-            except peewee.IntegrityError:
+                return CreatedToken(raw=raw, info=self.store.insert_token(new))
+            except Conflict:
                 # A lookup id collision (about 2**-71): draw another.
                 if attempt == 2:
                     raise
-                raw, parts = tokens.new_token(self.config.token_prefix)
-                secret_hash = hash_secret(parts.secret, self.config.bcrypt_rounds)
-        return CreatedToken(raw=raw, info=_info(token))
+        raise AssertionError("unreachable")
 
     def _check_scopes(
         self, scopes: Sequence[str], held: Sequence[str], violations: list[tuple[str, str]]
@@ -387,14 +364,14 @@ class TokenService:
         next_token = ""
         if len(rows) > size:
             last = page[-1]
-            next_token = encode_page_token(to_micros(last.created_at), str(last.id))
-        return TokenPage(tuple(_info(t) for t in page), next_token)
+            next_token = encode_page_token(Cursor(to_micros(last.created_at), last.id))
+        return TokenPage(tuple(page), next_token)
 
     def get_token(self, caller: Principal, token_id: str) -> TokenInfo:
         self._require_manage(caller)
         if not token_id:
             raise InvalidArgument([("id", "is required")])
-        return _info(self._in_reach(caller, self.store.get_token(token_id)))
+        return self._in_reach(caller, self.store.get_token(token_id))
 
     def revoke_token(self, caller: Principal, token_id: str) -> TokenInfo:
         self._require_manage(caller)
@@ -402,10 +379,9 @@ class TokenService:
             raise InvalidArgument([("id", "is required")])
         token = self._in_reach(caller, self.store.get_token(token_id))
         if token.revoked_at is None:
-            self.store.revoke(str(token.id), self.clock())
-            token = self.store.get_token(str(token.id))
-        log.info("token revoked", extra={"token_id": str(token.id)})
-        return _info(token)
+            token = self._in_reach(caller, self.store.revoke(token.id, self.clock()))
+            log.info("token revoked", extra={"token_id": token.id})
+        return token
 
     # Users, for the command line.
 
@@ -426,13 +402,12 @@ class TokenService:
         if violations:
             raise InvalidArgument(violations)
         try:
-            with self.store.db.atomic():
-                self.store.add_user(email, org_id.strip(), chosen, self.clock())
-        except peewee.IntegrityError:
+            self.store.add_user(email, org_id.strip(), chosen, self.clock())
+        except Conflict:
             raise AlreadyExists(f"a user with email {email} already exists") from None
 
     def disable_user(self, email: str) -> None:
-        if self.store.set_user_disabled(email.strip().lower(), True) == 0:
+        if not self.store.set_user_disabled(email.strip().lower(), True):
             raise NotFound(f"no user with email {email.strip().lower()}")
 
     def mint_for_email(
@@ -444,4 +419,4 @@ class TokenService:
             raise NotFound(f"no user with email {email.strip().lower()}")
         if user.disabled:
             raise PermissionDenied(f"user {user.email} is disabled")
-        return self.mint(str(user.id), user.org_id, user.permissions, name, scopes, expires_at)
+        return self.mint(user.id, user.org_id, user.permissions, name, scopes, expires_at)

@@ -1,38 +1,36 @@
-"""Reads and writes of users and tokens. The only module that builds queries."""
+"""Reads and writes of users and tokens: the only module of the rules' side that knows peewee.
+
+It owns transactions, turns driver integrity errors into `Conflict`, and
+returns plain values (values.py), never model objects. Migrations build their
+own queries on purpose: they must keep doing what they did when written,
+whatever this module and the models become.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 
 import peewee
 from peewee import Tuple
 
-from .models import ApiToken, User, from_micros
-
-
-@dataclass(frozen=True, slots=True)
-class AuthRow:
-    """What Authenticate needs of a token and its user, read in one indexed query."""
-
-    token_id: str
-    secret_hash: str
-    scopes: list[str]
-    expires_at: int | None
-    revoked_at: int | None
-    user_id: str
-    email: str
-    org_id: str
-    permissions: list[str]
-    disabled: bool
+from . import db as dbmod
+from .errors import Conflict
+from .models import ApiToken, User
+from .values import AuthRow, Cursor, NewToken, TokenInfo, UserInfo
 
 
 class Store:
     def __init__(self, db: peewee.Database) -> None:
         self.db = db
-        # The hot path runs one prepared statement; the ORM builds it once here.
+        # SQLite answers the hot path's read from the page cache in microseconds,
+        # so the rules may run it on an event loop; a PostgreSQL round trip may
+        # not (it can stall until the statement timeout).
+        self.inline_reads = dbmod.is_sqlite(db)
+        # The hot path's query text, built by the ORM once here and reused as is
+        # (the drivers still parse it per call; it saves peewee's query building).
         query = (
             ApiToken.select(
                 ApiToken.id,
@@ -50,6 +48,19 @@ class Store:
             .where(ApiToken.lookup_id == "?")
         )
         self._auth_sql, _ = query.sql()
+
+    # Connections.
+
+    def connection(self) -> AbstractContextManager[None]:
+        """One connection for the caller's unit of work; driver failures become Unavailable."""
+        return dbmod.connection(self.db)
+
+    def close(self) -> None:
+        """Closes the calling thread's connection, or the whole pool."""
+        dbmod.close_all(self.db)
+
+    def ping(self) -> None:
+        self.db.execute_sql("SELECT 1").fetchone()
 
     # Authenticate.
 
@@ -86,89 +97,111 @@ class Store:
 
     # Tokens.
 
-    def insert_token(
-        self,
-        *,
-        lookup_id: str,
-        token_prefix: str,
-        secret_hash: str,
-        name: str,
-        scopes: list[str],
-        expires_at: int | None,
-        created_at: int,
-        user_id: str,
-        org_id: str,
-    ) -> ApiToken:
-        token = ApiToken.create(
-            id=uuid.uuid4(),
-            lookup_id=lookup_id,
-            token_prefix=token_prefix,
-            secret_hash=secret_hash,
-            name=name,
-            scopes=scopes,
-            expires_at=expires_at,
-            created_at=created_at,
-            user=uuid.UUID(user_id),
-            org_id=org_id,
-        )
-        return self.get_token(str(token.id))  # type: ignore[return-value]
+    def insert_token(self, new: NewToken) -> TokenInfo:
+        """Stores a token; `Conflict` if its lookup id is taken."""
+        token_id = uuid.uuid4()
+        try:
+            with self.db.atomic():
+                ApiToken.insert(
+                    id=token_id,
+                    lookup_id=new.lookup_id,
+                    token_prefix=new.token_prefix,
+                    secret_hash=new.secret_hash,
+                    name=new.name,
+                    scopes=list(new.scopes),
+                    expires_at=new.expires_at,
+                    created_at=new.created_at,
+                    user=uuid.UUID(new.user_id),
+                    org_id=new.org_id,
+                ).execute()
+        except peewee.IntegrityError:
+            raise Conflict("lookup id taken") from None
+        info = self.get_token(str(token_id))
+        assert info is not None
+        return info
 
-    def get_token(self, token_id: str) -> ApiToken | None:
+    def get_token(self, token_id: str) -> TokenInfo | None:
         try:
             key = uuid.UUID(token_id)
         except ValueError:
             return None
-        return (
-            ApiToken.select(ApiToken, User)
-            .join(User)
-            .where(ApiToken.id == key)
-            .first()
-        )
+        token = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == key).first()
+        return None if token is None else _token_info(token)
 
-    def revoke(self, token_id: str, now: int) -> None:
-        ApiToken.update(revoked_at=now).where(
-            (ApiToken.id == uuid.UUID(token_id)) & ApiToken.revoked_at.is_null()
-        ).execute()
+    def revoke(self, token_id: str, now: int) -> TokenInfo | None:
+        """Sets revoked_at unless already set; returns the token as it now stands."""
+        with self.db.atomic():
+            ApiToken.update(revoked_at=now).where(
+                (ApiToken.id == uuid.UUID(token_id)) & ApiToken.revoked_at.is_null()
+            ).execute()
+        return self.get_token(token_id)
 
     def list_tokens(
-        self,
-        *,
-        org_id: str,
-        user_id: str | None,
-        after: tuple[int, str] | None,
-        limit: int,
-    ) -> list[ApiToken]:
+        self, *, org_id: str, user_id: str | None, after: Cursor | None, limit: int
+    ) -> list[TokenInfo]:
         """Newest first, keyset-paginated on (created_at, id): no OFFSET, no COUNT."""
         query = ApiToken.select(ApiToken, User).join(User).where(ApiToken.org_id == org_id)
         if user_id is not None:
             query = query.where(ApiToken.user == uuid.UUID(user_id))
         if after is not None:
-            created, last_id = after
             # A row-value comparison, which both backends answer from the index;
             # values in a Tuple skip field conversion, so convert the id here.
-            last_key = ApiToken.id.db_value(uuid.UUID(last_id))
+            last_key = ApiToken.id.db_value(uuid.UUID(after.id))
             query = query.where(
-                Tuple(ApiToken.created_at, ApiToken.id) < Tuple(created, last_key)
+                Tuple(ApiToken.created_at, ApiToken.id) < Tuple(after.created_at, last_key)
             )
         query = query.order_by(ApiToken.created_at.desc(), ApiToken.id.desc()).limit(limit)
-        return list(query)
+        return [_token_info(t) for t in query]
 
     # Users.
 
-    def add_user(self, email: str, org_id: str, permissions: Iterable[str], now: int) -> User:
-        return User.create(
-            id=uuid.uuid4(), email=email, org_id=org_id, permissions=list(permissions),
-            created_at=now,
-        )
+    def add_user(self, email: str, org_id: str, permissions: Iterable[str], now: int) -> UserInfo:
+        """Stores a user; `Conflict` if the email is taken."""
+        try:
+            with self.db.atomic():
+                user = User.create(
+                    id=uuid.uuid4(), email=email, org_id=org_id,
+                    permissions=list(permissions), created_at=now,
+                )
+        except peewee.IntegrityError:
+            raise Conflict("email taken") from None
+        return _user_info(user)
 
-    def find_user(self, email: str) -> User | None:
-        return User.get_or_none(User.email == email)
+    def find_user(self, email: str) -> UserInfo | None:
+        user = User.get_or_none(User.email == email)
+        return None if user is None else _user_info(user)
 
-    def set_user_disabled(self, email: str, disabled: bool) -> int:
-        return User.update(disabled=disabled).where(User.email == email).execute()
+    def set_user_disabled(self, email: str, disabled: bool) -> bool:
+        """Whether a user with that email exists (and now has that state)."""
+        with self.db.atomic():
+            return User.update(disabled=disabled).where(User.email == email).execute() > 0
 
-    def ping(self) -> None:
-        self.db.execute_sql("SELECT 1").fetchone()
+
+def _token_info(token: ApiToken) -> TokenInfo:
+    return TokenInfo(
+        id=str(token.id),
+        name=token.name,
+        token_prefix=token.token_prefix,
+        scopes=tuple(token.scopes),
+        expires_at=token.expires_at,
+        last_used_at=token.last_used_at,
+        revoked_at=token.revoked_at,
+        created_at=token.created_at,
+        created_by_email=token.user.email,
+        org_id=token.org_id,
+        user_id=str(token.user_id),
+    )
+
+
+def _user_info(user: User) -> UserInfo:
+    return UserInfo(
+        id=str(user.id),
+        email=user.email,
+        org_id=user.org_id,
+        permissions=tuple(user.permissions),
+        disabled=bool(user.disabled),
+        created_at=user.created_at,
+    )
 
 
 def _uuid_str(value: object) -> str:
@@ -179,4 +212,4 @@ def _uuid_str(value: object) -> str:
     return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
 
 
-__all__ = ["AuthRow", "Store", "from_micros"]
+__all__ = ["Store"]

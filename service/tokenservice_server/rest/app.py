@@ -26,7 +26,7 @@ from .openapi import build_openapi
 from .routes import Route, build_routes
 from .transcode import build_request, parse_json, render_response
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tokenservice.rest")
 
 MAX_BODY_BYTES = 64 * 1024
 # The deadline passed on to gRPC when the caller sends none, and the most a

@@ -1,4 +1,4 @@
-"""The REST error shape and the mapping from gRPC statuses to it (contract section 5).
+"""The REST error shape, and how each gRPC status maps to an HTTP status and error code.
 
 Every error leaves the shim as
 

@@ -21,7 +21,7 @@ import uvicorn
 
 from .app import create_app
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tokenservice.rest")
 
 _START_TIMEOUT_S = 30.0
 
@@ -129,7 +129,7 @@ class RestServer:
         if not server.started:
             self._thread.join(_START_TIMEOUT_S)
             raise RuntimeError(f"the REST shim failed to start: {self._error!r}")
-        log.info("REST shim listening on %s:%d -> gRPC %s", self.host, self.port, self.grpc_target)
+        log.info("serving REST", extra={"port": self.port, "grpc_target": self.grpc_target})
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting, lets in-flight requests finish (up to grace seconds), closes."""

@@ -1,0 +1,111 @@
+"""Plain values the store returns and the rules work on: no peewee, no grpc, no protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+def to_micros(value: datetime) -> int:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime")
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_micros(value: int) -> datetime:
+    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a valid token belongs to and what it may do right now."""
+
+    token_id: str
+    user_id: str
+    email: str
+    org_id: str
+    scopes: tuple[str, ...]  # token scopes ∩ the user's current permissions
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRow:
+    """What Authenticate needs of a token and its user, read in one indexed query.
+
+    Times are integer UTC microseconds, as stored: the hot path compares them
+    without building datetimes.
+    """
+
+    token_id: str
+    secret_hash: str
+    scopes: list[str]
+    expires_at: int | None
+    revoked_at: int | None
+    user_id: str
+    email: str
+    org_id: str
+    permissions: list[str]
+    disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A token's metadata as callers see it; never the raw token or its hash."""
+
+    id: str
+    name: str
+    token_prefix: str
+    scopes: tuple[str, ...]
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+    created_by_email: str
+    org_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    """A token about to be stored: everything but its id, which the store assigns."""
+
+    lookup_id: str
+    token_prefix: str
+    secret_hash: str
+    name: str
+    scopes: tuple[str, ...]
+    expires_at: int | None
+    created_at: int
+    user_id: str
+    org_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    id: str
+    email: str
+    org_id: str
+    permissions: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedToken:
+    raw: str  # shown once, here only
+    info: TokenInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page ends in the newest-first order: (created_at micros, token id)."""
+
+    created_at: int
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPage:
+    tokens: tuple[TokenInfo, ...]
+    next_page_token: str

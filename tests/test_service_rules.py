@@ -1,0 +1,287 @@
+"""Every rule of the service, on a throwaway SQLite file and no server: milliseconds a test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tokenservice_server import tokens
+from tokenservice_server.config import Config
+from tokenservice_server.crypto import BcryptHasher
+from tokenservice_server.db import open_migrated
+from tokenservice_server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from tokenservice_server.scopes import ScopeCatalog
+from tokenservice_server.service import MAX_PAGE_SIZE, TokenService
+from tokenservice_server.store import Store
+from tokenservice_server.values import Principal, from_micros
+
+START = 1_800_000_000_000_000  # micros: 2027-01-15
+
+
+class CountingHasher(BcryptHasher):
+    """Real bcrypt (4 rounds) that counts its checks, to prove the cache skips them."""
+
+    def __init__(self) -> None:
+        super().__init__(rounds=4, slots=2, max_waiting=8)
+        self.checks = 0
+
+    def verify(self, secret: str, hashed: str) -> bool:
+        self.checks += 1
+        return super().verify(secret, hashed)
+
+    async def averify(self, secret: str, hashed: str) -> bool:
+        self.checks += 1
+        return await super().averify(secret, hashed)
+
+
+class World:
+    def __init__(self, service: TokenService, hasher: CountingHasher, now: list[int]) -> None:
+        self.service = service
+        self.hasher = hasher
+        self.now = now
+
+    def user(self, email: str, org: str, permissions: list[str]) -> None:
+        self.service.add_user(email, org, permissions)
+
+    def token(self, email: str, scopes: list[str], **kw: object) -> str:
+        return self.service.mint_for_email(email, "t", scopes, kw.get("expires_at")).raw  # type: ignore[arg-type]
+
+    def caller(self, raw: str) -> Principal:
+        return self.service.authenticate(raw, "198.51.100.7")
+
+    def advance(self, seconds: float) -> None:
+        self.now[0] += int(seconds * 1_000_000)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    store = Store(open_migrated(f"sqlite:///{tmp_path}/rules.db"))
+    now = [START]
+    hasher = CountingHasher()
+    service = TokenService(
+        Config(bcrypt_rounds=4), store, ScopeCatalog.default(), hasher, clock=lambda: now[0]
+    )
+    with store.connection():
+        w = World(service, hasher, now)
+        w.user("ann@acme.test", "acme", ["api_token:manage", "pass:read", "pass:create"])
+        w.user("bob@acme.test", "acme", ["api_token:manage", "api_token:admin", "pass:read"])
+        w.user("eve@evil.test", "evil", ["api_token:manage", "api_token:admin", "pass:read"])
+        yield w
+    store.close()
+    hasher.close()
+
+
+def at(micros: int) -> datetime:
+    return from_micros(micros)
+
+
+# Create.
+
+
+def test_create_returns_the_raw_token_once_and_stores_only_metadata(world: World) -> None:
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    created = world.service.create_token(ann, "  POS  ", ["pass:read"], None)
+    assert created.raw.startswith("tks_") and created.info.name == "POS"
+    assert created.info.token_prefix == created.raw[:12]
+    assert created.info.scopes == ("pass:read",) and created.info.created_by_email == ann.email
+    assert world.caller(created.raw).scopes == ("pass:read",)
+
+
+@pytest.mark.parametrize(
+    ("name", "scopes", "expires", "fields"),
+    [
+        ("", ["pass:read"], None, {"name"}),
+        ("x" * 201, ["pass:read"], None, {"name"}),
+        ("a\x00b", ["pass:read"], None, {"name"}),
+        ("a\u202eb", ["pass:read"], None, {"name"}),
+        ("ok", [], None, {"scopes"}),
+        ("ok", ["no:such"], None, {"scopes"}),
+        ("ok", ["pass:read", "pass:read"], None, {"scopes"}),
+        ("ok", ["pass:read"], at(START - 1), {"expires_at"}),
+        ("", [], at(START), {"name", "scopes", "expires_at"}),
+    ],
+)
+def test_create_names_every_offending_field(
+    world: World, name: str, scopes: list[str], expires: datetime | None, fields: set[str]
+) -> None:
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    with pytest.raises(InvalidArgument) as refused:
+        world.service.create_token(ann, name, scopes, expires)
+    assert {f for f, _ in refused.value.violations} == fields
+
+
+def test_a_token_never_mints_a_stronger_one(world: World) -> None:
+    # ann holds pass:create as a permission, but this token of hers does not carry it.
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    with pytest.raises(InvalidArgument, match="not held"):
+        world.service.create_token(ann, "x", ["pass:create"], None)
+
+
+def test_create_needs_the_manage_scope(world: World) -> None:
+    reader = world.caller(world.token("ann@acme.test", ["pass:read"]))
+    with pytest.raises(PermissionDenied):
+        world.service.create_token(reader, "x", ["pass:read"], None)
+
+
+def test_users_are_unique_by_email(world: World) -> None:
+    with pytest.raises(AlreadyExists):
+        world.service.add_user("ANN@acme.test", "other", ["pass:read"])
+
+
+# Reach.
+
+
+def test_reach_is_own_tokens_or_the_org_with_admin_and_never_another_org(world: World) -> None:
+    ann_raw = world.token("ann@acme.test", ["api_token:manage", "pass:read"])
+    ann = world.caller(ann_raw)
+    bob = world.caller(world.token("bob@acme.test", ["api_token:manage", "api_token:admin"]))
+    eve = world.caller(world.token("eve@evil.test", ["api_token:manage", "api_token:admin"]))
+    bob_plain = world.caller(world.token("bob@acme.test", ["api_token:manage"]))
+    assert world.service.get_token(ann, ann.token_id).id == ann.token_id
+    assert world.service.get_token(bob, ann.token_id).id == ann.token_id  # admin, same org
+    for outsider in (eve, bob_plain):
+        with pytest.raises(NotFound):
+            world.service.get_token(outsider, ann.token_id)
+        with pytest.raises(NotFound):
+            world.service.revoke_token(outsider, ann.token_id)
+    with pytest.raises(NotFound):
+        world.service.get_token(ann, "not-a-uuid")
+    assert world.caller(ann_raw).token_id == ann.token_id  # the failed revokes did nothing
+
+
+# Revoke.
+
+
+def test_revoke_is_immediate_and_idempotent(world: World) -> None:
+    raw = world.token("ann@acme.test", ["api_token:manage", "pass:read"])
+    ann = world.caller(raw)
+    first = world.service.revoke_token(ann, ann.token_id)
+    assert first.revoked_at == at(START)
+    with pytest.raises(Unauthenticated):
+        world.caller(raw)
+    world.advance(60)
+    assert world.service.revoke_token(ann, ann.token_id).revoked_at == first.revoked_at
+
+
+# Authenticate.
+
+
+def test_authenticate_returns_scopes_intersected_with_current_permissions(world: World) -> None:
+    raw = world.token("ann@acme.test", ["pass:read", "pass:create"])
+    assert world.caller(raw).scopes == ("pass:read", "pass:create")
+    world.service.store.add_user("carl@acme.test", "acme", ["pass:read"], START)
+    carl_raw = world.service.mint_for_email("carl@acme.test", "c", ["pass:read"], None).raw
+    carl = world.caller(carl_raw)
+    assert carl.scopes == ("pass:read",) and carl.org_id == "acme"
+
+
+def test_every_failure_is_the_same_unauthenticated(world: World) -> None:
+    good = world.token("ann@acme.test", ["pass:read"], expires_at=at(START + 10_000_000))
+    lookalike = good[:-6] + ("A" if good[-6] != "A" else "B") + good[-5:]  # checksum broken
+    forged, _ = tokens.new_token("tks_")  # well formed, unknown lookup id
+    wrong_secret = good[:16] + forged[16:]  # known lookup id, wrong secret
+    messages = set()
+    for raw in ("", "garbage", lookalike, forged, tokens.new_token("tks_")[0]):
+        with pytest.raises(Unauthenticated) as e:
+            world.caller(raw)
+        messages.add(e.value.message)
+    checks = world.hasher.checks
+    for raw in (lookalike, forged):
+        with pytest.raises(Unauthenticated):
+            world.caller(raw)
+    assert world.hasher.checks == checks, "no hash check for a token that cannot exist"
+    if tokens.parse(wrong_secret, "tks_") is not None:
+        with pytest.raises(Unauthenticated) as e:
+            world.caller(wrong_secret)
+        messages.add(e.value.message)
+    world.advance(10)
+    with pytest.raises(Unauthenticated) as e:
+        world.caller(good)  # expired now
+    messages.add(e.value.message)
+    assert len(messages) == 1
+
+
+def test_a_disabled_user_stops_every_token_at_once(world: World) -> None:
+    raw = world.token("ann@acme.test", ["pass:read"])
+    world.caller(raw)
+    world.service.disable_user("ann@acme.test")
+    with pytest.raises(Unauthenticated):
+        world.caller(raw)
+    with pytest.raises(NotFound):
+        world.service.disable_user("nobody@acme.test")
+
+
+def test_one_hash_check_then_the_cache_and_revocation_still_read_every_time(world: World) -> None:
+    raw = world.token("ann@acme.test", ["api_token:manage"])
+    before = world.hasher.checks
+    ann = world.caller(raw)
+    world.caller(raw)
+    asyncio.run(world.service.aauthenticate(raw))
+    assert world.hasher.checks == before + 1
+    world.service.revoke_token(ann, ann.token_id)
+    with pytest.raises(Unauthenticated):
+        asyncio.run(world.service.aauthenticate(raw))
+
+
+def test_the_async_path_gives_the_same_answers(world: World) -> None:
+    raw = world.token("ann@acme.test", ["pass:read"])
+    assert asyncio.run(world.service.aauthenticate(raw)) == world.caller(raw)
+    with pytest.raises(Unauthenticated):
+        asyncio.run(world.service.aauthenticate(raw[:-1] + "x"))
+
+
+# Paging.
+
+
+def test_list_is_newest_first_keyset_paginated_and_the_caller_s_own(world: World) -> None:
+    ann_raw = world.token("ann@acme.test", ["api_token:manage"])
+    ann = world.caller(ann_raw)
+    made = []
+    for _ in range(5):
+        world.advance(1)
+        made.append(world.service.create_token(ann, "t", ["api_token:manage"], None).info.id)
+    world.token("bob@acme.test", ["pass:read"])  # someone else's, not listed for ann
+    seen: list[str] = []
+    page_token = ""
+    pages = 0
+    while True:
+        page = world.service.list_tokens(ann, 2, page_token)
+        seen += [t.id for t in page.tokens]
+        pages += 1
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert seen == [*reversed(made), ann.token_id] and pages == 3
+    bob = world.caller(world.token("bob@acme.test", ["api_token:manage", "api_token:admin"]))
+    assert len(world.service.list_tokens(bob, 0, "").tokens) == 8  # the whole org
+
+
+def test_page_size_rules_and_bad_page_tokens(world: World) -> None:
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage"]))
+    with pytest.raises(InvalidArgument) as e:
+        world.service.list_tokens(ann, -1, "")
+    assert e.value.violations[0][0] == "page_size"
+    assert world.service.list_tokens(ann, MAX_PAGE_SIZE * 10, "").next_page_token == ""
+    for bad in ("x", "Zm9v", "MTphOmI"):
+        with pytest.raises(InvalidArgument):
+            world.service.list_tokens(ann, 1, bad)
+
+
+def test_expiry_is_reported_and_enforced_at_the_microsecond(world: World) -> None:
+    expires = at(START) + timedelta(seconds=5)
+    raw = world.token("ann@acme.test", ["pass:read"], expires_at=expires)
+    assert world.caller(raw).expires_at == expires
+    world.advance(5)
+    with pytest.raises(Unauthenticated):
+        world.caller(raw)
+    assert expires.tzinfo is UTC
