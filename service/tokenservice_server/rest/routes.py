@@ -211,8 +211,8 @@ def resolve_prefix(
 def resolve_field_path(
     message: Descriptor, path: str | Sequence[str]
 ) -> tuple[FieldDescriptor, ...]:
-    """The field descriptors along a proto field path (dotted or split); ValueError if
-    one is missing."""
+    """The field descriptors along a proto field path, dotted or split; ValueError if
+    any field is missing (a bad annotation fails at start-up, not on a request)."""
     names = path.split(".") if isinstance(path, str) else tuple(path)
     fields = resolve_prefix(message, names)
     if len(fields) != len(names):
