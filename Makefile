@@ -37,4 +37,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) *.egg-info service/*.egg-info clients/python/*.egg-info
+	rm -rf $(VENV) *.egg-info service/*.egg-info clients/python/*.egg-info build clients/python/build

@@ -4,7 +4,8 @@
   gRPC-native retries on UNAVAILABLE and typed exceptions.
 - `AuthInterceptor` / `AsyncAuthInterceptor`: protect a consumer gRPC service with
   tokenservice tokens; handlers read the caller through `current_principal()`.
-- `token_credentials`: the call credentials a client uses to present its token.
+- `token_credentials`: the call credentials a client uses to present its token;
+  `parse_bearer` reads one back from an `authorization` value.
 """
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
@@ -12,7 +13,7 @@ from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
 from .aio import AsyncTokenServiceClient
 from .channel import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, service_config
 from .client import TokenServiceClient
-from .credentials import rotating_token_credentials, token_credentials
+from .credentials import parse_bearer, rotating_token_credentials, token_credentials
 from .errors import (
     DeadlineExceeded,
     ErrorInfo,
@@ -56,6 +57,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "current_principal",
+    "parse_bearer",
     "requires_scopes",
     "rotating_token_credentials",
     "service_config",

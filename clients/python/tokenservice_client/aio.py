@@ -12,92 +12,31 @@ import grpc.aio
 from google.protobuf import timestamp_pb2
 
 from tokenservice.v1 import token_service_pb2 as pb
-from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
-from . import _requests
-from .channel import (
-    DEFAULT_RETRY,
-    DEFAULT_TIMEOUT,
-    ChannelOptions,
-    RetryPolicy,
-    bearer_call_credentials,
-    channel_options,
-    default_channel_credentials,
-)
-from .errors import error_from_rpc_error
+from ._base import BaseTokenServiceClient, PreparedCall
+from .channel import ChannelOptions
 
 __all__ = ["AsyncTokenServiceClient"]
 
 
-class AsyncTokenServiceClient:
+class AsyncTokenServiceClient(BaseTokenServiceClient[grpc.aio.Channel]):
     """The `grpc.aio` twin of `TokenServiceClient`: same arguments, awaitable methods.
 
     Create it inside the event loop that will use it.
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        channel_credentials: grpc.ChannelCredentials | None = None,
-        insecure: bool = False,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        options: ChannelOptions = (),
-        channel: grpc.aio.Channel | None = None,
-    ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        self._timeout = timeout
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        self._owns_channel = channel is None
-        if channel is not None:
-            if token:
-                self._metadata = (("authorization", f"Bearer {token}"),)
-            self._channel = channel
-        else:
-            if target is None:
-                raise TypeError("give a target or a channel")
-            opts = channel_options(retry, options)
-            if insecure:
-                if channel_credentials is not None:
-                    raise ValueError("insecure=True contradicts channel_credentials")
-                if token:
-                    self._metadata = (("authorization", f"Bearer {token}"),)
-                self._channel = grpc.aio.insecure_channel(target, options=opts)
-            else:
-                creds = channel_credentials or default_channel_credentials(target)
-                if token:
-                    creds = grpc.composite_channel_credentials(
-                        creds, bearer_call_credentials(token)
-                    )
-                self._channel = grpc.aio.secure_channel(target, creds, options=opts)
-        self._stub = pb_grpc.TokenServiceStub(self._channel)
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: ChannelOptions
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
-    @property
-    def channel(self) -> grpc.aio.Channel:
-        return self._channel
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
-
-    async def _call(
-        self,
-        method: Any,
-        request: Any,
-        timeout: float | None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> Any:
+    async def _send(self, call: PreparedCall) -> Any:
         try:
-            return await method(
-                request,
-                timeout=self._timeout if timeout is None else timeout,
-                metadata=(*self._metadata, *metadata) or None,
-            )
+            return await call.method(call.request, **call.options)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc_error(err) from err
+            raise self._error(err) from err
 
     async def create_token(
         self,
@@ -107,14 +46,12 @@ class AsyncTokenServiceClient:
         *,
         timeout: float | None = None,
     ) -> pb.CreateTokenResponse:
-        request = _requests.create_token(name, scopes, expires_at)
-        return await self._call(self._stub.CreateToken, request, timeout)
+        return await self._send(self._create_token(name, scopes, expires_at, timeout))
 
     async def list_tokens(
         self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
     ) -> pb.ListTokensResponse:
-        request = pb.ListTokensRequest(page_size=page_size, page_token=page_token)
-        return await self._call(self._stub.ListTokens, request, timeout)
+        return await self._send(self._list_tokens(page_size, page_token, timeout))
 
     async def iter_tokens(
         self, page_size: int = 0, *, timeout: float | None = None
@@ -129,11 +66,10 @@ class AsyncTokenServiceClient:
             page_token = page.next_page_token
 
     async def get_token(self, token_id: str, *, timeout: float | None = None) -> pb.ApiToken:
-        return await self._call(self._stub.GetToken, pb.GetTokenRequest(id=token_id), timeout)
+        return await self._send(self._get_token(token_id, timeout))
 
     async def revoke_token(self, token_id: str, *, timeout: float | None = None) -> pb.ApiToken:
-        request = pb.RevokeTokenRequest(id=token_id)
-        return await self._call(self._stub.RevokeToken, request, timeout)
+        return await self._send(self._revoke_token(token_id, timeout))
 
     async def authenticate(
         self,
@@ -142,11 +78,10 @@ class AsyncTokenServiceClient:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> pb.AuthenticateResponse:
-        request = pb.AuthenticateRequest(token=token)
-        return await self._call(self._stub.Authenticate, request, timeout, metadata)
+        return await self._send(self._authenticate(token, timeout, metadata))
 
     async def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
-        return await self._call(self._stub.ListScopes, pb.ListScopesRequest(), timeout)
+        return await self._send(self._list_scopes(timeout))
 
     async def close(self) -> None:
         if self._owns_channel:

@@ -5,32 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from tokenservice.v1 import token_service_pb2 as pb
-from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
-from . import _requests
-from .channel import (
-    DEFAULT_RETRY,
-    DEFAULT_TIMEOUT,
-    ChannelOptions,
-    RetryPolicy,
-    bearer_call_credentials,
-    channel_options,
-    default_channel_credentials,
-)
-from .errors import error_from_rpc_error
+from ._base import BaseTokenServiceClient, PreparedCall
+from .channel import ChannelOptions
 
 __all__ = ["TokenServiceClient"]
 
-_Response = TypeVar("_Response")
 
-
-class TokenServiceClient:
+class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
     """A typed client for `tokenservice.v1.TokenService`.
 
     `target` is a gRPC target such as `"localhost:50051"` or `"tokens.example.com:443"`.
@@ -47,69 +35,18 @@ class TokenServiceClient:
     Failures raise `TokenServiceError` subclasses.
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        channel_credentials: grpc.ChannelCredentials | None = None,
-        insecure: bool = False,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        options: ChannelOptions = (),
-        channel: grpc.Channel | None = None,
-    ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        self._timeout = timeout
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        self._owns_channel = channel is None
-        if channel is not None:
-            if token:
-                self._metadata = (("authorization", f"Bearer {token}"),)
-            self._channel = channel
-        else:
-            if target is None:
-                raise TypeError("give a target or a channel")
-            opts = channel_options(retry, options)
-            if insecure:
-                if channel_credentials is not None:
-                    raise ValueError("insecure=True contradicts channel_credentials")
-                if token:
-                    self._metadata = (("authorization", f"Bearer {token}"),)
-                self._channel = grpc.insecure_channel(target, options=opts)
-            else:
-                creds = channel_credentials or default_channel_credentials(target)
-                if token:
-                    creds = grpc.composite_channel_credentials(
-                        creds, bearer_call_credentials(token)
-                    )
-                self._channel = grpc.secure_channel(target, creds, options=opts)
-        self._stub = pb_grpc.TokenServiceStub(self._channel)
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: ChannelOptions
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
-    @property
-    def channel(self) -> grpc.Channel:
-        return self._channel
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
-
-    def _call(
-        self,
-        method: Any,
-        request: Any,
-        timeout: float | None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> Any:
+    def _send(self, call: PreparedCall) -> Any:
         try:
-            return method(
-                request,
-                timeout=self._timeout if timeout is None else timeout,
-                metadata=(*self._metadata, *metadata) or None,
-            )
+            return call.method(call.request, **call.options)
         except grpc.RpcError as err:
-            raise error_from_rpc_error(err) from err
+            raise self._error(err) from err
 
     def create_token(
         self,
@@ -120,15 +57,13 @@ class TokenServiceClient:
         timeout: float | None = None,
     ) -> pb.CreateTokenResponse:
         """Creates a token for the calling user; `.token` is the raw secret, shown once."""
-        request = _requests.create_token(name, scopes, expires_at)
-        return self._call(self._stub.CreateToken, request, timeout)
+        return self._send(self._create_token(name, scopes, expires_at, timeout))
 
     def list_tokens(
         self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
     ) -> pb.ListTokensResponse:
         """One page of tokens, newest first; an empty `next_page_token` ends the list."""
-        request = pb.ListTokensRequest(page_size=page_size, page_token=page_token)
-        return self._call(self._stub.ListTokens, request, timeout)
+        return self._send(self._list_tokens(page_size, page_token, timeout))
 
     def iter_tokens(
         self, page_size: int = 0, *, timeout: float | None = None
@@ -143,11 +78,11 @@ class TokenServiceClient:
             page_token = page.next_page_token
 
     def get_token(self, token_id: str, *, timeout: float | None = None) -> pb.ApiToken:
-        return self._call(self._stub.GetToken, pb.GetTokenRequest(id=token_id), timeout)
+        return self._send(self._get_token(token_id, timeout))
 
     def revoke_token(self, token_id: str, *, timeout: float | None = None) -> pb.ApiToken:
         """Revokes at once; revoking a revoked token returns it unchanged."""
-        return self._call(self._stub.RevokeToken, pb.RevokeTokenRequest(id=token_id), timeout)
+        return self._send(self._revoke_token(token_id, timeout))
 
     def authenticate(
         self,
@@ -161,11 +96,10 @@ class TokenServiceClient:
         `metadata` is sent along, e.g. `x-forwarded-for` naming the original client
         (honoured only when this process is one of tokenservice's trusted proxies).
         """
-        request = pb.AuthenticateRequest(token=token)
-        return self._call(self._stub.Authenticate, request, timeout, metadata)
+        return self._send(self._authenticate(token, timeout, metadata))
 
     def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
-        return self._call(self._stub.ListScopes, pb.ListScopesRequest(), timeout)
+        return self._send(self._list_scopes(timeout))
 
     def close(self) -> None:
         """Closes the channel if this client opened it."""

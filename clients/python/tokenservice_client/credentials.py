@@ -1,4 +1,4 @@
-"""Call credentials: how a client presents its token to any gRPC service.
+"""Bearer credentials: how a client presents its token, and how a server reads it back.
 
 The one-liner, for a service reached over TLS::
 
@@ -20,7 +20,21 @@ from collections.abc import Callable
 
 import grpc
 
-__all__ = ["rotating_token_credentials", "token_credentials"]
+__all__ = ["parse_bearer", "rotating_token_credentials", "token_credentials"]
+
+
+def parse_bearer(value: str) -> str | None:
+    """The token of an `authorization` value `Bearer <token>`, else None.
+
+    The one reading of the header for tokenservice, its REST shim and the consumer
+    interceptors, so they agree on what counts as a bearer token: the scheme in any
+    case, surrounding white space ignored, and an empty token is no token.
+    """
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
 
 
 def token_credentials(

@@ -44,14 +44,16 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
 
 from .aio import AsyncTokenServiceClient
 from .client import TokenServiceClient
+from .credentials import parse_bearer
 from .errors import InvalidArgument, RateLimited, TokenServiceError, Unauthenticated
 from .principal import _CURRENT, Principal
 
@@ -154,9 +156,8 @@ def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
     if len(values) != 1 or not isinstance(values[0], str):
         return None
-    scheme, _, token = values[0].strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not _TOKEN_SYNTAX.fullmatch(token):
+    token = parse_bearer(values[0])
+    if token is None or not _TOKEN_SYNTAX.fullmatch(token):
         return None
     return token
 
@@ -234,14 +235,6 @@ _CONSTRUCTORS = {
 }
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:
-    return _CONSTRUCTORS[kind](
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
 def _check_scopes(principal: Principal, required: frozenset[str] | None) -> None:
     if required is None:
         raise _Denied(grpc.StatusCode.PERMISSION_DENIED, "method has no scope policy")
@@ -277,12 +270,38 @@ def _auth_timeout(default: float, context: Any) -> float:
     return max(min(default, remaining), 0.001)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Protects a sync `grpc.server`; see the module docstring."""
+ClientT = TypeVar("ClientT", TokenServiceClient, AsyncTokenServiceClient)
+
+
+@dataclass(frozen=True)
+class _Guarded:
+    """A method call the interceptor must admit: its handler and what it needs."""
+
+    handler: grpc.RpcMethodHandler
+    kind: str
+    behavior: Any
+    required: frozenset[str] | None
+    metadata: Sequence[tuple[str, Any]] | None
+
+    def wrap(self, behavior: Any) -> grpc.RpcMethodHandler:
+        """The handler again, running behavior (which admits the caller first)."""
+        return _CONSTRUCTORS[self.kind](
+            behavior,
+            request_deserializer=self.handler.request_deserializer,
+            response_serializer=self.handler.response_serializer,
+        )
+
+
+class _BaseAuthInterceptor(Generic[ClientT]):
+    """What the sync and asyncio interceptors share; they only do the I/O.
+
+    Here: the policy, the cache, reading the token, the Authenticate call's options,
+    turning its answer or its failure into a principal or a refusal.
+    """
 
     def __init__(
         self,
-        tokenservice: TokenServiceClient | str,
+        tokenservice: ClientT | str,
         scopes: Mapping[str, Iterable[str]] | None = None,
         *,
         public: Iterable[str] = DEFAULT_PUBLIC_METHODS,
@@ -292,32 +311,72 @@ class AuthInterceptor(grpc.ServerInterceptor):
         forward_client_address: bool = True,
     ) -> None:
         self._forward = forward_client_address
-        self._client = (
-            TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
-        )
+        self._target = tokenservice if isinstance(tokenservice, str) else None
+        self._client = self._connect(tokenservice)
         self._policy = _Policy(scopes or {}, public, default_scopes)
         self._cache = (
             cache if cache is not None else PrincipalCache(cache_ttl) if cache_ttl > 0 else None
         )
 
-    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, context: Any) -> Principal:
-        """The caller's principal, or raises _Denied."""
+    def _connect(self, tokenservice: ClientT | str) -> ClientT | None:
+        """The client to use from now on, or None to open one later."""
+        raise NotImplementedError
+
+    def _guard(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
+    ) -> _Guarded | None:
+        """None when the call goes straight through (no such method, or a public one)."""
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or self._policy.is_public(method):
+            return None
+        kind, behavior = _behavior_of(handler)
+        required = self._policy.required(method, behavior)
+        metadata = details.invocation_metadata  # type: ignore[attr-defined]
+        return _Guarded(handler, kind, behavior, required, metadata)
+
+    def _token(self, metadata: Sequence[tuple[str, Any]] | None) -> str:
         token = _bearer_token(metadata)
         if token is None:
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
-        if self._cache is not None and (hit := self._cache.get(token)) is not None:
-            return hit
-        timeout = _auth_timeout(self._client.timeout, context)
-        try:
-            response = self._client.authenticate(
-                token, timeout=timeout, metadata=_forwarded(context, self._forward)
-            )
-            principal = Principal.from_response(response)
-        except TokenServiceError as err:
-            raise _deny_for(err) from None
+        return token
+
+    def _cached(self, token: str) -> Principal | None:
+        return self._cache.get(token) if self._cache is not None else None
+
+    def _call_options(self, client: ClientT, context: Any) -> dict[str, Any]:
+        """Authenticate's deadline (within the caller's) and forwarded address."""
+        return {
+            "timeout": _auth_timeout(client.timeout, context),
+            "metadata": _forwarded(context, self._forward),
+        }
+
+    def _principal(self, token: str, response: Any) -> Principal:
+        principal = Principal.from_response(response)
         if self._cache is not None:
             self._cache.put(token, principal)
         return principal
+
+
+class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInterceptor):
+    """Protects a sync `grpc.server`; see the module docstring."""
+
+    _client: TokenServiceClient
+
+    def _connect(self, tokenservice: TokenServiceClient | str) -> TokenServiceClient:
+        return TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, context: Any) -> Principal:
+        """The caller's principal, or raises _Denied."""
+        token = self._token(metadata)
+        if (hit := self._cached(token)) is not None:
+            return hit
+        try:
+            response = self._client.authenticate(
+                token, **self._call_options(self._client, context)
+            )
+        except TokenServiceError as err:
+            raise _deny_for(err) from None
+        return self._principal(token, response)
 
     def intercept_service(
         self,
@@ -325,29 +384,27 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or self._policy.is_public(method):
+        guarded = self._guard(handler, handler_call_details)
+        if guarded is None:
             return handler
-        kind, behavior = _behavior_of(handler)
-        required = self._policy.required(method, behavior)
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        behavior = guarded.behavior
 
         def admit(context: grpc.ServicerContext) -> contextvars.Context:
             try:
-                principal = self.authenticate(metadata, context)
-                _check_scopes(principal, required)
+                principal = self.authenticate(guarded.metadata, context)
+                _check_scopes(principal, guarded.required)
             except _Denied as denied:
                 context.abort(denied.code, denied.message)
             ctx = contextvars.copy_context()
             ctx.run(_CURRENT.set, principal)
             return ctx
 
-        if kind in ("unary_unary", "stream_unary"):
+        if guarded.kind in ("unary_unary", "stream_unary"):
 
             def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
                 return admit(context).run(behavior, request, context)
 
-            return _rebuild(handler, kind, unary_response)
+            return guarded.wrap(unary_response)
 
         def stream_response(request: Any, context: grpc.ServicerContext) -> Any:
             ctx = admit(context)
@@ -359,34 +416,22 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     return
                 yield item
 
-        return _rebuild(handler, kind, stream_response)
+        return guarded.wrap(stream_response)
 
 
-class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
+class AsyncAuthInterceptor(
+    _BaseAuthInterceptor[AsyncTokenServiceClient], grpc.aio.ServerInterceptor
+):
     """Protects a `grpc.aio.server`; see the module docstring.
 
     Given a target string it opens its `AsyncTokenServiceClient` lazily, inside the
     server's event loop.
     """
 
-    def __init__(
-        self,
-        tokenservice: AsyncTokenServiceClient | str,
-        scopes: Mapping[str, Iterable[str]] | None = None,
-        *,
-        public: Iterable[str] = DEFAULT_PUBLIC_METHODS,
-        default_scopes: Iterable[str] | None = None,
-        cache_ttl: float = 0.0,
-        cache: PrincipalCache | None = None,
-        forward_client_address: bool = True,
-    ) -> None:
-        self._forward = forward_client_address
-        self._target = tokenservice if isinstance(tokenservice, str) else None
-        self._client = tokenservice if isinstance(tokenservice, AsyncTokenServiceClient) else None
-        self._policy = _Policy(scopes or {}, public, default_scopes)
-        self._cache = (
-            cache if cache is not None else PrincipalCache(cache_ttl) if cache_ttl > 0 else None
-        )
+    def _connect(
+        self, tokenservice: AsyncTokenServiceClient | str
+    ) -> AsyncTokenServiceClient | None:
+        return None if isinstance(tokenservice, str) else tokenservice
 
     def _tokenservice(self) -> AsyncTokenServiceClient:
         if self._client is None:
@@ -398,23 +443,15 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
         self, metadata: Sequence[tuple[str, Any]] | None, context: Any
     ) -> Principal:
         """The caller's principal, or raises _Denied."""
-        token = _bearer_token(metadata)
-        if token is None:
-            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
-        if self._cache is not None and (hit := self._cache.get(token)) is not None:
+        token = self._token(metadata)
+        if (hit := self._cached(token)) is not None:
             return hit
         client = self._tokenservice()
-        timeout = _auth_timeout(client.timeout, context)
         try:
-            response = await client.authenticate(
-                token, timeout=timeout, metadata=_forwarded(context, self._forward)
-            )
-            principal = Principal.from_response(response)
+            response = await client.authenticate(token, **self._call_options(client, context))
         except TokenServiceError as err:
             raise _deny_for(err) from None
-        if self._cache is not None:
-            self._cache.put(token, principal)
-        return principal
+        return self._principal(token, response)
 
     async def close(self) -> None:
         """Closes the tokenservice channel if this interceptor opened it."""
@@ -428,22 +465,20 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or self._policy.is_public(method):
+        guarded = self._guard(handler, handler_call_details)
+        if guarded is None:
             return handler
-        kind, behavior = _behavior_of(handler)
-        required = self._policy.required(method, behavior)
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        behavior = guarded.behavior
 
         async def admit(context: grpc.aio.ServicerContext) -> Principal:
             try:
-                principal = await self.authenticate(metadata, context)
-                _check_scopes(principal, required)
+                principal = await self.authenticate(guarded.metadata, context)
+                _check_scopes(principal, guarded.required)
             except _Denied as denied:
                 await context.abort(denied.code, denied.message)
             return principal
 
-        if kind in ("unary_unary", "stream_unary"):
+        if guarded.kind in ("unary_unary", "stream_unary"):
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 # Each aio RPC runs in its own task, so the variable stays with this call.
@@ -451,7 +486,7 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
 
-            return _rebuild(handler, kind, unary_response)
+            return guarded.wrap(unary_response)
 
         if inspect.isasyncgenfunction(behavior):
 
@@ -460,11 +495,11 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
                 async for item in behavior(request, context):
                     yield item
 
-            return _rebuild(handler, kind, stream_response)
+            return guarded.wrap(stream_response)
 
         async def write_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
             # A streaming handler written as a coroutine that calls context.write().
             _CURRENT.set(await admit(context))
             return await behavior(request, context)
 
-        return _rebuild(handler, kind, write_response)
+        return guarded.wrap(write_response)

@@ -20,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenservice_client import parse_bearer
+
 from .. import console
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
 from .openapi import build_openapi
@@ -63,14 +65,16 @@ def error_response(error: ApiError) -> Response:
 
 
 def _bearer_metadata(value: str) -> str:
-    """`authorization` metadata from the header: scheme `Bearer` case-insensitively."""
+    """`authorization` metadata from the header: a bearer token, as gRPC expects it.
+
+    The scheme is matched case-insensitively (by `parse_bearer`, as the gRPC server
+    does); anything else is forwarded as sent, and the server refuses it.
+    """
     value = value.strip()
     if not _PRINTABLE_ASCII.fullmatch(value):
         raise unauthorized("The Authorization header is malformed.")
-    scheme, _, credentials = value.partition(" ")
-    if scheme.lower() == "bearer":
-        return "Bearer " + credentials.strip()
-    return value
+    token = parse_bearer(value)
+    return value if token is None else "Bearer " + token
 
 
 def parse_deadline(header: str | None) -> float:

@@ -11,13 +11,16 @@ a REST caller sent, even when the gRPC server named the proto field.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor
 from google.rpc import error_details_pb2, status_pb2
+
+from .routes import resolve_prefix
 
 # gRPC status -> (HTTP status, error code). Anything not listed is a 500.
 STATUS_MAP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -104,22 +107,17 @@ def json_field_path(path: str, message: Descriptor | None) -> str:
     Uses the message descriptor where the path resolves, protoc's rule elsewhere,
     and leaves a path that is already lowerCamelCase as it is.
     """
+    segments = path.split(".")
+    matches = [_SEGMENT.fullmatch(segment) for segment in segments]
+    names = list(itertools.takewhile(bool, (m.group(1) if m else "" for m in matches)))
+    fields = resolve_prefix(message, names, json_names=True)
     out = []
-    current = message
-    for segment in path.split("."):
-        m = _SEGMENT.fullmatch(segment)
+    for i, (segment, m) in enumerate(zip(segments, matches, strict=True)):
         if m is None:
             out.append(segment)
-            current = None
             continue
-        name, index = m.group(1), m.group(2)
-        fd: FieldDescriptor | None = None
-        if current is not None:
-            fd = current.fields_by_name.get(name)
-            if fd is None:
-                fd = next((f for f in current.fields if f.json_name == name), None)
-        out.append((fd.json_name if fd is not None else to_json_name(name)) + index)
-        current = fd.message_type if fd is not None and fd.message_type is not None else None
+        name = fields[i].json_name if i < len(fields) else to_json_name(m.group(1))
+        out.append(name + m.group(2))
     return ".".join(out)
 
 

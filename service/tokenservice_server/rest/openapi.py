@@ -15,15 +15,9 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from .. import __version__
-from .routes import Route, is_map, is_repeated, is_scalar_like
+from ..policy import Caller, caller_for
+from .routes import Route, is_map, is_repeated, is_scalar_like, resolve_field_path
 from .transcode import CREDENTIAL_QUERY_PARAMS
-
-# Documentation only: RPCs that need no caller credentials (the shim forwards an
-# Authorization header whenever one is sent). Anything not listed is documented
-# as needing a bearer token, the safe default for a newly added RPC.
-ANONYMOUS_RPCS = frozenset(
-    {"tokenservice.v1.TokenService.Authenticate", "tokenservice.v1.TokenService.ListScopes"}
-)
 
 ERROR_CODES = [
     "validation_error",
@@ -220,7 +214,7 @@ def _error_response(description: str, retry_after: bool = False) -> dict[str, An
 def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     params = []
     for var in route.template.variables:
-        fds = _resolve(route.method.input_type, var.field_path)
+        fds = resolve_field_path(route.method.input_type, var.field_path)
         params.append(
             {
                 "name": ".".join(var.field_path),
@@ -246,17 +240,6 @@ def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
     return params
 
 
-def _resolve(desc: Descriptor, path: tuple[str, ...]) -> list[FieldDescriptor]:
-    fds = []
-    current: Descriptor | None = desc
-    for name in path:
-        assert current is not None
-        fd = current.fields_by_name[name]
-        fds.append(fd)
-        current = fd.message_type
-    return fds
-
-
 def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
     suffix = "" if route.binding_index == 0 else str(route.binding_index + 1)
     op: dict[str, Any] = {
@@ -266,7 +249,10 @@ def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
         "tags": [route.method.containing_service.name],
         "parameters": _parameters(route, schemas),
     }
-    if route.method.full_name in ANONYMOUS_RPCS:
+    if caller_for(route.method.full_name) is Caller.ANONYMOUS:
+        # Documentation only: the shim forwards an Authorization header whenever one
+        # is sent. An RPC the policy table does not name keeps the document's default,
+        # a bearer token.
         op["security"] = [{}, {"bearerAuth": []}]
     if route.body:
         if route.body == "*":
@@ -276,14 +262,14 @@ def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
             else:
                 body_schema = schemas.ref(route.method.input_type, output=False)
         else:
-            fds = _resolve(route.method.input_type, tuple(route.body.split(".")))
+            fds = resolve_field_path(route.method.input_type, route.body)
             body_schema = schemas.field(fds[-1], output=False)
         op["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": body_schema}},
         }
     if route.response_body:
-        fds = _resolve(route.method.output_type, tuple(route.response_body.split(".")))
+        fds = resolve_field_path(route.method.output_type, route.response_body)
         response_schema = schemas.field(fds[-1], output=True)
     else:
         response_schema = schemas.ref(route.method.output_type, output=True)

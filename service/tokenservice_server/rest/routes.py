@@ -15,8 +15,9 @@ semantics that grpc-gateway and Envoy's transcoder implement:
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -172,17 +173,51 @@ def parse_template(template: str) -> PathTemplate:
     return PathTemplate(template, re.compile(regex), tuple(variables), openapi_path)
 
 
-def resolve_field_path(message: Descriptor, path: tuple[str, ...]) -> tuple[FieldDescriptor, ...]:
-    """The field descriptors along a dotted proto field path; ValueError if one is missing."""
-    fields = []
-    current: Descriptor | None = message
+@functools.cache
+def _fields_by_any_name(message: Descriptor) -> dict[str, FieldDescriptor]:
+    names = {fd.json_name: fd for fd in message.fields}
+    names.update({fd.name: fd for fd in message.fields})  # a proto name wins a clash
+    return names
+
+
+def find_field(
+    message: Descriptor, name: str, *, json_names: bool = False
+) -> FieldDescriptor | None:
+    """The field of message called name (or, with json_names, spelled so in JSON)."""
+    if json_names:
+        return _fields_by_any_name(message).get(name)
+    return message.fields_by_name.get(name)
+
+
+def resolve_prefix(
+    message: Descriptor | None, path: Sequence[str], *, json_names: bool = False
+) -> tuple[FieldDescriptor, ...]:
+    """The field descriptors along path, as far as it resolves from message.
+
+    The one field-path walker of the shim: routes, transcoding, OpenAPI and error
+    details all resolve paths here, so they cannot disagree about what a path names.
+    """
+    fields: list[FieldDescriptor] = []
+    current = message
     for name in path:
-        if current is None or name not in current.fields_by_name:
-            raise ValueError(f"no field {'.'.join(path)!r} in {message.full_name}")
-        fd = current.fields_by_name[name]
+        fd = find_field(current, name, json_names=json_names) if current is not None else None
+        if fd is None:
+            break
         fields.append(fd)
-        current = fd.message_type if fd.type == FieldDescriptor.TYPE_MESSAGE else None
+        current = fd.message_type  # None for a scalar: nothing resolves below it
     return tuple(fields)
+
+
+def resolve_field_path(
+    message: Descriptor, path: str | Sequence[str]
+) -> tuple[FieldDescriptor, ...]:
+    """The field descriptors along a proto field path, dotted or split; ValueError if
+    any field is missing (a bad annotation fails at start-up, not on a request)."""
+    names = path.split(".") if isinstance(path, str) else tuple(path)
+    fields = resolve_prefix(message, names)
+    if len(fields) != len(names):
+        raise ValueError(f"no field {'.'.join(names)!r} in {message.full_name}")
+    return fields
 
 
 @dataclass(frozen=True)
@@ -274,9 +309,9 @@ def build_routes(services: Iterable[ServiceDescriptor]) -> list[Route]:
                         raise ValueError(f"{method.full_name}: path variable must be a scalar")
                 body = binding.body
                 if body and body != "*":
-                    resolve_field_path(method.input_type, tuple(body.split(".")))
+                    resolve_field_path(method.input_type, body)
                 if binding.response_body:
-                    resolve_field_path(method.output_type, tuple(binding.response_body.split(".")))
+                    resolve_field_path(method.output_type, binding.response_body)
                 path_fields = frozenset(v.field_path[0] for v in template.variables)
                 if body == "*":
                     query: dict[str, tuple[FieldDescriptor, ...]] = {}

@@ -9,7 +9,6 @@ always present, an unset message field such as a timestamp rendered as null).
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -18,7 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from .errors import ApiError, unauthorized, validation_error
-from .routes import Route, is_map, is_repeated
+from .routes import Route, find_field, is_map, is_repeated, resolve_field_path
 
 # Query-parameter names that carry credentials in other APIs. The shim never
 # takes credentials from a URL (URLs end up in logs, proxies and browser
@@ -80,17 +79,6 @@ def expected_value(fd: FieldDescriptor, item: bool = False) -> str:
     return _JSON_TYPES.get(fd.type, "a valid value")
 
 
-@functools.cache
-def _fields_by_any_name(desc: Descriptor) -> dict[str, FieldDescriptor]:
-    names = {fd.name: fd for fd in desc.fields}
-    names.update({fd.json_name: fd for fd in desc.fields})
-    return names
-
-
-def _find_field(desc: Descriptor, key: str) -> FieldDescriptor | None:
-    return _fields_by_any_name(desc).get(key)
-
-
 def _has_plain_json(desc: Descriptor) -> bool:
     """False for well-known types, whose JSON form is special (Timestamp, Struct, Any...)."""
     return not desc.full_name.startswith("google.protobuf.")
@@ -102,7 +90,7 @@ def _unknown_fields(value: Any, desc: Descriptor, prefix: str) -> list[tuple[str
         return []
     found: list[tuple[str, str]] = []
     for key, item in value.items():
-        fd = _find_field(desc, key)
+        fd = find_field(desc, key, json_names=True)
         if fd is None:
             found.append((prefix + key, "unknown field"))
             continue
@@ -243,7 +231,7 @@ def build_request(
             raise validation_error("The request body must be a JSON object.")
         data = body or {}
     elif route.body and body is not None:
-        _set_path(data, _resolve(desc, route.body), body)
+        _set_path(data, resolve_field_path(desc, route.body), body)
     if query:
         _merge(data, query_to_dict(route, query))
 
@@ -252,7 +240,7 @@ def build_request(
         raise validation_error("The request names fields that do not exist.", *unknown)
 
     for path, text in path_values.items():
-        fds = _resolve(desc, ".".join(path))
+        fds = resolve_field_path(desc, path)
         _set_path(data, fds, _scalar_from_text(fds[-1], text))
 
     message = route.request_class()
@@ -265,17 +253,6 @@ def build_request(
     return message
 
 
-def _resolve(desc: Descriptor, dotted: str) -> tuple[FieldDescriptor, ...]:
-    fds = []
-    current: Descriptor | None = desc
-    for name in dotted.split("."):
-        assert current is not None
-        fd = current.fields_by_name[name]
-        fds.append(fd)
-        current = fd.message_type
-    return tuple(fds)
-
-
 def _bad_values(route: Route, data: dict[str, Any]) -> list[tuple[str, str]]:
     """Which top-level fields failed to parse, each with what was expected."""
     desc = route.method.input_type
@@ -284,7 +261,7 @@ def _bad_values(route: Route, data: dict[str, Any]) -> list[tuple[str, str]]:
         try:
             json_format.ParseDict({key: value}, route.request_class())
         except Exception:
-            fd = _find_field(desc, key)
+            fd = find_field(desc, key, json_names=True)
             if fd is not None:
                 found.append((fd.json_name, "must be " + expected_value(fd)))
             else:
@@ -323,7 +300,7 @@ def render_response(route: Route, message: Message) -> Any:
     _null_fill(data, message.DESCRIPTOR)
     if route.response_body:
         value: Any = data
-        for fd in _resolve(message.DESCRIPTOR, route.response_body):
+        for fd in resolve_field_path(message.DESCRIPTOR, route.response_body):
             value = value.get(fd.json_name) if isinstance(value, dict) else None
         return value
     return data
