@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
+from tokenservice_client import parse_bearer
 
 from .errors import (
     CALLER_UNAUTHENTICATED,
@@ -103,10 +104,7 @@ def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str
 def bearer_token(context: grpc.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata():
         if key == "authorization":
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+            return parse_bearer(value)
     return None
 
 
