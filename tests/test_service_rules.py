@@ -12,7 +12,6 @@ import pytest
 from tokenservice_server import tokens
 from tokenservice_server.config import Config
 from tokenservice_server.crypto import BcryptHasher
-from tokenservice_server.db import open_migrated
 from tokenservice_server.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -20,6 +19,7 @@ from tokenservice_server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from tokenservice_server.migrations import open_migrated
 from tokenservice_server.scopes import ScopeCatalog
 from tokenservice_server.service import MAX_PAGE_SIZE, TokenService
 from tokenservice_server.store import Store

@@ -17,9 +17,9 @@ import peewee
 from . import logs
 from .config import Config, ConfigError, grpc_address, load_config
 from .crypto import hasher_for
-from .db import DatabaseURLError, open_database, open_migrated
+from .db import DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
-from .migrations import migrate
+from .migrations import migrate, open_migrated
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store

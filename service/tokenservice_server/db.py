@@ -141,15 +141,6 @@ def open_database(url: str, max_connections: int = 20) -> peewee.Database:
     return db
 
 
-def open_migrated(url: str, max_connections: int = 20) -> peewee.Database:
-    """open_database(), then create or upgrade the schema: what every entry point needs."""
-    from .migrations import migrate  # migrations import this module
-
-    db = open_database(url, max_connections)
-    migrate(db)
-    return db
-
-
 def is_sqlite(db: peewee.Database) -> bool:
     return isinstance(db, peewee.SqliteDatabase)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import peewee
 
 from . import models
-from .db import is_sqlite
+from .db import is_sqlite, open_database
 
 Migration = Callable[[peewee.Database], None]
 
@@ -107,3 +107,10 @@ def migrate(db: peewee.Database, target: int = LATEST) -> list[int]:
                     )
                     applied.append(number)
     return applied
+
+
+def open_migrated(url: str, max_connections: int = 20) -> peewee.Database:
+    """open_database(), then create or upgrade the schema: what every entry point needs."""
+    db = open_database(url, max_connections)
+    migrate(db)
+    return db

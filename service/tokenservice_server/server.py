@@ -19,8 +19,8 @@ from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
 from .config import Config, grpc_address
 from .crypto import hasher_for
-from .db import open_migrated
 from .grpc_api import RpcInterceptor, TokenServiceServicer
+from .migrations import open_migrated
 from .policy import SERVICE_NAME
 from .scopes import ScopeCatalog
 from .service import TokenService
