@@ -15,6 +15,7 @@ import pytest
 from conftest import RunningServer, bearer, make_config, start_server
 from grpc_health.v1 import health_pb2
 from pgcluster import PgCluster, dbname_of
+from rest_helpers import running_rest
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice_server import db as dbmod
@@ -106,6 +107,12 @@ def test_postgres_down_is_not_serving_and_unavailable_then_recovers_alone(
                 with pytest.raises(grpc.RpcError) as caught:
                     call()
                 _check_unavailable(caught.value)
+            with running_rest(ts.target) as rest:
+                down = rest.client.get("/healthz")
+                assert down.status_code == 503
+                assert down.json()["error"]["message"] == (
+                    "The service is not serving: database down."
+                )
         finally:
             own_pg_cluster.start()
         back = time.monotonic()

@@ -334,10 +334,12 @@ def test_throttled_client_gets_429_with_retry_after_per_real_address(database_ur
 
 def test_healthz_follows_the_grpc_health_service(ts, rest: Rest) -> None:
     r = rest.client.get("/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "SERVING"}
+    assert r.status_code == 200
+    assert r.json() == {"status": "SERVING", "dependencies": {"database": "up"}}
     ts.server.probe.stop()  # the probe stops and reports NOT_SERVING, as when the DB is gone
     assert ts.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
     assert_error(rest.client.get("/healthz"), 503, "unavailable")
+
 
 
 def test_openapi_document_covers_every_route(rest: Rest) -> None:

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve gRPC only")
     serve.add_argument("--workers", type=int,
                        help="N gRPC server processes sharing the port (default 1)")
+    serve.add_argument("--metrics-port", type=int,
+                       help="serve /metrics on this port too (default: the REST port only)")
     # Set by `serve --workers N` on the processes it starts; not for people.
     serve.add_argument("--reuse-port", dest="reuse_port", action="store_const", const=True,
                        help=argparse.SUPPRESS)
@@ -129,6 +131,7 @@ def _serve(config: Config) -> int:
         return _supervise(config, stop)
     server = TokenServer(config)
     server.start()
+    _serve_metrics(config)
     rest = None
     if config.rest_enabled:
         from .rest import RestServer
@@ -165,8 +168,16 @@ def _supervise(config: Config, stop: threading.Event) -> int:
     SIGINT drains the shim, then every worker (each flushes its last_used_at).
     """
     import subprocess
+    import tempfile
     import time
 
+    from . import metrics
+
+    # Every worker writes its metrics under one directory; /metrics here sums them.
+    metrics_dir = None
+    if not os.environ.get(metrics.MULTIPROC_ENV):
+        metrics_dir = tempfile.TemporaryDirectory(prefix="tokenservice-metrics-")
+        os.environ[metrics.MULTIPROC_ENV] = metrics_dir.name
     open_migrated(config.database_url).close()  # once, before the workers race to do it
     port = config.grpc_port
     if port == 0:
@@ -187,11 +198,13 @@ def _supervise(config: Config, stop: threading.Event) -> int:
 
             rest = RestServer(_local_target(config.host, port), config.host, config.http_port)
             rest.start()
+        _serve_metrics(config)
         while not stop.wait(1.0):
             for i, worker in enumerate(workers):
                 if worker.poll() is not None:
                     log.warning("gRPC worker exited; starting another",
                                 extra={"pid": worker.pid, "exit_code": worker.returncode})
+                    metrics.worker_exited(worker.pid)
                     time.sleep(1.0)
                     workers[i] = subprocess.Popen(command)
     finally:
@@ -208,7 +221,19 @@ def _supervise(config: Config, stop: threading.Event) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 codes.append(worker.wait())
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
     return 0 if all(code == 0 for code in codes) else 1
+
+
+def _serve_metrics(config: Config) -> None:
+    """With --metrics-port, /metrics on a port of its own too (a daemon thread)."""
+    if config.metrics_port is None:
+        return
+    from . import metrics
+
+    port = metrics.serve_on_port(config.host, config.metrics_port)
+    log.info("serving metrics", extra={"port": port})
 
 
 def _wait_listening(host: str, port: int, workers: list, stop: threading.Event) -> None:

@@ -53,11 +53,13 @@ class Config:
     # `serve --workers N`: N server processes sharing the gRPC port (SO_REUSEPORT),
     # so one Python process's GIL does not cap the service at one core.
     workers: int = 1
+    # /metrics on a port of its own as well (None: on the REST port only).
+    metrics_port: int | None = None
     # Set by `serve --workers` for its worker processes only: share the port on purpose.
     reuse_port: bool = False
 
 
-_INT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("int",)}
+_INT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("int", "int | None")}
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("float",)}
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("bool",)}
 _TUPLE_FIELDS = {"trusted_proxies"}

@@ -9,6 +9,7 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
@@ -50,8 +51,16 @@ class BcryptHasher(SecretHasher):
     cache keep being served.
     """
 
-    def __init__(self, rounds: int, slots: int, max_waiting: int) -> None:
+    def __init__(
+        self,
+        rounds: int,
+        slots: int,
+        max_waiting: int,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
         self.rounds = rounds
+        # Told the queue depth whenever it changes (the metrics gauge).
+        self._on_depth = on_depth
         self._slots = threading.BoundedSemaphore(slots)
         self._slot_count = slots
         self._max_waiting = max_waiting
@@ -64,10 +73,14 @@ class BcryptHasher(SecretHasher):
             if self._waiting >= self._max_waiting:
                 raise RateLimited("too many token verifications in progress", retry_after=1.0)
             self._waiting += 1
+            if self._on_depth is not None:
+                self._on_depth(self._waiting)
 
     def _leave(self) -> None:
         with self._lock:
             self._waiting -= 1
+            if self._on_depth is not None:
+                self._on_depth(self._waiting)
 
     @property
     def queue_depth(self) -> int:
@@ -129,9 +142,11 @@ class BcryptHasher(SecretHasher):
             self._executor = None
 
 
-def hasher_for(config: Config) -> SecretHasher:
+def hasher_for(config: Config, on_depth: Callable[[int], None] | None = None) -> SecretHasher:
     """The configured hasher: bcrypt, the one implementation today."""
-    return BcryptHasher(config.bcrypt_rounds, config.bcrypt_concurrency, config.bcrypt_max_waiting)
+    return BcryptHasher(
+        config.bcrypt_rounds, config.bcrypt_concurrency, config.bcrypt_max_waiting, on_depth
+    )
 
 
 class VerifiedCache:

@@ -20,7 +20,11 @@ class InvalidArgument(DomainError):
 
 
 class Unauthenticated(DomainError):
-    pass
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        # Why, for metrics and logs only: callers see the one message whatever it is
+        # (invalid, revoked, expired, disabled).
+        self.reason = reason
 
 
 class PermissionDenied(DomainError):
@@ -35,10 +39,16 @@ class AlreadyExists(DomainError):
     pass
 
 
+# ErrorInfo reasons of RateLimited: a caller may act on which it is.
+RATE_LIMITED = "RATE_LIMITED"  # too many failures, or the service is busy verifying
+TOKEN_RATE_LIMITED = "TOKEN_RATE_LIMITED"  # a valid token over its own rate limit
+
+
 class RateLimited(DomainError):
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(self, message: str, retry_after: float, reason: str = RATE_LIMITED) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason
         # Set when the refusal is for a client address that keeps failing (not for
         # a busy bcrypt pool): the gRPC layer holds such answers back (a tarpit).
         self.client_throttled = False

@@ -30,6 +30,7 @@ from tokenservice_client import parse_bearer
 
 from .errors import (
     CALLER_UNAUTHENTICATED,
+    TOKEN_RATE_LIMITED,
     AlreadyExists,
     DomainError,
     InvalidArgument,
@@ -39,6 +40,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .metrics import RpcMetrics
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
 from .values import Principal, TokenInfo
@@ -79,7 +81,7 @@ def status_for(error: DomainError) -> grpc.Status:
         delay.FromNanoseconds(max(1, int(error.retry_after * 1e9)))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         status.details.add().Pack(
-            error_details_pb2.ErrorInfo(reason="RATE_LIMITED", domain=ERROR_DOMAIN)
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
         )
     return rpc_status.to_status(status)
 
@@ -118,13 +120,11 @@ TARPIT_MAX_SECONDS = 1.0
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     """The per-RPC work, for the grpc.aio server.
 
-    Coroutine handlers (Authenticate, health, reflection) run on the event loop;
-    the database read of Authenticate is a short synchronous call there, and its
-    bcrypt check goes to the bcrypt pool's threads. The other methods are
-    synchronous code (transactions, a bcrypt hash for CreateToken): they run
-    whole on `blocking`, a thread pool, with their connection and their caller.
-    A connection is never held across an await: peewee's connection state is
-    per thread, and other calls run on the loop's thread meanwhile.
+    Coroutine handlers (Authenticate, health, reflection) run on the event loop
+    and manage their own work (TokenService.aauthenticate decides what runs
+    where). The other methods are synchronous code (transactions, a bcrypt hash
+    for CreateToken): they run whole on `blocking`, a thread pool, with one
+    connection and their caller.
     """
 
     def __init__(
@@ -133,8 +133,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         connection: Callable[[], AbstractContextManager[None]],
         trusted_proxies: tuple[str, ...],
         blocking: futures.Executor | None = None,
+        metrics: RpcMetrics | None = None,
     ) -> None:
         self._service = service
+        self._metrics = metrics
         self._connection = connection
         self._trusted = frozenset(trusted_proxies)
         self._blocking = blocking
@@ -163,7 +165,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         tarpit = method == AUTHENTICATE
         is_async = inspect.iscoroutinefunction(behavior)
         service, connection = self._service, self._connection
-        trusted, blocking = self._trusted, self._blocking
+        trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
 
         def run_blocking(request: Any, context: Any, raw: str | None) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
@@ -184,6 +186,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            outcome = "ok"
             token_ctx = _token_id.set(None)
             try:
                 if not ours or is_async:
@@ -201,6 +204,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     _token_id.set(ctx.get(_token_id))
             except DomainError as error:
                 code = _CODES[type(error)][1]
+                outcome = _outcome(error)
                 if error.__cause__ is not None:
                     log.warning("database error",
                                 extra={"method": method, "error": _describe(error.__cause__)})
@@ -226,6 +230,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 log.error("unexpected error", exc_info=True, extra={"method": method})
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
+                elapsed = time.perf_counter() - start
+                if metrics is not None:
+                    metrics.rpc(method, code.name, elapsed)
+                    if tarpit and code is not grpc.StatusCode.CANCELLED:
+                        metrics.authentication(outcome)
                 if log.isEnabledFor(logging.INFO):
                     # The one line per RPC. makeRecord + handle is what log.info does,
                     # less the stack walk that looks for the caller's file and line
@@ -235,13 +244,22 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                         {
                             "method": method,
                             "status": code.name,
-                            "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                            "duration_ms": round(elapsed * 1000, 3),
                             "token_id": _token_id.get(),
                         },
                     ))
                 _token_id.reset(token_ctx)
 
         return handle
+
+
+def _outcome(error: DomainError) -> str:
+    """The tokenservice_authentications_total label for a refused Authenticate."""
+    if isinstance(error, Unauthenticated):
+        return error.reason
+    if isinstance(error, RateLimited):
+        return "rate_limited" if error.reason == TOKEN_RATE_LIMITED else "throttled"
+    return "invalid"
 
 
 def _describe(error: BaseException) -> str:

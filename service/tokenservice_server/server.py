@@ -10,16 +10,18 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
+from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
 from .grpc_api import RpcInterceptor, TokenServiceServicer
+from .health import HealthProbe
 from .migrations import open_migrated
 from .policy import SERVICE_NAME
 from .scopes import ScopeCatalog
@@ -28,70 +30,6 @@ from .store import Store
 from .usage import UsageRecorder
 
 log = logging.getLogger("tokenservice.server")
-
-
-class HealthProbe:
-    """Reports SERVING only while the database answers a query.
-
-    The probe runs on a thread of its own (the query is synchronous); the aio
-    health servicer lives on the server's event loop, so statuses are set there.
-    """
-
-    def __init__(
-        self,
-        servicer: health.HealthServicer,
-        store: Store,
-        interval: float,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._servicer = servicer
-        self._store = store
-        self._interval = interval
-        self._loop = loop
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
-        self.serving = False
-
-    def _set_all(self, status: int) -> None:
-        async def set_all() -> None:
-            for name in ("", SERVICE_NAME):
-                await self._servicer.set(name, status)
-
-        if self._loop.is_closed() or not self._loop.is_running():
-            return
-        asyncio.run_coroutine_threadsafe(set_all(), self._loop).result(timeout=10)
-
-    def probe(self) -> bool:
-        try:
-            with self._store.connection():
-                self._store.ping()
-            ok = True
-        except Exception:
-            ok = False
-        if ok != self.serving:
-            log.log(logging.INFO if ok else logging.WARNING, "database %s",
-                    "answers" if ok else "does not answer")
-        self.serving = ok
-        self._set_all(
-            health_pb2.HealthCheckResponse.SERVING
-            if ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        return ok
-
-    def start(self) -> None:
-        self.probe()
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.probe()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 class TokenServer:
@@ -119,7 +57,7 @@ class TokenServer:
             config,
             self.store,
             self.catalog,
-            hasher_for(config),
+            hasher_for(config, metrics.set_bcrypt_queue_depth),
             self.usage,
             blocking=self._blocking,
         )
@@ -151,7 +89,11 @@ class TokenServer:
         server = grpc.aio.server(
             interceptors=[
                 RpcInterceptor(
-                    self.service, self.store.connection, config.trusted_proxies, self._blocking
+                    self.service,
+                    self.store.connection,
+                    config.trusted_proxies,
+                    self._blocking,
+                    metrics.RpcMetrics(),
                 )
             ],
             # Refuse to share a port with another process by accident; only the

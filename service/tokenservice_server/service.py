@@ -209,13 +209,13 @@ class TokenService:
 
     def _grant(self, row: AuthRow) -> Principal:
         now = self.clock()
-        if (
-            row.revoked_at is not None
-            or (row.expires_at is not None and row.expires_at <= now)
-            or row.disabled
-        ):
-            # The secret was right, so this is no guessing: nothing to throttle.
-            raise Unauthenticated(AUTH_FAILED)
+        # The secret was right, so none of these is guessing: nothing to throttle.
+        if row.revoked_at is not None:
+            raise Unauthenticated(AUTH_FAILED, "revoked")
+        if row.expires_at is not None and row.expires_at <= now:
+            raise Unauthenticated(AUTH_FAILED, "expired")
+        if row.disabled:
+            raise Unauthenticated(AUTH_FAILED, "disabled")
         if self.usage is not None:
             self.usage.record(row.token_id, now)
         permissions = set(row.permissions)

@@ -22,7 +22,8 @@ from starlette.responses import Response
 
 from tokenservice_client import parse_bearer
 
-from .. import console
+from .. import console, metrics
+from ..health import DEPENDENCIES, DEPENDENCY_PREFIX
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
 from .openapi import build_openapi
 from .routes import Route, build_routes
@@ -188,11 +189,14 @@ class RestApp:
         path = raw.decode("latin-1") if raw else request.scope["path"]
         path = path.split("?", 1)[0]
         method = request.method
-        if path in ("/healthz", "/openapi.json"):
+        if path in ("/healthz", "/openapi.json", "/metrics"):
             if method != "GET":
                 raise self._method_not_allowed(["GET"])
             if path == "/healthz":
                 return await self._health()
+            if path == "/metrics":
+                page, content_type = metrics.render()
+                return Response(page, headers={"Content-Type": content_type})
             response = Response(self._openapi_bytes, media_type="application/json")
             response.headers.update(_COMMON_HEADERS)
             return response
@@ -287,21 +291,38 @@ class RestApp:
         return json_response(route.success_status, render_response(route, reply))
 
     async def _health(self) -> Response:
+        """200 while the service serves; the body names each dependency's state."""
         stub = health_pb2_grpc.HealthStub(self._get_channel())
         names = [""] if self.trusted_health else [s.full_name for s in self.services]
+        serving = health_pb2.HealthCheckResponse.SERVING
+        dependencies: dict[str, str] = {}
         try:
+            statuses = []
             for name in names:
                 reply = await stub.Check(
                     health_pb2.HealthCheckRequest(service=name), timeout=HEALTH_DEADLINE_S
                 )
-                if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                    break
-            else:
-                return json_response(200, {"status": "SERVING"})
+                statuses.append(reply.status)
+            for name in DEPENDENCIES:
+                try:
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(service=DEPENDENCY_PREFIX + name),
+                        timeout=HEALTH_DEADLINE_S,
+                    )
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
+                        continue  # not configured (no Redis), or an older server
+                    raise
+                dependencies[name] = "up" if reply.status == serving else "down"
         except grpc.aio.AioRpcError:
-            pass
-        error = ApiError(503, "unavailable", "The service is not serving.")
-        return error_response(error)
+            statuses = [None]
+        if all(status == serving for status in statuses):
+            return json_response(200, {"status": "SERVING", "dependencies": dependencies})
+        down = [name for name, state in dependencies.items() if state == "down"]
+        message = "The service is not serving."
+        if down:
+            message = f"The service is not serving: {', '.join(down)} down."
+        return error_response(ApiError(503, "unavailable", message))
 
 
 def create_app(grpc_target: str, *, trusted_health: bool = True, **options: Any) -> RestApp:
