@@ -40,6 +40,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .logs import rpc_log
 from .metrics import RpcMetrics
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
@@ -235,19 +236,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     metrics.rpc(method, code.name, elapsed)
                     if tarpit and code is not grpc.StatusCode.CANCELLED:
                         metrics.authentication(outcome)
-                if log.isEnabledFor(logging.INFO):
-                    # The one line per RPC. makeRecord + handle is what log.info does,
-                    # less the stack walk that looks for the caller's file and line
-                    # (a tenth of the hot path's time in the profile, see BENCHMARKS.md).
-                    log.handle(log.makeRecord(
-                        log.name, logging.INFO, __file__, 0, "rpc", (), None, None,
-                        {
-                            "method": method,
-                            "status": code.name,
-                            "duration_ms": round(elapsed * 1000, 3),
-                            "token_id": _token_id.get(),
-                        },
-                    ))
+                if rpc_log.enabled():
+                    rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), _token_id.get())
                 _token_id.reset(token_ctx)
 
         return handle

@@ -22,6 +22,7 @@ from .config import Config, grpc_address
 from .crypto import hasher_for
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
+from .logs import rpc_log
 from .migrations import open_migrated
 from .policy import SERVICE_NAME
 from .scopes import ScopeCatalog
@@ -138,6 +139,7 @@ class TokenServer:
         self._blocking.shutdown(wait=True)
         self.service.close()
         self.usage.close()
+        rpc_log.flush()
 
         async def close_loop_connection() -> None:
             # SQLite keeps a connection per thread: the loop's thread has one too.
