@@ -66,7 +66,8 @@ def section(results: dict[str, Any]) -> str:
         f" `--h1 -c {s['rest_connections']}`; {s['duration_s']:g} s measured after"
         f" {s['warmup_s']:g} s of warm-up; {s['rounds']} rounds, interleaved in rotating order;"
         f" bcrypt {s['bcrypt_rounds']} rounds. Figures are medians over the rounds (range in"
-        " brackets); ratios are taken within each round.",
+        " brackets); the ÷ bare column divides those medians, the ratios below the table are"
+        " taken within each round.",
         "",
         "| phase | calls/s | ÷ bare | p50 ms | p99 ms | server CPU ms/call | server core busy"
         " | h2load core busy | every call OK? (how checked) |",
@@ -111,8 +112,14 @@ def section(results: dict[str, Any]) -> str:
         lines += ["", f"py-spy under warm Authenticate ({profile['samples']} samples with the GIL"
                   " held; own time of the innermost frame):", "",
                   "| frame | % |", "|---|---|"]
-        for frame, pct in list(profile["self_pct"].items())[:15]:
+        for frame, pct in list(profile["self_pct"].items())[:12]:
             lines.append(f"| `{frame}` | {pct} |")
+        ours = [(f, pct) for f, pct in profile["inclusive_pct"].items()
+                if any(k in f for k in ("tokenservice_server/", "logging/", "peewee", "json/"))]
+        if ours:
+            lines += ["", "Inclusive (the frame and what it calls), tokenservice's code, logging,"
+                      " peewee and json only:", "", "| frame | % |", "|---|---|"]
+            lines += [f"| `{frame}` | {pct} |" for frame, pct in ours[:12]]
     return "\n".join(lines) + "\n"
 
 
