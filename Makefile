@@ -23,8 +23,12 @@ test: install
 	$(VENV)/bin/pytest
 
 # The benchmark suite (not part of `make test`): BENCH_ARGS="--quick" for a short
-# run, "--backend postgres" for PostgreSQL.
+# run, "--backend postgres" for PostgreSQL, "--update-doc" to rewrite BENCHMARKS.md.
+# The load comes from h2load (Debian's nghttp2-client), installed here if missing.
 bench: install
+	command -v h2load >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		nghttp2-client; }
 	$(PIP) install --quiet -e '.[bench]'
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 

@@ -57,7 +57,7 @@ class Sample:
 
 
 class Dataset:
-    """One database that grows: 1k, then 100k, then 1M, loading only the difference."""
+    """One database of N tokens; grow() loads only the difference to the next N."""
 
     def __init__(self, url: str, rounds: int, seed: int = 6) -> None:
         self.url = url
@@ -78,11 +78,17 @@ class Dataset:
     def secret_for(self, lookup_id: str) -> str:
         return self.secrets[zlib.crc32(lookup_id.encode("ascii")) % DISTINCT_SECRETS]
 
-    def setup(self) -> None:
-        """Schema, users, the distinct hashes and the admin's real token."""
+    def setup(self, hashes: list[str] | None = None) -> None:
+        """Schema, users, the distinct hashes and the admin's real token.
+
+        `hashes` are another Dataset's (same seed, so the same secrets): a run
+        with one database per store size hashes the secrets once."""
         migrate(self.db)
-        with ProcessPoolExecutor(max_workers=2) as pool:
-            self.hashes = list(pool.map(_hash, [(s, self.rounds) for s in self.secrets]))
+        if hashes is not None:
+            self.hashes = list(hashes)
+        else:
+            with ProcessPoolExecutor(max_workers=2) as pool:
+                self.hashes = list(pool.map(_hash, [(s, self.rounds) for s in self.secrets]))
         everything = [s.name for s in ScopeCatalog.load(None)]
         now = time.time_ns() // 1000
         with connection(self.db), self.db.atomic():

@@ -15,7 +15,7 @@ def py_spy() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
-def record(pids: list[int], seconds: float, tmp: Path) -> dict[str, Any]:
+def record(pids: list[int], seconds: float, tmp: Path, top: int = 25) -> dict[str, Any]:
     """Samples the server (and its workers) for `seconds`; returns the top frames."""
     exe = py_spy()
     if exe is None:
@@ -28,7 +28,7 @@ def record(pids: list[int], seconds: float, tmp: Path) -> dict[str, Any]:
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0 or not out.exists():
         return {"error": (done.stderr or done.stdout)[-500:]}
-    return summarise(out.read_text().splitlines())
+    return summarise(out.read_text().splitlines(), top)
 
 
 def _frame_name(frame: str) -> str:

@@ -1,8 +1,9 @@
-"""Results JSON → a markdown section of BENCHMARKS.md and a PNG plot.
+"""Results JSON → a summary for the terminal and a markdown section for BENCHMARKS.md.
 
-`python -m bench.report bench/results/<file>.json` redraws from a stored run.
-Each run's section sits between markers named after its label, so a
-"baseline" section and a "tuned" section live side by side.
+`python -m bench.report bench/results/<file>.json` prints the section;
+`--update-doc` also writes it into BENCHMARKS.md between the markers named
+after the run's backend (and label), adding them at the end the first time.
+Only results of the h2load driver are understood; older files are history.
 """
 
 from __future__ import annotations
@@ -14,131 +15,138 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "BENCHMARKS.md"
-NAMES = {
-    "health": "empty RPC (Health/Check)",
-    "auth_warm": "Authenticate, warm",
-    "auth_cold": "Authenticate, cold (1 bcrypt)",
-    "auth_invalid": "Authenticate, invalid tokens",
-    "list": "ListTokens, first page",
-    "create": "CreateToken",
-    "rest_auth": "REST Authenticate (shim)",
-    "flood": "Authenticate, warm, beside a flood",
-    "flood_invalid": "the flood itself (invalid tokens)",
-}
 
 
-def _n(tokens: int) -> str:
-    if tokens >= 1_000_000 and tokens % 1_000_000 == 0:
-        return f"{tokens // 1_000_000}M"
-    if tokens >= 1_000 and tokens % 1_000 == 0:
-        return f"{tokens // 1_000}k"
-    return str(tokens)
+def _range(m: dict[str, Any], key: str, fmt: str = "{:.0f}") -> str:
+    lo, hi = m.get(key + "_min"), m.get(key + "_max")
+    if lo is None:
+        return ""
+    return f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
-def plot(results: dict[str, Any], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = results["sizes"]
-    xs = [s["tokens"] for s in sizes]
-    series = [("health", "gRPC empty RPC", ":"), ("auth_warm", "gRPC Authenticate", "-"),
-              ("rest_auth", "REST Authenticate", "--"), ("list", "gRPC ListTokens", "-.")]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, style in series:
-        if not all(key in s["summary"] for s in sizes):
-            continue
-        left.plot(xs, [s["summary"][key]["rate"] for s in sizes], style, marker="o", label=label)
-        right.plot(xs, [s["summary"][key]["p99_ms"] for s in sizes], style, marker="o",
-                   label=label)
-    for ax, title, unit in ((left, "throughput", "calls/s"), (right, "p99 latency", "ms")):
-        ax.set_xscale("log")
-        ax.set_xlabel("tokens stored")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.set_ylim(bottom=0)
-        ax.set_xticks(xs, [_n(x) for x in xs])
-        ax.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    s = results["settings"]
-    fig.suptitle(f"tokenservice on {results['backend']}, {s['server_workers']} server process(es),"
-                 f" concurrency {s['concurrency']}, {results['machine']['cores']} cores"
-                 f" ({results['date'][:10]}{', ' + results['label'] if results['label'] else ''})",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+def _checked_by(phase: dict[str, Any]) -> str:
+    if phase["load"].get("python"):
+        return "the Python driver reads every status"
+    if phase["load"].get("h1"):
+        return "HTTP statuses, and the server log"
+    if phase["method"]:
+        return "the server log, per status"
+    return "one call before and after"
 
 
-def section(results: dict[str, Any], png: Path) -> str:
-    sizes = results["sizes"]
-    s = results["settings"]
-    m = results["machine"]
-    lines = [
-        f"Run of {results['date']} on {results['backend']}: `{results['command']}`",
-        f"({results['elapsed_s']:.0f} s in all).",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, Python {m['python']},"
-        f" Linux {m['kernel']}. Server: `tokenservice serve`"
-        f"{' --workers ' + str(s['server_workers']) if s['server_workers'] > 1 else ''},"
-        f" bcrypt {s['bcrypt_rounds']} rounds. Load: one grpc.aio driver process,"
-        f" {s['concurrency']} calls in flight (cold Authenticate and CreateToken:"
-        f" {s['cold_concurrency']}), {s['duration_s']:g} s measured per phase,"
-        f" {s['repeats']} repeats in rotating order; figures are medians over the repeats.",
-        "",
-        "| target (issue 6 §4) | measured | goal | holds |",
-        "|---|---|---|---|",
-    ]
-    for t in results["targets"]:
-        where = f" ({t['where']})" if t["where"] else ""
-        lines.append(f"| {t['target']}{where} | {t['measured']} | {t['goal']} |"
-                     f" {'yes' if t['holds'] else '**no**'} |")
-    header = "| phase | " + " | ".join(
-        f"{_n(x['tokens'])}: calls/s | p50 ms | p99 ms" for x in sizes) + " |"
-    lines += ["", header, "|---" * (1 + 3 * len(sizes)) + "|"]
-    for key, name in NAMES.items():
-        if not all(key in x["summary"] for x in sizes):
-            continue
-        cells = []
-        for x in sizes:
-            v = x["summary"][key]
-            cells += [f"{v['rate']:.0f}", f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| tokens stored | bulk load (s) | server peak RSS (MB, VmHWM) | exit code on SIGTERM |",
-        "|---|---|---|---|",
-    ]
-    for x in sizes:
-        rss = x["rss_mb"]
-        detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""
-        lines.append(f"| {_n(x['tokens'])} | {x.get('load_seconds', 0)} | {rss['sum']}{detail} |"
-                     f" {x['server_exit']} |")
-    flood = [x["summary"].get("flood_invalid", {}).get("codes", {}) for x in sizes]
-    if flood and flood[-1]:
-        lines += ["", "Flood statuses at the largest size: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(flood[-1].items())) + "."]
-    lines += ["", f"![throughput and p99 against tokens stored](bench/results/{png.name})", ""]
+def summary(results: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    lines = []
+    bare = results["phases"].get("bare", {}).get("median", {}).get("rate")
+    for name, p in results["phases"].items():
+        m = p["median"]
+        ceiling = f" ({m['rate'] / bare:.2f} of bare)" if bare else ""
+        mark = "" if m["verified"] else "  NOT VERIFIED: " + p["rounds"][-1].get("check", "")
+        lines.append(f"{name:10} {m['rate']:9.0f} calls/s{ceiling}, p99 {m['p99_ms']:.2f} ms{mark}")
+    for r in results["ratios"]:
+        mark = {True: "holds ", False: "MISSED", None: "      "}[r["holds"]]
+        lines.append(f"{mark} {r['ratio']}: {r['median']} ({r['min']}–{r['max']})"
+                     + (f" goal {r['goal']}" if r["goal"] else ""))
     return "\n".join(lines)
+
+
+def section(results: dict[str, Any]) -> str:
+    s, m = results["settings"], results["machine"]
+    la = results["load_average"]
+    phases = results["phases"]
+    bare = phases.get("bare", {}).get("median", {})
+    lines = [
+        f"Run of {results['date']} on {results['backend']}: `{results['command']}`"
+        f" ({results['elapsed_s']:.0f} s in all). Machine: {m['cpu']}, {m['cores']} cores,"
+        f" Python {m['python']}; load average {la['start'][0]} at the start, {la['end'][0]} at"
+        f" the end (the machine is shared). Driver: {results['driver']} on core(s)"
+        f" {','.join(map(str, s['driver_cores']))}; servers on core(s)"
+        f" {','.join(map(str, s['server_cores']))} (the `--workers` phases: every core)."
+        f" gRPC: `-c {s['grpc_connections']} -m {s['grpc_streams']}`; REST:"
+        f" `--h1 -c {s['rest_connections']}`; {s['duration_s']:g} s measured after"
+        f" {s['warmup_s']:g} s of warm-up; {s['rounds']} rounds, interleaved in rotating order;"
+        f" bcrypt {s['bcrypt_rounds']} rounds. Figures are medians over the rounds (range in"
+        " brackets); the ÷ bare column divides those medians, the ratios below the table are"
+        " taken within each round.",
+        "",
+        "| phase | calls/s | ÷ bare | p50 ms | p99 ms | server CPU ms/call | server core busy"
+        " | h2load core busy | every call OK? (how checked) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in phases.items():
+        md = p["median"]
+        share = f"{md['rate'] / bare['rate']:.2f}" if bare.get("rate") and name != "bare" else "1"
+        cpu = md.get("server_cpu_ms_per_call")
+        busy = md.get("server_busy")
+        drv = md.get("driver_busy")
+        lines.append(
+            f"| {p['title']} | {md['rate']:.0f} ({_range(md, 'rate')}) | {share} |"
+            f" {md['p50_ms']:.2f} | {md['p99_ms']:.2f} |"
+            f" {'' if cpu is None else f'{cpu:.3f}'} | {'' if busy is None else f'{busy:.2f}'} |"
+            f" {'' if drv is None else f'{drv:.2f}'} |"
+            f" {'yes' if md['verified'] else '**no**'} ({_checked_by(p)}) |")
+    lines += ["", "| ratio, within each round | median | range | goal | holds |",
+              "|---|---|---|---|---|"]
+    for r in results["ratios"]:
+        holds = {True: "yes", False: "**no**", None: ""}[r["holds"]]
+        lines.append(f"| {r['ratio']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} |"
+                     f" {r['goal']} | {holds} |")
+    flood = phases.get("flood")
+    if flood:
+        f = [r.get("flood", {}) for r in flood["rounds"]]
+        logged: dict[str, int] = {}
+        for r in flood["rounds"]:
+            for k, v in r["logged"].items():
+                logged[k] = logged.get(k, 0) + v
+        lines += ["", "The flood (a second h2load, same connections and streams, one well-formed"
+                  " unknown token, as its own client address) got "
+                  + ", ".join(f"{x.get('rate', 0):.0f}" for x in f)
+                  + " calls/s answered per round; the server logged, over the flood phases: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(logged.items())) + "."]
+    lines += ["", "| server | peak RSS (MB, VmHWM, summed over processes) |", "|---|---|"]
+    for name, rss in results["rss_mb"].items():
+        detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""
+        lines.append(f"| {name} | {rss['sum']}{detail} |")
+    profile = results.get("profile")
+    if profile and "self_pct" in profile:
+        lines += ["", f"py-spy under warm Authenticate ({profile['samples']} samples with the GIL"
+                  " held; own time of the innermost frame):", "",
+                  "| frame | % |", "|---|---|"]
+        for frame, pct in list(profile["self_pct"].items())[:12]:
+            lines.append(f"| `{frame}` | {pct} |")
+        ours = [(f, pct) for f, pct in profile["inclusive_pct"].items()
+                if any(k in f for k in ("tokenservice_server/", "logging/", "peewee", "json/"))]
+        if ours:
+            lines += ["", "Inclusive (the frame and what it calls), tokenservice's code, logging,"
+                      " peewee and json only:", "", "| frame | % |", "|---|---|"]
+            lines += [f"| `{frame}` | {pct} |" for frame, pct in ours[:12]]
+    return "\n".join(lines) + "\n"
 
 
 def update(path: Path) -> None:
     results = json.loads(Path(path).read_text())
-    png = Path(path).with_suffix(".png")
-    plot(results, png)
-    label = results["label"] or "latest"
+    label = "h2load-" + results["backend"] + (f"-{results['label']}" if results["label"] else "")
     begin, end = f"<!-- bench:{label}:begin -->", f"<!-- bench:{label}:end -->"
-    body = f"{begin}\n{section(results, png)}\n{end}"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
+    body = f"{begin}\n{section(results)}{end}"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + body + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + f"\n\n## Run: {label}\n\n{body}\n"
     DOC.write_text(text)
-    print(f"updated {DOC.name} ({label}) and {png}", file=sys.stderr)
+    print(f"updated {DOC.name} ({label})", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    write = "--update-doc" in argv
+    for arg in (a for a in argv if a != "--update-doc"):
+        if write:
+            update(Path(arg))
+        else:
+            print(section(json.loads(Path(arg).read_text())))
+    return 0
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        update(Path(arg))
+    sys.exit(main(sys.argv[1:]))
