@@ -2,41 +2,77 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
+import uuid
 
+import bcrypt
 import grpc
 import pytest
-from conftest import TOKENSERVICE, cli, make_config, start_server
+from conftest import TOKENSERVICE, bearer, cli, make_config, start_server
 
-from tokenservice_server.config import Config
-from tokenservice_server.crypto import hasher_for
-from tokenservice_server.db import close_all, connection, open_database
+from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice_server import tokens
+from tokenservice_server.db import close_all, connection, is_sqlite, open_database
 from tokenservice_server.migrations import LATEST, MIGRATIONS, current_version, migrate
-from tokenservice_server.scopes import ScopeCatalog
-from tokenservice_server.service import TokenService
-from tokenservice_server.store import Store
+
+DAY = 86_400_000_000
 
 
 def test_migrations_are_numbered_from_one_without_gaps() -> None:
     assert [number for number, _ in MIGRATIONS] == list(range(1, LATEST + 1))
-    assert LATEST >= 2
+    assert LATEST >= 3
 
 
-def test_a_version_1_database_upgrades_and_its_tokens_keep_working(database_url: str) -> None:
+def _insert_v1_rows(db, rounds: int = 4) -> dict[str, str]:
+    """Users and tokens written as the first schema knew them, in its own SQL.
+
+    Returns raw tokens by what they are: the current store writes columns an
+    old schema lacks, so old data is made the way old code made it.
+    """
+    p = "?" if is_sqlite(db) else "%s"
+    now = time.time_ns() // 1000
+    user_id = uuid.uuid4()
+    uid = user_id.hex if is_sqlite(db) else str(user_id)
+    db.execute_sql(
+        f"INSERT INTO users (id, email, org_id, permissions, disabled, created_at)"
+        f" VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+        (uid, "old@acme.test", "acme", json.dumps(["api_token:manage", "pass:read"]), False,
+         now),
+    )
+    raws: dict[str, str] = {}
+    for i, (kind, scopes, revoked, last_used) in enumerate([
+        ("used", ["pass:read"], None, now - 10 * DAY),
+        ("unused", ["pass:read"], None, None),
+        ("revoked", ["pass:read"], now, None),
+        ("manager", ["api_token:manage", "pass:read"], None, None),
+    ]):
+        raw, parts = tokens.new_token("tks_")
+        hashed = bcrypt.hashpw(parts.secret.encode(), bcrypt.gensalt(rounds)).decode()
+        token_id = uuid.uuid4()
+        db.execute_sql(
+            "INSERT INTO api_tokens (id, lookup_id, token_prefix, secret_hash, name, scopes,"
+            " expires_at, last_used_at, revoked_at, created_at, user_id, org_id)"
+            f" VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
+            (token_id.hex if is_sqlite(db) else str(token_id), parts.lookup_id, raw[:12],
+             hashed, kind, json.dumps(scopes), None, last_used, revoked, now + i, uid, "acme"),
+        )
+        raws[kind] = raw
+    return raws
+
+
+@pytest.mark.parametrize("version", range(1, LATEST))
+def test_every_earlier_version_upgrades_and_its_tokens_keep_working(
+    database_url: str, version: int
+) -> None:
     db = open_database(database_url)
-    assert migrate(db, target=1) == [1]
+    assert migrate(db, target=version) == list(range(1, version + 1))
     with db.connection_context():
-        assert current_version(db) == 1
-    config = Config(bcrypt_rounds=4)
-    service = TokenService(config, Store(db), ScopeCatalog.load(None), hasher_for(config))
-    with connection(db):
-        service.add_user("old@acme.test", "acme", ["api_token:manage", "pass:read"])
-        old = [service.mint_for_email("old@acme.test", f"old{i}", ["pass:read"], None)
-               for i in range(3)]
-        revoked = service.mint_for_email("old@acme.test", "gone", ["pass:read"], None)
-        manager = service.mint_for_email("old@acme.test", "mgr", ["api_token:manage"], None)
-        service.revoke_token(service.authenticate(manager.raw), revoked.info.id)
+        assert current_version(db) == version
+        with db.atomic():
+            raws = _insert_v1_rows(db)
     close_all(db)
 
     # The server upgrades on start, and the old tokens behave as before.
@@ -44,15 +80,22 @@ def test_a_version_1_database_upgrades_and_its_tokens_keep_working(database_url:
     try:
         with connection(ts.server.store.db):
             assert current_version(ts.server.store.db) == LATEST
-        for created in old:
-            answer = ts.authenticate(created.raw)
-            assert answer.token_id == created.info.id
-            assert list(answer.scopes) == ["pass:read"]
+        for kind in ("used", "unused", "manager"):
+            assert ts.authenticate(raws[kind]).user_email == "old@acme.test"
         with pytest.raises(grpc.RpcError) as caught:
-            ts.authenticate(revoked.raw)
+            ts.authenticate(raws["revoked"])
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Old rows carry the new columns: last use backfilled in days, no tree links.
+        with connection(ts.server.store.db):
+            rows = {name: (day, used) for name, day, used in ts.server.store.db.execute_sql(
+                "SELECT name, last_used_day, last_used_at FROM api_tokens"
+                " WHERE parent_id IS NULL AND replaced_by_id IS NULL").fetchall()}
+        assert rows["unused"] == (0, None)
+        assert rows["used"][0] == rows["used"][1] // DAY > 0
         # And new tokens can be made beside them.
-        assert ts.authenticate(ts.mint("old@acme.test", ["pass:read"])).user_email
+        made = ts.stub.CreateToken(pb.CreateTokenRequest(name="new", scopes=["pass:read"]),
+                                   metadata=bearer(raws["manager"]))
+        assert ts.authenticate(made.token).user_email == "old@acme.test"
     finally:
         ts.channel.close()
         ts.server.stop(grace=1)

@@ -25,6 +25,7 @@ def test_every_rpc_has_an_http_rule_and_every_element_a_comment() -> None:
     service = pb.DESCRIPTOR.services_by_name["TokenService"]
     assert {m.name for m in service.methods} == {
         "CreateToken", "ListTokens", "GetToken", "RevokeToken", "Authenticate", "ListScopes",
+        "RotateToken", "UpdateToken", "ListAuditEvents", "ReportLeakedTokens",
     }
     for method in service.methods:
         rule = method.GetOptions().Extensions[annotations_pb2.http]

@@ -28,7 +28,8 @@ STORNO_CREATE_BODY = """{
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 API_TOKEN_FIELDS = {
     "id", "name", "tokenPrefix", "scopes", "expiresAt", "lastUsedAt", "revokedAt",
-    "createdAt", "createdByEmail", "orgId",
+    "createdAt", "createdByEmail", "orgId", "state", "rotatedFromId", "replacedById",
+    "rateLimit", "parentId",
 }
 
 

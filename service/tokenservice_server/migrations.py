@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import peewee
+from playhouse.migrate import PostgresqlMigrator, SqliteMigrator
 
 from . import models
 from .db import is_sqlite, open_database
@@ -72,9 +73,82 @@ def _m0002_hot_last_used(db: peewee.Database) -> None:
         db.execute_sql("ALTER TABLE api_tokens SET (fillfactor = 85)")
 
 
+def _m0003_lifecycle(db: peewee.Database) -> None:
+    """The token tree, rotation links, per-token rate limits and the audit log.
+
+    Indexes, each for a filter of ListTokens at a million tokens in one org:
+
+    - live tokens (revoked_at IS NULL; states ACTIVE and EXPIRED) in the
+      list's newest-first order, carrying expires_at and last_used_day, so
+      `expires_at <= now` (EXPIRED) and `last_used_day <= day` (not_used_since)
+      are checked in the index and only matching rows are read;
+    - revoked tokens (state REVOKED) in the same order;
+    - children by parent, for revoking a subtree.
+
+    last_used_day is last_used_at in whole days, never null (0: never used).
+    last_used_at itself stays out of every index, so the usage flush, which
+    rewrites it every few seconds for every token in use, stays a heap-only
+    update on PostgreSQL (migration 2); last_used_day changes at most once a
+    day per token.
+    """
+    migrator = SqliteMigrator(db) if is_sqlite(db) else PostgresqlMigrator(db)
+    day = 86_400_000_000
+    columns = [
+        ("parent_id", peewee.UUIDField(null=True)),
+        ("rotated_from_id", peewee.UUIDField(null=True)),
+        ("replaced_by_id", peewee.UUIDField(null=True)),
+        ("rate_limit_requests", peewee.IntegerField(null=True)),
+        ("rate_limit_period_us", peewee.BigIntegerField(null=True)),
+        # When token.reuse_after_rotation was last recorded for this token.
+        ("reuse_reported_at", peewee.BigIntegerField(null=True)),
+        ("last_used_day", peewee.IntegerField(default=0)),
+    ]
+    for name, field in columns:
+        migrator.add_column("api_tokens", name, field).run()
+    db.execute_sql(
+        f"UPDATE api_tokens SET last_used_day = last_used_at / {day}"
+        " WHERE last_used_at IS NOT NULL"
+    )
+    for sql in (
+        "CREATE INDEX api_tokens_org_live ON api_tokens"
+        " (org_id, created_at, id, expires_at, last_used_day) WHERE revoked_at IS NULL",
+        "CREATE INDEX api_tokens_org_revoked ON api_tokens"
+        " (org_id, created_at, id) WHERE revoked_at IS NOT NULL",
+        "CREATE INDEX api_tokens_parent ON api_tokens (parent_id)"
+        " WHERE parent_id IS NOT NULL",
+    ):
+        db.execute_sql(sql)
+
+    class AuditEvent(peewee.Model):
+        id = peewee.UUIDField(primary_key=True)
+        time = peewee.BigIntegerField()
+        action = peewee.CharField(max_length=64)
+        org_id = peewee.CharField(max_length=200)
+        actor_user_id = peewee.CharField(max_length=36)
+        actor_email = peewee.CharField(max_length=320)
+        actor_token_id = peewee.CharField(max_length=36)
+        token_id = peewee.CharField(max_length=36)
+        client_address = peewee.CharField(max_length=200)
+        details = peewee.TextField()
+
+        class Meta:
+            database = db
+            table_name = "audit_events"
+            # Newest first per org, per token, per action; and by age for pruning.
+            indexes = (
+                (("org_id", "time", "id"), False),
+                (("token_id", "time", "id"), False),
+                (("org_id", "action", "time", "id"), False),
+                (("time",), False),
+            )
+
+    db.create_tables([AuditEvent])
+
+
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, _m0001_initial),
     (2, _m0002_hot_last_used),
+    (3, _m0003_lifecycle),
 )
 LATEST = MIGRATIONS[-1][0]
 

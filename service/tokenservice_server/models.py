@@ -16,6 +16,7 @@ from peewee import (
     CharField,
     DatabaseProxy,
     ForeignKeyField,
+    IntegerField,
     Model,
     TextField,
     UUIDField,
@@ -81,6 +82,18 @@ class ApiToken(BaseModel):
     created_at = UtcDateTimeField()
     user = ForeignKeyField(User, backref="tokens", on_delete="CASCADE", index=False)
     org_id = CharField(max_length=200)
+    # The token whose caller minted this one (the token tree); None for the CLI.
+    parent_id = UUIDField(null=True)
+    rotated_from_id = UUIDField(null=True)
+    replaced_by_id = UUIDField(null=True)
+    # The token's own rate limit; both None for the service default.
+    rate_limit_requests = IntegerField(null=True)
+    rate_limit_period_us = BigIntegerField(null=True)
+    # When token.reuse_after_rotation was last recorded (micros).
+    reuse_reported_at = BigIntegerField(null=True)
+    # last_used_at in whole days since the epoch, 0 if never used: the indexed
+    # stand-in for last_used_at (see migration 3).
+    last_used_day = IntegerField(default=0)
 
     class Meta:
         table_name = "api_tokens"
@@ -89,6 +102,24 @@ class ApiToken(BaseModel):
             (("user", "created_at", "id"), False),
             (("org_id", "created_at", "id"), False),
         )
+
+
+class AuditEvent(BaseModel):
+    """One append-only audit log entry; never updated, deleted only by retention."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    time = BigIntegerField()  # micros, like every other time here
+    action = CharField(max_length=64)
+    org_id = CharField(max_length=200)
+    actor_user_id = CharField(max_length=36)
+    actor_email = CharField(max_length=320)
+    actor_token_id = CharField(max_length=36)
+    token_id = CharField(max_length=36)
+    client_address = CharField(max_length=200)
+    details = TextField()  # a JSON object
+
+    class Meta:
+        table_name = "audit_events"
 
 
 class SchemaVersion(BaseModel):

@@ -12,8 +12,8 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TokenService"].full_name
 class Caller(enum.Enum):
     """What an RPC asks of its caller before the rules run."""
 
-    # No credentials: the request itself is the credential (Authenticate) or the
-    # answer is public (ListScopes).
+    # No credentials: the request itself is the credential (Authenticate,
+    # ReportLeakedTokens) or the answer is public (ListScopes).
     ANONYMOUS = "anonymous"
     # `authorization: Bearer <token>` metadata, verified before the method runs.
     BEARER = "bearer"
@@ -26,7 +26,13 @@ CALLER_POLICY: dict[str, Caller] = {
     "ListTokens": Caller.BEARER,
     "GetToken": Caller.BEARER,
     "RevokeToken": Caller.BEARER,
+    "RotateToken": Caller.BEARER,
+    "UpdateToken": Caller.BEARER,
+    "ListAuditEvents": Caller.BEARER,
     "Authenticate": Caller.ANONYMOUS,
+    # The raw tokens reported are the credential: whoever holds a leaked secret
+    # may have it revoked. Throttled like Authenticate.
+    "ReportLeakedTokens": Caller.ANONYMOUS,
     "ListScopes": Caller.ANONYMOUS,
 }
 

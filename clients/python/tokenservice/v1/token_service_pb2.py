@@ -23,10 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tokenservice/v1/token_service.proto\x12\x0ftokenservice.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n\x08\x41piToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0ctoken_prefix\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63reated_by_email\x18\t \x01(\t\x12\x0e\n\x06org_id\x18\n \x01(\t\"b\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12,\n\tapi_token\x18\x02 \x01(\x0b\x32\x19.tokenservice.v1.ApiToken\":\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x12ListTokensResponse\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.tokenservice.v1.ApiToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fGetTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"$\n\x13\x41uthenticateRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x9d\x01\n\x14\x41uthenticateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nuser_email\x18\x03 \x01(\t\x12\x0e\n\x06org_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListScopesRequest\"<\n\x12ListScopesResponse\x12&\n\x06scopes\x18\x01 \x03(\x0b\x32\x16.tokenservice.v1.Scope\"<\n\x05Scope\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08\x61pi_only\x18\x03 \x01(\x08\x32\xa2\x06\n\x0cTokenService\x12\x8e\x01\n\x0b\x43reateToken\x12#.tokenservice.v1.CreateTokenRequest\x1a$.tokenservice.v1.CreateTokenResponse\"4\x82\xd3\xe4\x93\x02.\"\x12/api/v1/api-tokens:\x01*Z\x15\"\x10/api/v1/api-keys:\x01*\x12\x85\x01\n\nListTokens\x12\".tokenservice.v1.ListTokensRequest\x1a#.tokenservice.v1.ListTokensResponse\".\x82\xd3\xe4\x93\x02(\x12\x12/api/v1/api-tokensZ\x12\x12\x10/api/v1/api-keys\x12\x81\x01\n\x08GetToken\x12 .tokenservice.v1.GetTokenRequest\x1a\x19.tokenservice.v1.ApiToken\"8\x82\xd3\xe4\x93\x02\x32\x12\x17/api/v1/api-tokens/{id}Z\x17\x12\x15/api/v1/api-keys/{id}\x12\x87\x01\n\x0bRevokeToken\x12#.tokenservice.v1.RevokeTokenRequest\x1a\x19.tokenservice.v1.ApiToken\"8\x82\xd3\xe4\x93\x02\x32*\x17/api/v1/api-tokens/{id}Z\x17*\x15/api/v1/api-keys/{id}\x12|\n\x0c\x41uthenticate\x12$.tokenservice.v1.AuthenticateRequest\x1a%.tokenservice.v1.AuthenticateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/api/v1/authenticate:\x01*\x12m\n\nListScopes\x12\".tokenservice.v1.ListScopesRequest\x1a#.tokenservice.v1.ListScopesResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/scopesBK\n\x13\x64\x65v.tokenservice.v1P\x01Z2tokenservice/gen/go/tokenservice/v1;tokenservicev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tokenservice/v1/token_service.proto\x12\x0ftokenservice.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x04\n\x08\x41piToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0ctoken_prefix\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63reated_by_email\x18\t \x01(\t\x12\x0e\n\x06org_id\x18\n \x01(\t\x12.\n\x05state\x18\x0b \x01(\x0e\x32\x1f.tokenservice.v1.ApiToken.State\x12\x17\n\x0frotated_from_id\x18\x0c \x01(\t\x12\x16\n\x0ereplaced_by_id\x18\r \x01(\t\x12.\n\nrate_limit\x18\x0e \x01(\x0b\x32\x1a.tokenservice.v1.RateLimit\x12\x11\n\tparent_id\x18\x0f \x01(\t\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07\x45XPIRED\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\"H\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x05\x12)\n\x06period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x92\x01\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrate_limit\x18\x04 \x01(\x0b\x32\x1a.tokenservice.v1.RateLimit\"R\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12,\n\tapi_token\x18\x02 \x01(\x0b\x32\x19.tokenservice.v1.ApiToken\"\x9e\x01\n\x11ListTokensRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.tokenservice.v1.ApiToken.State\x12\x32\n\x0enot_used_since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x12ListTokensResponse\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.tokenservice.v1.ApiToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fGetTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0frevoke_children\x18\x02 \x01(\x08\"Q\n\x12RotateTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x7f\n\x13RotateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12,\n\tapi_token\x18\x02 \x01(\x0b\x32\x19.tokenservice.v1.ApiToken\x12+\n\x08previous\x18\x03 \x01(\x0b\x32\x19.tokenservice.v1.ApiToken\"s\n\x12UpdateTokenRequest\x12,\n\tapi_token\x18\x01 \x01(\x0b\x32\x19.tokenservice.v1.ApiToken\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"$\n\x13\x41uthenticateRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x9d\x01\n\x14\x41uthenticateResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nuser_email\x18\x03 \x01(\t\x12\x0e\n\x06org_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x13\n\x11ListScopesRequest\"<\n\x12ListScopesResponse\x12&\n\x06scopes\x18\x01 \x03(\x0b\x32\x16.tokenservice.v1.Scope\"\xfa\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06org_id\x18\x04 \x01(\t\x12\x15\n\ractor_user_id\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x63tor_email\x18\x06 \x01(\t\x12\x16\n\x0e\x61\x63tor_token_id\x18\x07 \x01(\t\x12\x10\n\x08token_id\x18\x08 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\t \x01(\t\x12(\n\x07\x64\x65tails\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\"a\n\x16ListAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\"_\n\x17ListAuditEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.tokenservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x19ReportLeakedTokensRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"J\n\x1aReportLeakedTokensResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.tokenservice.v1.LeakResult\"3\n\nLeakResult\x12\x14\n\x0ctoken_prefix\x18\x01 \x01(\t\x12\x0f\n\x07revoked\x18\x02 \x01(\x08\"<\n\x05Scope\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08\x61pi_only\x18\x03 \x01(\x08\x32\x96\x0b\n\x0cTokenService\x12\x8e\x01\n\x0b\x43reateToken\x12#.tokenservice.v1.CreateTokenRequest\x1a$.tokenservice.v1.CreateTokenResponse\"4\x82\xd3\xe4\x93\x02.\"\x12/api/v1/api-tokens:\x01*Z\x15\"\x10/api/v1/api-keys:\x01*\x12\x85\x01\n\nListTokens\x12\".tokenservice.v1.ListTokensRequest\x1a#.tokenservice.v1.ListTokensResponse\".\x82\xd3\xe4\x93\x02(\x12\x12/api/v1/api-tokensZ\x12\x12\x10/api/v1/api-keys\x12\x81\x01\n\x08GetToken\x12 .tokenservice.v1.GetTokenRequest\x1a\x19.tokenservice.v1.ApiToken\"8\x82\xd3\xe4\x93\x02\x32\x12\x17/api/v1/api-tokens/{id}Z\x17\x12\x15/api/v1/api-keys/{id}\x12\x87\x01\n\x0bRevokeToken\x12#.tokenservice.v1.RevokeTokenRequest\x1a\x19.tokenservice.v1.ApiToken\"8\x82\xd3\xe4\x93\x02\x32*\x17/api/v1/api-tokens/{id}Z\x17*\x15/api/v1/api-keys/{id}\x12\xa6\x01\n\x0bRotateToken\x12#.tokenservice.v1.RotateTokenRequest\x1a$.tokenservice.v1.RotateTokenResponse\"L\x82\xd3\xe4\x93\x02\x46\"\x1e/api/v1/api-tokens/{id}:rotate:\x01*Z!\"\x1c/api/v1/api-keys/{id}:rotate:\x01*\x12\xb1\x01\n\x0bUpdateToken\x12#.tokenservice.v1.UpdateTokenRequest\x1a\x19.tokenservice.v1.ApiToken\"b\x82\xd3\xe4\x93\x02\\2!/api/v1/api-tokens/{api_token.id}:\tapi_tokenZ,2\x1f/api/v1/api-keys/{api_token.id}:\tapi_token\x12\x82\x01\n\x0fListAuditEvents\x12\'.tokenservice.v1.ListAuditEventsRequest\x1a(.tokenservice.v1.ListAuditEventsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/audit-events\x12\x8f\x01\n\x12ReportLeakedTokens\x12*.tokenservice.v1.ReportLeakedTokensRequest\x1a+.tokenservice.v1.ReportLeakedTokensResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/api/v1/leaked-tokens:\x01*\x12|\n\x0c\x41uthenticate\x12$.tokenservice.v1.AuthenticateRequest\x1a%.tokenservice.v1.AuthenticateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/api/v1/authenticate:\x01*\x12m\n\nListScopes\x12\".tokenservice.v1.ListScopesRequest\x1a#.tokenservice.v1.ListScopesResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/scopesBK\n\x13\x64\x65v.tokenservice.v1P\x01Z2tokenservice/gen/go/tokenservice/v1;tokenservicev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,34 +45,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENSERVICE'].methods_by_name['GetToken']._serialized_options = b'\202\323\344\223\0022\022\027/api/v1/api-tokens/{id}Z\027\022\025/api/v1/api-keys/{id}'
   _globals['_TOKENSERVICE'].methods_by_name['RevokeToken']._loaded_options = None
   _globals['_TOKENSERVICE'].methods_by_name['RevokeToken']._serialized_options = b'\202\323\344\223\0022*\027/api/v1/api-tokens/{id}Z\027*\025/api/v1/api-keys/{id}'
+  _globals['_TOKENSERVICE'].methods_by_name['RotateToken']._loaded_options = None
+  _globals['_TOKENSERVICE'].methods_by_name['RotateToken']._serialized_options = b'\202\323\344\223\002F\"\036/api/v1/api-tokens/{id}:rotate:\001*Z!\"\034/api/v1/api-keys/{id}:rotate:\001*'
+  _globals['_TOKENSERVICE'].methods_by_name['UpdateToken']._loaded_options = None
+  _globals['_TOKENSERVICE'].methods_by_name['UpdateToken']._serialized_options = b'\202\323\344\223\002\\2!/api/v1/api-tokens/{api_token.id}:\tapi_tokenZ,2\037/api/v1/api-keys/{api_token.id}:\tapi_token'
+  _globals['_TOKENSERVICE'].methods_by_name['ListAuditEvents']._loaded_options = None
+  _globals['_TOKENSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/audit-events'
+  _globals['_TOKENSERVICE'].methods_by_name['ReportLeakedTokens']._loaded_options = None
+  _globals['_TOKENSERVICE'].methods_by_name['ReportLeakedTokens']._serialized_options = b'\202\323\344\223\002\032\"\025/api/v1/leaked-tokens:\001*'
   _globals['_TOKENSERVICE'].methods_by_name['Authenticate']._loaded_options = None
   _globals['_TOKENSERVICE'].methods_by_name['Authenticate']._serialized_options = b'\202\323\344\223\002\031\"\024/api/v1/authenticate:\001*'
   _globals['_TOKENSERVICE'].methods_by_name['ListScopes']._loaded_options = None
   _globals['_TOKENSERVICE'].methods_by_name['ListScopes']._serialized_options = b'\202\323\344\223\002\020\022\016/api/v1/scopes'
-  _globals['_APITOKEN']._serialized_start=120
-  _globals['_APITOKEN']._serialized_end=430
-  _globals['_CREATETOKENREQUEST']._serialized_start=432
-  _globals['_CREATETOKENREQUEST']._serialized_end=530
-  _globals['_CREATETOKENRESPONSE']._serialized_start=532
-  _globals['_CREATETOKENRESPONSE']._serialized_end=614
-  _globals['_LISTTOKENSREQUEST']._serialized_start=616
-  _globals['_LISTTOKENSREQUEST']._serialized_end=674
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=676
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=764
-  _globals['_GETTOKENREQUEST']._serialized_start=766
-  _globals['_GETTOKENREQUEST']._serialized_end=795
-  _globals['_REVOKETOKENREQUEST']._serialized_start=797
-  _globals['_REVOKETOKENREQUEST']._serialized_end=829
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=831
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=867
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=870
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=1027
-  _globals['_LISTSCOPESREQUEST']._serialized_start=1029
-  _globals['_LISTSCOPESREQUEST']._serialized_end=1048
-  _globals['_LISTSCOPESRESPONSE']._serialized_start=1050
-  _globals['_LISTSCOPESRESPONSE']._serialized_end=1110
-  _globals['_SCOPE']._serialized_start=1112
-  _globals['_SCOPE']._serialized_end=1172
-  _globals['_TOKENSERVICE']._serialized_start=1175
-  _globals['_TOKENSERVICE']._serialized_end=1977
+  _globals['_APITOKEN']._serialized_start=216
+  _globals['_APITOKEN']._serialized_end=760
+  _globals['_APITOKEN_STATE']._serialized_start=692
+  _globals['_APITOKEN_STATE']._serialized_end=760
+  _globals['_RATELIMIT']._serialized_start=762
+  _globals['_RATELIMIT']._serialized_end=834
+  _globals['_CREATETOKENREQUEST']._serialized_start=837
+  _globals['_CREATETOKENREQUEST']._serialized_end=983
+  _globals['_CREATETOKENRESPONSE']._serialized_start=985
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1067
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1070
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1228
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1230
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1318
+  _globals['_GETTOKENREQUEST']._serialized_start=1320
+  _globals['_GETTOKENREQUEST']._serialized_end=1349
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1351
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1408
+  _globals['_ROTATETOKENREQUEST']._serialized_start=1410
+  _globals['_ROTATETOKENREQUEST']._serialized_end=1491
+  _globals['_ROTATETOKENRESPONSE']._serialized_start=1493
+  _globals['_ROTATETOKENRESPONSE']._serialized_end=1620
+  _globals['_UPDATETOKENREQUEST']._serialized_start=1622
+  _globals['_UPDATETOKENREQUEST']._serialized_end=1737
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=1739
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=1775
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=1778
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=1935
+  _globals['_LISTSCOPESREQUEST']._serialized_start=1937
+  _globals['_LISTSCOPESREQUEST']._serialized_end=1956
+  _globals['_LISTSCOPESRESPONSE']._serialized_start=1958
+  _globals['_LISTSCOPESRESPONSE']._serialized_end=2018
+  _globals['_AUDITEVENT']._serialized_start=2021
+  _globals['_AUDITEVENT']._serialized_end=2271
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2273
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2370
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2372
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2467
+  _globals['_REPORTLEAKEDTOKENSREQUEST']._serialized_start=2469
+  _globals['_REPORTLEAKEDTOKENSREQUEST']._serialized_end=2528
+  _globals['_REPORTLEAKEDTOKENSRESPONSE']._serialized_start=2530
+  _globals['_REPORTLEAKEDTOKENSRESPONSE']._serialized_end=2604
+  _globals['_LEAKRESULT']._serialized_start=2606
+  _globals['_LEAKRESULT']._serialized_end=2657
+  _globals['_SCOPE']._serialized_start=2659
+  _globals['_SCOPE']._serialized_end=2719
+  _globals['_TOKENSERVICE']._serialized_start=2722
+  _globals['_TOKENSERVICE']._serialized_end=4152
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,12 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -11,7 +15,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ApiToken(_message.Message):
-    __slots__ = ("id", "name", "token_prefix", "scopes", "expires_at", "last_used_at", "revoked_at", "created_at", "created_by_email", "org_id")
+    __slots__ = ("id", "name", "token_prefix", "scopes", "expires_at", "last_used_at", "revoked_at", "created_at", "created_by_email", "org_id", "state", "rotated_from_id", "replaced_by_id", "rate_limit", "parent_id")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[ApiToken.State]
+        ACTIVE: _ClassVar[ApiToken.State]
+        EXPIRED: _ClassVar[ApiToken.State]
+        REVOKED: _ClassVar[ApiToken.State]
+    STATE_UNSPECIFIED: ApiToken.State
+    ACTIVE: ApiToken.State
+    EXPIRED: ApiToken.State
+    REVOKED: ApiToken.State
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PREFIX_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +36,11 @@ class ApiToken(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_EMAIL_FIELD_NUMBER: _ClassVar[int]
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROTATED_FROM_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_BY_ID_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     token_prefix: str
@@ -32,17 +51,32 @@ class ApiToken(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     created_by_email: str
     org_id: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., token_prefix: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by_email: _Optional[str] = ..., org_id: _Optional[str] = ...) -> None: ...
+    state: ApiToken.State
+    rotated_from_id: str
+    replaced_by_id: str
+    rate_limit: RateLimit
+    parent_id: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., token_prefix: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by_email: _Optional[str] = ..., org_id: _Optional[str] = ..., state: _Optional[_Union[ApiToken.State, str]] = ..., rotated_from_id: _Optional[str] = ..., replaced_by_id: _Optional[str] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ..., parent_id: _Optional[str] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("requests", "period")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    period: _duration_pb2.Duration
+    def __init__(self, requests: _Optional[int] = ..., period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
-    __slots__ = ("name", "scopes", "expires_at")
+    __slots__ = ("name", "scopes", "expires_at", "rate_limit")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    rate_limit: RateLimit
+    def __init__(self, name: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate_limit: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
 
 class CreateTokenResponse(_message.Message):
     __slots__ = ("token", "api_token")
@@ -53,12 +87,16 @@ class CreateTokenResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., api_token: _Optional[_Union[ApiToken, _Mapping]] = ...) -> None: ...
 
 class ListTokensRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "state", "not_used_since")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NOT_USED_SINCE_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    state: ApiToken.State
+    not_used_since: _timestamp_pb2.Timestamp
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[ApiToken.State, str]] = ..., not_used_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListTokensResponse(_message.Message):
     __slots__ = ("tokens", "next_page_token")
@@ -75,10 +113,38 @@ class GetTokenRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class RevokeTokenRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "revoke_children")
     ID_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_CHILDREN_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    revoke_children: bool
+    def __init__(self, id: _Optional[str] = ..., revoke_children: _Optional[bool] = ...) -> None: ...
+
+class RotateTokenRequest(_message.Message):
+    __slots__ = ("id", "grace_period")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    grace_period: _duration_pb2.Duration
+    def __init__(self, id: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class RotateTokenResponse(_message.Message):
+    __slots__ = ("token", "api_token", "previous")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    API_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    api_token: ApiToken
+    previous: ApiToken
+    def __init__(self, token: _Optional[str] = ..., api_token: _Optional[_Union[ApiToken, _Mapping]] = ..., previous: _Optional[_Union[ApiToken, _Mapping]] = ...) -> None: ...
+
+class UpdateTokenRequest(_message.Message):
+    __slots__ = ("api_token", "update_mask")
+    API_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    api_token: ApiToken
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, api_token: _Optional[_Union[ApiToken, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class AuthenticateRequest(_message.Message):
     __slots__ = ("token",)
@@ -111,6 +177,72 @@ class ListScopesResponse(_message.Message):
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     scopes: _containers.RepeatedCompositeFieldContainer[Scope]
     def __init__(self, scopes: _Optional[_Iterable[_Union[Scope, _Mapping]]] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("id", "time", "action", "org_id", "actor_user_id", "actor_email", "actor_token_id", "token_id", "client_address", "details")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ORG_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_EMAIL_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    time: _timestamp_pb2.Timestamp
+    action: str
+    org_id: str
+    actor_user_id: str
+    actor_email: str
+    actor_token_id: str
+    token_id: str
+    client_address: str
+    details: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., action: _Optional[str] = ..., org_id: _Optional[str] = ..., actor_user_id: _Optional[str] = ..., actor_email: _Optional[str] = ..., actor_token_id: _Optional[str] = ..., token_id: _Optional[str] = ..., client_address: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "token_id", "action")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    token_id: str
+    action: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., token_id: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events", "next_page_token")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReportLeakedTokensRequest(_message.Message):
+    __slots__ = ("tokens", "source")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ReportLeakedTokensResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LeakResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[LeakResult, _Mapping]]] = ...) -> None: ...
+
+class LeakResult(_message.Message):
+    __slots__ = ("token_prefix", "revoked")
+    TOKEN_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    token_prefix: str
+    revoked: bool
+    def __init__(self, token_prefix: _Optional[str] = ..., revoked: _Optional[bool] = ...) -> None: ...
 
 class Scope(_message.Message):
     __slots__ = ("name", "description", "api_only")

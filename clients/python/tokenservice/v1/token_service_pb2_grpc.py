@@ -55,6 +55,26 @@ class TokenServiceStub:
                 request_serializer=tokenservice_dot_v1_dot_token__service__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ApiToken.FromString,
                 _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/tokenservice.v1.TokenService/RotateToken',
+                request_serializer=tokenservice_dot_v1_dot_token__service__pb2.RotateTokenRequest.SerializeToString,
+                response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.RotateTokenResponse.FromString,
+                _registered_method=True)
+        self.UpdateToken = channel.unary_unary(
+                '/tokenservice.v1.TokenService/UpdateToken',
+                request_serializer=tokenservice_dot_v1_dot_token__service__pb2.UpdateTokenRequest.SerializeToString,
+                response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ApiToken.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/tokenservice.v1.TokenService/ListAuditEvents',
+                request_serializer=tokenservice_dot_v1_dot_token__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+        self.ReportLeakedTokens = channel.unary_unary(
+                '/tokenservice.v1.TokenService/ReportLeakedTokens',
+                request_serializer=tokenservice_dot_v1_dot_token__service__pb2.ReportLeakedTokensRequest.SerializeToString,
+                response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ReportLeakedTokensResponse.FromString,
+                _registered_method=True)
         self.Authenticate = channel.unary_unary(
                 '/tokenservice.v1.TokenService/Authenticate',
                 request_serializer=tokenservice_dot_v1_dot_token__service__pb2.AuthenticateRequest.SerializeToString,
@@ -97,7 +117,46 @@ class TokenServiceServicer:
 
     def RevokeToken(self, request, context):
         """Revokes a token at once for every replica. Revoking a revoked token
-        returns it unchanged.
+        returns it unchanged. With revoke_children, every token it minted,
+        transitively, is revoked in the same transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateToken(self, request, context):
+        """Replaces an active token with a new one (new id, new secret) carrying the
+        same name, scopes, expiry, rate limit and owner. The old token keeps
+        working until the grace period ends; a grace of zero revokes it at once.
+        A token that is not ACTIVE, or was already replaced, is
+        FAILED_PRECONDITION. The new raw token is returned here and never again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateToken(self, request, context):
+        """Changes a token's name, scopes, expiry or rate limit, under the rules of
+        CreateToken for each changed field. Over REST the body holds the fields to
+        change and the update mask is the body's keys. A revoked token is
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Lists the audit log of the caller's org, newest first. Needs the scope
+        `api_token:admin`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLeakedTokens(self, request, context):
+        """Reports raw tokens found in public (by a secret scanner, for example).
+        Every reported token that verifies is revoked at once with every token it
+        minted. Needs no caller credentials, and is throttled like Authenticate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,6 +200,26 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.RevokeTokenRequest.FromString,
                     response_serializer=tokenservice_dot_v1_dot_token__service__pb2.ApiToken.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.RotateTokenRequest.FromString,
+                    response_serializer=tokenservice_dot_v1_dot_token__service__pb2.RotateTokenResponse.SerializeToString,
+            ),
+            'UpdateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateToken,
+                    request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.UpdateTokenRequest.FromString,
+                    response_serializer=tokenservice_dot_v1_dot_token__service__pb2.ApiToken.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=tokenservice_dot_v1_dot_token__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ReportLeakedTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLeakedTokens,
+                    request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ReportLeakedTokensRequest.FromString,
+                    response_serializer=tokenservice_dot_v1_dot_token__service__pb2.ReportLeakedTokensResponse.SerializeToString,
             ),
             'Authenticate': grpc.unary_unary_rpc_method_handler(
                     servicer.Authenticate,
@@ -262,6 +341,114 @@ class TokenService:
             '/tokenservice.v1.TokenService/RevokeToken',
             tokenservice_dot_v1_dot_token__service__pb2.RevokeTokenRequest.SerializeToString,
             tokenservice_dot_v1_dot_token__service__pb2.ApiToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenservice.v1.TokenService/RotateToken',
+            tokenservice_dot_v1_dot_token__service__pb2.RotateTokenRequest.SerializeToString,
+            tokenservice_dot_v1_dot_token__service__pb2.RotateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenservice.v1.TokenService/UpdateToken',
+            tokenservice_dot_v1_dot_token__service__pb2.UpdateTokenRequest.SerializeToString,
+            tokenservice_dot_v1_dot_token__service__pb2.ApiToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenservice.v1.TokenService/ListAuditEvents',
+            tokenservice_dot_v1_dot_token__service__pb2.ListAuditEventsRequest.SerializeToString,
+            tokenservice_dot_v1_dot_token__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLeakedTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenservice.v1.TokenService/ReportLeakedTokens',
+            tokenservice_dot_v1_dot_token__service__pb2.ReportLeakedTokensRequest.SerializeToString,
+            tokenservice_dot_v1_dot_token__service__pb2.ReportLeakedTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
