@@ -86,7 +86,7 @@ def section(results: dict[str, Any], png: Path) -> str:
         f" {s['cold_concurrency']}), {s['duration_s']:g} s measured per phase,"
         f" {s['repeats']} repeats in rotating order; figures are medians over the repeats.",
         "",
-        "| target (issue 6 §4) | measured | goal | holds |",
+        "| target | measured | goal | holds |",
         "|---|---|---|---|",
     ]
     for t in results["targets"]:

@@ -332,7 +332,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def targets(sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 6 §4: each a ratio measured in this one run; per-size ones at their worst size."""
+    """The targets: each a ratio measured in this one run; per-size ones at their worst size."""
     out = []
 
     def add(name: str, value: float, goal: str, holds: bool, where: str) -> None:

@@ -1,4 +1,4 @@
-"""The scope catalog: the default of the contract, or a TOML file."""
+"""The scope catalog: the built-in example catalog, or a TOML file (--scopes-file)."""
 
 from __future__ import annotations
 

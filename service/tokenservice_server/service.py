@@ -307,7 +307,7 @@ class TokenService:
         scopes: Sequence[str],
         expires_at: datetime | None,
     ) -> CreatedToken:
-        """Creates a token under contract rule 1; `held` is what the caller may grant."""
+        """Creates a token under the rules of CreateToken; `held` is what the caller may grant."""
         violations: list[tuple[str, str]] = []
         clean_name, why = validate_name(name)
         if why:

@@ -1,4 +1,4 @@
-"""The REST error shape and the mapping from gRPC statuses to it (contract section 5).
+"""The REST error shape and the mapping from gRPC statuses to it (docs/api.md, Errors).
 
 Every error leaves the shim as
 
