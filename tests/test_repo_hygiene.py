@@ -70,6 +70,15 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
     assert offenders(files) == []
 
 
+def test_every_distribution_ships_the_repository_licence() -> None:
+    licence = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+    assert (ROOT / "clients" / "python" / "LICENSE").read_text() == licence
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "clients" / "python" / "pyproject.toml"):
+        assert 'license = "Apache-2.0"' in pyproject.read_text(), pyproject
+    assert '"license": "Apache-2.0"' in (ROOT / "clients" / "node" / "package.json").read_text()
+
+
 @pytest.mark.parametrize(
     "line",
     [
