@@ -204,6 +204,14 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
     assert re.search(r'"revoked":\{"id":"[0-9a-f-]{36}","revoked":true\}', result.stdout)  # Node
     assert re.search(r"\b0 failed\b", result.stdout)  # the curl walkthrough
 
+    # What the commands leave behind (client.py, the database, node_modules) does not
+    # upset the linter: `make lint` still passes after following the README.
+    ruff = Path(sys.prefix) / "bin" / "ruff"
+    if ruff.exists():
+        linted = subprocess.run([str(ruff), "check", "."], cwd=clone, capture_output=True,
+                                text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert linted.returncode == 0, linted.stdout + linted.stderr
+
     # The server the README started is the one they all used.
     listed = cli("user", "add", "--email", "you@example.com", "--org", "acme",
                  "--permissions", "pass:read", "--database-url",
