@@ -2,21 +2,31 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-STAMP  := $(VENV)/.installed
+# Two stamps: `make run` installs only what serving needs (the runtime
+# dependencies); the dev extras (pytest, ruff, Playwright, grpcio-tools, ...)
+# come with `make install`, `make test` and `make lint`.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 GEN    := clients/python/tokenservice/v1
 PROTO  := protos/tokenservice/v1/token_service.proto
 
-.PHONY: install run test bench protos lint clean
+.PHONY: install install-run run test bench protos lint clean
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+install-run: $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ./clients/python -e '.[dev]'
-	touch $(STAMP)
+	$(PIP) install --quiet -e ./clients/python -e .
+	touch $(RUN_STAMP)
 
-run: install
+$(DEV_STAMP): $(RUN_STAMP)
+	$(PIP) install --quiet -e ./clients/python -e '.[dev]'
+	touch $(DEV_STAMP)
+
+run: install-run
 	$(VENV)/bin/tokenservice serve
 
 test: install

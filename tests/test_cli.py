@@ -1,4 +1,4 @@
-"""The command line of contract section 2, run as a real process."""
+"""The command line (README, Command line), run as a real process."""
 
 from __future__ import annotations
 

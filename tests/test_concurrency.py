@@ -1,6 +1,6 @@
 """32 threads authenticating while others revoke, on both backends.
 
-Revocation is immediate (contract rule 4): no Authenticate that *starts* after
+Revocation is immediate (docs/api.md, RevokeToken): no Authenticate that *starts* after
 its token's RevokeToken returned may succeed. And under this load SQLite must
 neither say "database is locked" nor fail any call with a server-side error.
 """

@@ -1,4 +1,4 @@
-"""The web console (issue 7) driven in headless Chromium against a real tokenservice and shim.
+"""The web console driven in headless Chromium against a real tokenservice and shim.
 
 Chromium is Debian's (`/usr/bin/chromium`, installed by .ci/run), driven by
 Playwright's Python package; Playwright's own browser download is not used.

@@ -1,4 +1,4 @@
-"""Every rule of contract section 4, through a real server and real stubs."""
+"""Every rule of the gRPC API (docs/api.md), through a real server and real stubs."""
 
 from __future__ import annotations
 

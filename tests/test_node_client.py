@@ -1,5 +1,5 @@
 """The Node example (clients/node) against a real tokenservice: `npm ci`, then
-`node index.js` calls ListScopes, CreateToken and Authenticate."""
+`node index.js` calls ListScopes, CreateToken, Authenticate and RevokeToken."""
 
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def run_node(target: str, token: str, *args: str) -> subprocess.CompletedProcess
     )
 
 
-def test_node_example_lists_scopes_creates_and_authenticates(node_example: Path, ts) -> None:
+def test_node_example_lists_scopes_creates_authenticates_and_revokes(
+    node_example: Path, ts
+) -> None:
     email = f"node-{uuid.uuid4().hex[:8]}@example.com"
     ts.add_user(email, "acme", ["api_token:manage", "pass:read", "invoice.view"])
     bootstrap = ts.mint(email, ["api_token:manage", "pass:read", "invoice.view"])
@@ -72,12 +74,15 @@ def test_node_example_lists_scopes_creates_and_authenticates(node_example: Path,
     assert report["authenticated"]["userEmail"] == email
     assert report["created"]["tokenPrefix"].startswith("tks_")
     assert "tks_" not in json.dumps(report["authenticated"])  # no raw token printed
+    assert report["revoked"] == {"id": report["created"]["id"], "revoked": True}
 
-    # The token Node created is real: the Python client sees it, with its scopes.
+    # The token Node created is real: the Python client sees it, with its scopes, and
+    # revoked, so a run of the example leaves no working token behind.
     with TokenServiceClient(ts.target, token=bootstrap) as client:
         made = client.get_token(report["created"]["id"])
     assert made.name == "node example"
     assert sorted(made.scopes) == ["invoice.view", "pass:read"]
+    assert made.HasField("revoked_at")
 
 
 def test_node_example_reports_grpc_errors(node_example: Path, ts) -> None:

@@ -13,8 +13,8 @@ from conftest import make_config, start_server
 from grpc_health.v1 import health_pb2
 from rest_helpers import FUTURE, Rest, bearer_header, running_rest
 
-# The request bodies of the seeds' curl examples (shared/seeds/), as the guides print
-# them; kept here so the test needs nothing outside the repository.
+# Request bodies as two public API-token guides print them in their curl
+# examples: callers copy these, so they must work on our paths as printed.
 STEMP_CREATE_BODY = """{
     "name": "POS Integration",
     "scopes": ["pass:read", "pass:create", "loyalty:manage"],
@@ -374,7 +374,7 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
     }
 
 
-# -- the seeds' curl examples, on our paths, through the curl binary ----------
+# -- the guides' curl examples, on our paths, through the curl binary ---------
 
 
 def curl(rest: Rest, *args: str) -> tuple[int, dict[str, str], str]:
@@ -389,19 +389,19 @@ def curl(rest: Rest, *args: str) -> tuple[int, dict[str, str], str]:
     return status, headers, body
 
 
-def test_seed_examples_replayed_through_curl(ts, rest: Rest) -> None:
+def test_guide_examples_replayed_through_curl(ts, rest: Rest) -> None:
     # stemp: create on /api/v1/api-keys, list, revoke, as its guide shows.
     token = ts.manager(
         email="you@example.com",
         permissions=("api_token:manage", "pass:read", "pass:create", "loyalty:manage"),
     )
-    seed_body = json.loads(STEMP_CREATE_BODY)
-    assert seed_body["name"] == "POS Integration" and seed_body["expiresAt"].endswith("Z")
-    seed_body["expiresAt"] = FUTURE  # the seed's date is near; the rule wants a future one
+    guide_body = json.loads(STEMP_CREATE_BODY)
+    assert guide_body["name"] == "POS Integration" and guide_body["expiresAt"].endswith("Z")
+    guide_body["expiresAt"] = FUTURE  # the guide's date is near; the rule wants a future one
     status, headers, text = curl(
         rest, "-X", "POST", f"{rest.base_url}/api/v1/api-keys",
         "-H", f"Authorization: Bearer {token}", "-H", "Content-Type: application/json",
-        "-d", json.dumps(seed_body),
+        "-d", json.dumps(guide_body),
     )
     assert status == 201, text
     assert headers["cache-control"] == "no-store"
@@ -436,12 +436,12 @@ def test_seed_examples_replayed_through_curl(ts, rest: Rest) -> None:
         email="storno@acme.test",
         permissions=("api_token:manage", "invoice.view", "invoice.create", "client.view"),
     )
-    seed_body = json.loads(STORNO_CREATE_BODY)
-    seed_body["expiresAt"] = FUTURE
+    guide_body = json.loads(STORNO_CREATE_BODY)
+    guide_body["expiresAt"] = FUTURE
     status, _, text = curl(
         rest, "-X", "POST", f"{rest.base_url}/api/v1/api-tokens",
         "-H", f"Authorization: Bearer {storno_token}", "-H", "Content-Type: application/json",
-        "-d", json.dumps(seed_body),
+        "-d", json.dumps(guide_body),
     )
     assert status == 201, text
     created = json.loads(text)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seeds' curl walkthrough on tokenservice's REST paths, checked step by step:
+# A curl walkthrough of tokenservice's REST paths, checked step by step:
 # scopes, create (api-tokens and the api-keys alias), list, get, authenticate, use of a
 # token without api_token:manage, revoke (twice), authenticate after revoke, a
 # validation error and a missing header.

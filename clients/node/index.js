@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Calls tokenservice from Node: ListScopes, CreateToken, Authenticate.
+// Calls tokenservice from Node: ListScopes, CreateToken, Authenticate, and RevokeToken
+// on the token it created, so a run leaves no working token behind.
 //
 //   TOKENSERVICE_TOKEN=tks_... node index.js [--target localhost:50051] [--scopes pass:read]
 //
@@ -99,6 +100,7 @@ async function main() {
     // The raw token is created.token: store it now, it is never shown again.
     const who = await call(service, null, "Authenticate", { token: created.token });
     if (who.tokenId !== created.apiToken.id) throw new Error("Authenticate named another token");
+    const revoked = await call(service, values.token, "RevokeToken", { id: created.apiToken.id });
     console.log(
       JSON.stringify({
         scopes: catalog.scopes.map((s) => s.name),
@@ -108,6 +110,7 @@ async function main() {
           scopes: created.apiToken.scopes,
         },
         authenticated: { tokenId: who.tokenId, userEmail: who.userEmail, scopes: who.scopes },
+        revoked: { id: revoked.id, revoked: Boolean(revoked.revokedAt) },
       })
     );
   } finally {

@@ -41,15 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     creds = token_credentials(args.token, grpc.local_channel_credentials())
     with grpc.secure_channel(args.target, creds) as channel:
         stub = pb_grpc.PassServiceStub(channel)
+        # wait_for_ready: a server started a moment ago (`server.py &`) is waited
+        # for, within the deadline, instead of failing at once with UNAVAILABLE.
+        call = {"timeout": 10, "wait_for_ready": True}
         try:
             if args.command == "whoami":
-                replies = [stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)]
+                replies = [stub.WhoAmI(pb.WhoAmIRequest(), **call)]
             elif args.command == "create":
-                replies = [stub.CreatePass(pb.CreatePassRequest(title=args.arg), timeout=10)]
+                replies = [stub.CreatePass(pb.CreatePassRequest(title=args.arg), **call)]
             elif args.command == "get":
-                replies = [stub.GetPass(pb.GetPassRequest(id=args.arg), timeout=10)]
+                replies = [stub.GetPass(pb.GetPassRequest(id=args.arg), **call)]
             else:
-                replies = list(stub.ListPasses(pb.ListPassesRequest(), timeout=10))
+                replies = list(stub.ListPasses(pb.ListPassesRequest(), **call))
         except grpc.RpcError as err:
             print(f"{err.code().name}: {err.details()}", file=sys.stderr)
             return 1

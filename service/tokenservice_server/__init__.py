@@ -1,3 +1,3 @@
 """tokenservice: a self-hosted API-token service over gRPC."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

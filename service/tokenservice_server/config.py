@@ -25,7 +25,7 @@ class Config:
     bcrypt_rounds: int = 12
     # Tokens look like tks_<lookup id><secret><checksum>.
     token_prefix: str = "tks_"
-    # last_used_at is written in batches at least this often (contract: 60 s).
+    # last_used_at is written in batches at least this often (at most 60 s).
     last_used_flush_seconds: float = 15.0
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace_seconds: float = 10.0

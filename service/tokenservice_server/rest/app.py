@@ -24,6 +24,7 @@ from tokenservice_client import parse_bearer
 
 from .. import console, metrics
 from ..health import DEPENDENCIES, DEPENDENCY_PREFIX
+from . import apidocs
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
 from .openapi import build_openapi
 from .routes import Route, build_routes
@@ -170,6 +171,9 @@ class RestApp:
             return  # no websockets: the server closes the connection
         if console.is_console_path(scope["path"]):
             await console.app(scope, receive, send)  # the web console's static files
+            return
+        if apidocs.is_docs_path(scope["path"]):
+            await apidocs.app(scope, receive, send)  # Swagger UI on /openapi.json
             return
         request = Request(scope, receive)
         try:
