@@ -328,8 +328,9 @@ class RedisStore(LimitStore):
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            # redis-py retries three times by default; a retry would triple the
-            # time a caller waits on a dead Redis. The fallback is the retry.
+            # No retries inside a call (redis.Redis() retries three times by default,
+            # from_url() today none): each would add a timeout to the caller's wait
+            # on a dead Redis. The fallback is the retry.
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
