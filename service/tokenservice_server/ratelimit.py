@@ -307,7 +307,8 @@ class RedisStore(LimitStore):
     `retry_after_s` (one caller then tries it again while the others keep to
     the fallback), so a dead or stalled Redis costs at most one timeout per
     back-off, never an error. `on_health_change(healthy)` is called on every
-    change of `healthy`, from the thread that noticed it.
+    change of `healthy`, in order, from the thread that noticed it (under a
+    lock: it should only hand the news on, not wait for anything).
     """
 
     def __init__(
@@ -340,8 +341,10 @@ class RedisStore(LimitStore):
         self.retry_after_s = retry_after_s
         self.on_health_change = on_health_change
         self._healthy = True
+        self._reported = True
         self._next_try = 0.0
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
 
     @property
     def healthy(self) -> bool:
@@ -363,28 +366,38 @@ class RedisStore(LimitStore):
         if self._healthy:
             return
         with self._lock:
-            changed, self._healthy = not self._healthy, True
-        if changed:
-            log.info("Redis is back: rate limits are shared again")
-            self._notify(True)
+            self._healthy = True
+        self._report()
 
     def _down(self, error: BaseException) -> None:
         with self._lock:
-            changed, self._healthy = self._healthy, False
+            self._healthy = False
             self._next_try = time.monotonic() + self.retry_after_s
-        if changed:
-            log.warning(
-                "Redis unavailable: rate limits fall back to this process's counters",
-                extra={"error": f"{type(error).__name__}: {error}"},
-            )
-            self._notify(False)
+        self._report(error)
 
-    def _notify(self, healthy: bool) -> None:
-        if self.on_health_change is not None:
-            try:
-                self.on_health_change(healthy)
-            except Exception:
-                log.exception("rate limit health callback failed")
+    def _report(self, error: BaseException | None = None) -> None:
+        """Logs and calls back each change once, in order, ending on the current state.
+
+        Threads race to change `healthy` (a call that went out before Redis died
+        may succeed after another saw it fail); each reports the state as it is
+        when it holds the lock, so the last report is always the true one."""
+        with self._report_lock:
+            healthy = self._healthy
+            if healthy == self._reported:
+                return
+            self._reported = healthy
+            if healthy:
+                log.info("Redis is back: rate limits are shared again")
+            else:
+                log.warning(
+                    "Redis unavailable: rate limits fall back to this process's counters",
+                    extra={"error": f"{type(error).__name__}: {error}" if error else None},
+                )
+            if self.on_health_change is not None:
+                try:
+                    self.on_health_change(healthy)
+                except Exception:
+                    log.exception("rate limit health callback failed")
 
     def _eval(self, script: _Script, key: str, *args: Any) -> Any:
         try:
