@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 import pgcluster
 import pytest
+import redis_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pgcluster import PgCluster
+from redis_server import RedisServer
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
@@ -152,6 +154,60 @@ def pg_database_url(pg_cluster: PgCluster) -> Iterator[str]:
     yield url
     with contextlib.suppress(Exception):
         pg_cluster.drop_database(pgcluster.dbname_of(url))
+
+
+# Redis: one throwaway server per session (tests/redis_server.py), emptied before
+# each test that takes `redis_url`; tests that stop or stall Redis get their own.
+# Like PostgreSQL: skipped without redis-server, a failure under CI=true.
+
+
+def _redis_missing(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but Redis cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _start_redis() -> RedisServer:
+    reason = redis_server.missing_reason()
+    if reason:
+        _redis_missing(reason)
+    server = RedisServer()
+    try:
+        return server.start()
+    except Exception as error:
+        server.remove()
+        _redis_missing(f"could not start redis-server: {error}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """One Redis server for the whole session, removed at the end."""
+    server = _start_redis()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def redis_url(shared_redis: RedisServer) -> str:
+    """The session's Redis, emptied: no test sees another's counters."""
+    import redis
+
+    with redis.Redis.from_url(shared_redis.url()) as client:
+        client.flushall()
+    return shared_redis.url()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis server of this test's own, for tests that stop, restart or stall it."""
+    server = _start_redis()
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 @pytest.fixture

@@ -108,10 +108,11 @@ def test_failure_buckets_throttle_and_refill() -> None:
 
 
 def test_buckets_stay_bounded() -> None:
-    buckets = FailureBuckets(burst=1, per_second=1.0, max_keys=10)
+    buckets = FailureBuckets(burst=1, per_second=1.0, max_keys=10, clock=lambda: 0.0)
     for i in range(100):
         buckets.fail(str(i))
-    assert len(buckets._buckets) == 10
+    # Only the 10 most recent failures are remembered: the oldest keys start afresh.
+    assert [buckets.untouched(str(i)) for i in range(100)] == [True] * 90 + [False] * 10
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="N gRPC server processes sharing the port (default 1)")
     serve.add_argument("--metrics-port", type=int,
                        help="serve /metrics on this port too (default: the REST port only)")
+    serve.add_argument("--rate-limit",
+                       help="successful authentications per token, e.g. 600/60s, or off")
+    serve.add_argument("--redis-url",
+                       help="redis://host:port/db: limits shared by every replica and worker")
     # Set by `serve --workers N` on the processes it starts; not for people.
     serve.add_argument("--reuse-port", dest="reuse_port", action="store_const", const=True,
                        help=argparse.SUPPRESS)
@@ -155,6 +159,10 @@ def _worker_command(config: Config, port: int) -> list[str]:
     ]
     if config.scopes_file:
         command += ["--scopes-file", config.scopes_file]
+    # Every worker counts against the same limits: each is given the supervisor's.
+    command += ["--rate-limit", str(config.rate_limit or "off")]
+    if config.redis_url:
+        command += ["--redis-url", config.redis_url]
     return command
 
 

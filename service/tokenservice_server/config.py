@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "TOKENSERVICE_"
 
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message is shown to the person as is."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `requests` calls in any `period_s` seconds: written `600/60s`."""
+
+    requests: int
+    period_s: float
+
+    def __str__(self) -> str:
+        period = f"{self.period_s:g}"
+        if float(period) != self.period_s:
+            period = repr(self.period_s)
+        return f"{self.requests}/{period}s"
+
+
+_RATE = re.compile(r"([0-9]+)/([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Limits count in whole microseconds (one timestamp per key), and a period past a
+# day is no rate limit but a quota.
+MAX_PERIOD_SECONDS = 86_400.0
+
+
+def parse_rate_limit(text: str, source: str = "rate limit") -> RateLimit | None:
+    """`600/60s` (units ms, s, m, h) as a RateLimit; `off` as None (no default limit)."""
+    text = text.strip()
+    if text.lower() == "off":
+        return None
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ConfigError(
+            f"{source}: expected REQUESTS/PERIOD such as 600/60s (units ms, s, m, h) "
+            f"or off, got {text!r}"
+        )
+    limit = RateLimit(int(match[1]), float(match[2]) * _UNIT_SECONDS[match[3]])
+    check_rate_limit(limit, source)
+    return limit
+
+
+def check_rate_limit(limit: RateLimit, source: str = "rate limit") -> None:
+    """Refuses a limit the limiter cannot keep: no calls, no time, or finer than 1 µs."""
+    if limit.requests < 1:
+        raise ConfigError(f"{source}: a limit must allow at least 1 request")
+    if not 0 < limit.period_s <= MAX_PERIOD_SECONDS or not math.isfinite(limit.period_s):
+        raise ConfigError(f"{source}: the period must be more than 0 and at most 24h")
+    if limit.period_s * 1_000_000 < limit.requests:
+        raise ConfigError(f"{source}: at most one request per microsecond")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +93,15 @@ class Config:
     auth_failure_refill_per_second: float = 5.0
     lookup_failure_burst: int = 10
     lookup_failure_refill_per_second: float = 0.5
+    # Successful authentications per token, unless the token has a limit of its own;
+    # None (TOKENSERVICE_RATE_LIMIT=off) leaves such tokens unlimited.
+    rate_limit: RateLimit | None = RateLimit(600, 60.0)
+    # redis://host:port/db: rate limits and failure throttles shared by every replica
+    # and worker process. None: each process counts on its own.
+    redis_url: str | None = None
+    # A Redis call slower than this counts as Redis down: the check falls back to the
+    # process's own counters rather than hold up Authenticate.
+    redis_timeout_seconds: float = 0.1
     # Peers allowed to name the real client in x-forwarded-for (the REST shim).
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # Start the REST/JSON shim beside the gRPC server.
@@ -83,6 +142,8 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
         raise ConfigError(f"{source}: expected true or false, got {raw!r}")
     if name in _TUPLE_FIELDS:
         return tuple(p.strip() for p in raw.split(",") if p.strip())
+    if name == "rate_limit":
+        return parse_rate_limit(raw, source)
     return raw
 
 
@@ -119,6 +180,26 @@ def validate(config: Config) -> None:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
+    if config.rate_limit is not None:
+        check_rate_limit(config.rate_limit)
+    if config.redis_url is not None:
+        check_redis_url(config.redis_url)
+    if not 0 < config.redis_timeout_seconds <= 10:
+        raise ConfigError("the Redis timeout must be in (0, 10] seconds")
+
+
+def check_redis_url(url: str) -> None:
+    """redis://host:port/db (rediss:// for TLS), refused early rather than at the first call."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"Redis URL: expected redis://host:port/db, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"Redis URL: bad port in {url!r}") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"Redis URL: the database must be a number, got {db!r}")
 
 
 def grpc_address(host: str, port: int) -> str:

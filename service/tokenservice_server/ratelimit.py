@@ -1,0 +1,531 @@
+"""Rate limits and failure throttles: one algorithm, kept in process or shared through Redis.
+
+The algorithm is GCRA, the generic cell rate algorithm (ATM networks' policer,
+redis-cell's and Stripe's limiter). A limit of `requests` per `period` spaces
+calls `T = period / requests` apart; each key keeps one number, its theoretical
+arrival time (TAT): when it would next be fully rested. A call is let through
+when it lands no more than `burst * T` ahead of now, and moves the TAT on by T.
+
+Why GCRA rather than the alternatives:
+
+* a sliding-window log is exact but keeps one timestamp per call (600 for a
+  600/60s limit) in every key;
+* fixed windows let 2 x `requests` through around a window's edge, and the
+  two-counter sliding-window estimate still lets up to 1.5 x through;
+* a token bucket gives the same answers as GCRA but keeps two numbers (level
+  and time), so its Redis script has more to read, write and get wrong.
+
+GCRA keeps one integer per key, answers every question a caller needs (allowed,
+how many calls are left right now, when to retry, when fully rested) from it,
+and its bound is exact: in any window of `period` seconds (half-open) a key is
+let through at most `requests + burst - 1` calls. The slack is `burst - 1`. By
+default `burst = ceil(requests / 10)`, so a 600/60s limit allows 60 calls at
+once, then one every 100 ms, and never more than 659 in any 60 s; 100/10s
+never more than 109 in any 10 s. A caller that keeps calling faster than the
+limit gets `requests` calls per period once its burst is spent.
+
+`remaining` counts the calls a caller can make right now before one is
+refused (at most `burst - 1`), not what is left of `requests`: it is the
+honest answer to "may I send another?".
+
+Two stores run the same step: LocalStore in this process (a bounded LRU
+behind a lock, timed by an injectable clock) and RedisStore, one Lua script
+per check (EVALSHA, EVAL on NOSCRIPT) timed by Redis's own clock so replicas
+with skewed clocks agree. Redis keys start with `tokenservice:rl:`, hold a
+hash of the caller's id (never a token secret, never a client address in
+clear) and expire by themselves once the key is fully rested. Redis failing
+or slower than its timeout never reaches the caller: the check runs on the
+RedisStore's own LocalStore instead (per-process counters: fail open for the
+shared budget, never unlimited), the store reports itself unhealthy, and
+Redis is tried again after a short back-off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+log = logging.getLogger("tokenservice.ratelimit")
+
+KEY_PREFIX = "tokenservice:rl:"
+# The burst is this fraction of `requests` (rounded up): the slack in any window.
+BURST_DIVISOR = 10
+MICROS = 1_000_000
+
+
+def default_burst(requests: int) -> int:
+    """Calls a rested key may make at once: a tenth of the limit, at least one."""
+    return max(1, -(-requests // BURST_DIVISOR))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One check's answer, in the terms of RetryInfo and the RateLimit-* headers."""
+
+    allowed: bool
+    # The configured `requests` per period.
+    limit: int
+    # Calls that would be let through right now, after this one.
+    remaining: int
+    # Seconds until the key is fully rested (its whole burst available again).
+    reset_after_s: float
+    # Refused: seconds until the same call would be let through. Allowed: 0.
+    retry_after_s: float
+
+
+class GcraResult(NamedTuple):
+    """A store's answer, in whole microseconds."""
+
+    allowed: bool
+    # How far the key's TAT lies ahead of now after the call (unchanged when refused).
+    ahead_us: int
+    # Refused: how long until the call would fit. Allowed: 0.
+    retry_us: int
+
+
+def gcra_step(
+    tat: int, now: int, interval: int, span: int, cost: int
+) -> tuple[GcraResult, int | None]:
+    """One GCRA step: the result and the new TAT to store (None: leave it).
+
+    The Lua script in RedisStore is this function, line for line.
+    """
+    tat = max(tat, now)
+    new_tat = tat + interval * cost
+    if new_tat - now > span:
+        return GcraResult(False, tat - now, new_tat - span - now), None
+    return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 else None)
+
+
+class LimitStore(ABC):
+    """Where limits and throttles keep their state: this process, or Redis.
+
+    `namespace` separates the users of one store (per-token limits, per-client
+    and per-lookup throttles); `key` is the caller's id within it.
+    """
+
+    @abstractmethod
+    def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
+             cost: int) -> GcraResult:
+        """One GCRA step for `key`: interval T and span burst*T in microseconds."""
+
+    @abstractmethod
+    def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
+        """Tokens in `key`'s failure bucket now (`burst` when it has none)."""
+
+    @abstractmethod
+    def bucket_fail(self, namespace: str, key: str, burst: float, rate: float) -> None:
+        """Takes one token from `key`'s failure bucket (none left: stays empty)."""
+
+    @abstractmethod
+    def bucket_hold(self, namespace: str, key: str, seconds: float, burst: float,
+                    rate: float) -> None:
+        """Pushes `key`'s refill `seconds` later (a tarpit's wait refills nothing)."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while a shared store is out of reach and this process counts alone."""
+        return True
+
+    def probe(self) -> bool:
+        """Checks the store now (for a health loop) and returns `healthy`."""
+        return self.healthy
+
+    def close(self) -> None:
+        """Releases connections; the store may not be used afterwards."""
+        return None  # this process's own counters hold none
+
+
+class LocalStore(LimitStore):
+    """This process's own counters: an LRU of at most `max_keys` keys per namespace.
+
+    A flood of distinct keys evicts the least recently used ones, so memory
+    stays bounded; an evicted key starts rested (the flood itself, not the
+    evicted caller, is what the failure throttles catch).
+    """
+
+    def __init__(self, max_keys: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_keys = max_keys
+        self._clock = clock
+        self._tables: dict[str, OrderedDict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _table(self, namespace: str) -> OrderedDict[str, Any]:
+        table = self._tables.get(namespace)
+        if table is None:
+            table = self._tables.setdefault(namespace, OrderedDict())
+        return table
+
+    def _trim(self, table: OrderedDict[str, Any]) -> None:
+        while len(table) > self._max_keys:
+            table.popitem(last=False)
+
+    def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
+             cost: int) -> GcraResult:
+        with self._lock:
+            now = round(self._clock() * MICROS)
+            table = self._table(namespace)
+            result, new_tat = gcra_step(table.get(key, 0), now, interval_us, span_us, cost)
+            if new_tat is not None:
+                table[key] = new_tat
+                table.move_to_end(key)
+                self._trim(table)
+            return result
+
+    # The failure buckets: (tokens, time of the last change) per key, in seconds.
+
+    @staticmethod
+    def _level(entry: tuple[float, float] | None, burst: float, rate: float,
+               now: float) -> float:
+        if entry is None:
+            return burst
+        tokens, at = entry
+        return min(burst, tokens + (now - at) * rate)
+
+    def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
+        table = self._tables.get(namespace)
+        if not table:  # fast path: nobody has failed lately
+            return burst
+        with self._lock:
+            return self._level(table.get(key), burst, rate, self._clock())
+
+    def bucket_fail(self, namespace: str, key: str, burst: float, rate: float) -> None:
+        with self._lock:
+            table = self._table(namespace)
+            now = self._clock()
+            level = self._level(table.get(key), burst, rate, now)
+            table[key] = (max(0.0, level - 1.0), now)
+            table.move_to_end(key)
+            self._trim(table)
+
+    def bucket_hold(self, namespace: str, key: str, seconds: float, burst: float,
+                    rate: float) -> None:
+        with self._lock:
+            table = self._tables.get(namespace)
+            entry = None if table is None else table.get(key)
+            if table is None or entry is None:
+                return
+            now = self._clock()
+            tokens, at = entry
+            # At most one refill period of debt beyond the longest hold.
+            table[key] = (tokens, min(at + seconds, now + seconds))
+
+
+# The Redis scripts. Each is one round trip, reads Redis's clock (TIME), and
+# gives every key it writes an expiry: the moment the key is as good as absent.
+# Numbers leave Lua as strings ('%.17g', '%d'): Lua's default formatting keeps
+# only 14 digits, too few for microseconds since 1970.
+
+_GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval, span, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tat < now then tat = now end
+local new_tat = tat + interval * cost
+if new_tat - now > span then
+  return {0, tat - now, new_tat - span - now}
+end
+if cost > 0 then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat),
+             'PX', math.ceil((new_tat - now) / 1000) + 1)
+end
+return {1, new_tat - now, 0}
+"""
+
+_BUCKET_READ_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local entry = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local level = burst
+if entry[1] then
+  level = math.min(burst, tonumber(entry[1]) + (now - tonumber(entry[2])) * rate)
+end
+"""
+
+_BUCKET_LEVEL_LUA = _BUCKET_READ_LUA + """
+return string.format('%.17g', level)
+"""
+
+_BUCKET_FAIL_LUA = _BUCKET_READ_LUA + """
+local tokens = math.max(0, level - 1)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+           'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1)
+return 1
+"""
+
+_BUCKET_HOLD_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local seconds, burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local entry = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+if not entry[1] then return 0 end
+local tokens = tonumber(entry[1])
+local at = math.min(tonumber(entry[2]) + seconds, now + seconds)
+redis.call('HSET', KEYS[1], 'at', string.format('%.17g', at))
+redis.call('PEXPIRE', KEYS[1], math.ceil((at + (burst - tokens) / rate - now) * 1000) + 1)
+return 1
+"""
+
+
+class _Script:
+    """A Lua script run by its SHA1, sent whole only when Redis does not have it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_GCRA = _Script(_GCRA_LUA)
+_BUCKET_LEVEL = _Script(_BUCKET_LEVEL_LUA)
+_BUCKET_FAIL = _Script(_BUCKET_FAIL_LUA)
+_BUCKET_HOLD = _Script(_BUCKET_HOLD_LUA)
+
+
+def redis_key(namespace: str, key: str) -> str:
+    """`tokenservice:rl:<namespace>:<hash of key>`: no id in clear, a bounded length."""
+    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return f"{KEY_PREFIX}{namespace}:{digest}"
+
+
+class RedisStore(LimitStore):
+    """Limits shared by every process on one Redis, with this process's counters as fallback.
+
+    `timeout_s` bounds every Redis call (connect and reply); a call that fails
+    or times out is answered by `fallback` instead, and Redis is left alone for
+    `retry_after_s` (one caller then tries it again while the others keep to
+    the fallback), so a dead or stalled Redis costs at most one timeout per
+    back-off, never an error. `on_health_change(healthy)` is called on every
+    change of `healthy`, in order, from the thread that noticed it (under a
+    lock: it should only hand the news on, not wait for anything).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 0.1,
+        fallback: LocalStore | None = None,
+        retry_after_s: float = 1.0,
+        on_health_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        # Imported here: redis-py takes ~150 ms to import, which a process
+        # without a Redis URL (the CLI, the default server) need not pay.
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # No retries inside a call (redis.Redis() retries three times by default,
+            # from_url() today none): each would add a timeout to the caller's wait
+            # on a dead Redis. The fallback is the retry.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._noscript = redis.exceptions.NoScriptError
+        self.fallback = fallback if fallback is not None else LocalStore()
+        self.retry_after_s = retry_after_s
+        self.on_health_change = on_health_change
+        self._healthy = True
+        self._reported = True
+        self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # Health: down on any error, up again on the first call that succeeds.
+
+    def _may_try(self) -> bool:
+        if self._healthy:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_try:
+                return False
+            self._next_try = now + self.retry_after_s  # this caller probes; others wait
+        return True
+
+    def _up(self) -> None:
+        if self._healthy:
+            return
+        with self._lock:
+            self._healthy = True
+        self._report()
+
+    def _down(self, error: BaseException) -> None:
+        with self._lock:
+            self._healthy = False
+            self._next_try = time.monotonic() + self.retry_after_s
+        self._report(error)
+
+    def _report(self, error: BaseException | None = None) -> None:
+        """Logs and calls back each change once, in order, ending on the current state.
+
+        Threads race to change `healthy` (a call that went out before Redis died
+        may succeed after another saw it fail); each reports the state as it is
+        when it holds the lock, so the last report is always the true one."""
+        with self._report_lock:
+            healthy = self._healthy
+            if healthy == self._reported:
+                return
+            self._reported = healthy
+            if healthy:
+                log.info("Redis is back: rate limits are shared again")
+            else:
+                log.warning(
+                    "Redis unavailable: rate limits fall back to this process's counters",
+                    extra={"error": f"{type(error).__name__}: {error}" if error else None},
+                )
+            if self.on_health_change is not None:
+                try:
+                    self.on_health_change(healthy)
+                except Exception:
+                    log.exception("rate limit health callback failed")
+
+    def _eval(self, script: _Script, key: str, *args: Any) -> Any:
+        try:
+            return self._client.evalsha(script.sha, 1, key, *args)
+        except self._noscript:
+            # EVAL runs the script and caches it: the next EVALSHA finds it.
+            return self._client.eval(script.source, 1, key, *args)
+
+    def probe(self) -> bool:
+        try:
+            self._client.ping()
+        except self._errors as error:
+            self._down(error)
+        else:
+            self._up()
+        return self._healthy
+
+    # The store's operations: Redis when it answers, else the fallback.
+
+    def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
+             cost: int) -> GcraResult:
+        if self._may_try():
+            try:
+                allowed, ahead, retry = self._eval(
+                    _GCRA, redis_key(namespace, key), interval_us, span_us, cost
+                )
+            except self._errors as error:
+                self._down(error)
+            else:
+                self._up()
+                return GcraResult(bool(allowed), int(ahead), int(retry))
+        return self.fallback.gcra(namespace, key, interval_us, span_us, cost)
+
+    def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
+        if self._may_try():
+            try:
+                level = self._eval(_BUCKET_LEVEL, redis_key(namespace, key), burst, rate)
+            except self._errors as error:
+                self._down(error)
+            else:
+                self._up()
+                return float(level)
+        return self.fallback.bucket_level(namespace, key, burst, rate)
+
+    def bucket_fail(self, namespace: str, key: str, burst: float, rate: float) -> None:
+        if self._may_try():
+            try:
+                self._eval(_BUCKET_FAIL, redis_key(namespace, key), burst, rate)
+            except self._errors as error:
+                self._down(error)
+            else:
+                self._up()
+                return
+        self.fallback.bucket_fail(namespace, key, burst, rate)
+
+    def bucket_hold(self, namespace: str, key: str, seconds: float, burst: float,
+                    rate: float) -> None:
+        if self._may_try():
+            try:
+                self._eval(_BUCKET_HOLD, redis_key(namespace, key), seconds, burst, rate)
+            except self._errors as error:
+                self._down(error)
+            else:
+                self._up()
+                return
+        self.fallback.bucket_hold(namespace, key, seconds, burst, rate)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_store(
+    redis_url: str | None,
+    timeout_s: float = 0.1,
+    on_health_change: Callable[[bool], None] | None = None,
+) -> LimitStore:
+    """The store a server uses: Redis when a URL is configured, else this process's."""
+    if redis_url:
+        return RedisStore(redis_url, timeout_s, on_health_change=on_health_change)
+    return LocalStore()
+
+
+@lru_cache(maxsize=1024)
+def _steps(requests: int, period_s: float, burst: int) -> tuple[int, int]:
+    """(T, burst*T) in whole microseconds; T rounded up, so never looser than asked."""
+    if requests < 1 or burst < 1:
+        raise ValueError("a rate limit needs at least 1 request and a burst of 1")
+    period_us = round(period_s * MICROS)
+    if period_us < requests:
+        raise ValueError(f"cannot keep {requests} requests per {period_s} s: "
+                         "at most one request per microsecond")
+    interval = -(-period_us // requests)
+    return interval, interval * burst
+
+
+class RateLimiter:
+    """Per-key limits (`requests` per `period_s`) over a LimitStore; one GCRA step a check."""
+
+    def __init__(self, store: LimitStore | None = None, namespace: str = "token") -> None:
+        self.store = store if store is not None else LocalStore()
+        self.namespace = namespace
+
+    @property
+    def healthy(self) -> bool:
+        return self.store.healthy
+
+    def check(
+        self,
+        key: str,
+        requests: int,
+        period_s: float,
+        cost: int = 1,
+        burst: int | None = None,
+    ) -> Decision:
+        """Counts `cost` calls for `key` if they fit; a refused call counts nothing.
+
+        `key` is an id, never a secret (a token id, a lookup id, an address).
+        `burst` defaults to default_burst(requests); `cost=0` only asks.
+        Never raises for a store that is out of reach.
+        """
+        if cost < 0:
+            raise ValueError("cost must not be negative")
+        interval, span = _steps(requests, period_s, burst or default_burst(requests))
+        allowed, ahead, retry = self.store.gcra(self.namespace, key, interval, span, cost)
+        return Decision(
+            allowed=allowed,
+            limit=requests,
+            remaining=max(0, (span - ahead) // interval),
+            reset_after_s=ahead / MICROS,
+            retry_after_s=retry / MICROS,
+        )
