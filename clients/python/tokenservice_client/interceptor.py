@@ -25,6 +25,12 @@ authentications for that many seconds: it saves a round trip per call but DELAYS
 REVOCATION (and user disabling, and scope changes) BY UP TO `cache_ttl` SECONDS for
 this process. Failures are never cached.
 
+TLS: given a target string, the interceptor dials tokenservice with
+`channel_credentials` if given (for example `tls_channel_credentials(ca_file, cert_file,
+key_file)` for a server with your own CA and client certificates), else as
+`TokenServiceClient` does by default: local credentials on loopback, TLS with the
+system's roots elsewhere. Or pass a client you built.
+
 Throttling: tokenservice throttles failed authentications per client address. With
 `forward_client_address=True` (the default) the interceptor names its own caller in
 `x-forwarded-for`, which tokenservice honours only from its trusted proxies, so one
@@ -290,10 +296,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         cache_ttl: float = 0.0,
         cache: PrincipalCache | None = None,
         forward_client_address: bool = True,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._forward = forward_client_address
         self._client = (
-            TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
+            TokenServiceClient(tokenservice, channel_credentials=channel_credentials)
+            if isinstance(tokenservice, str)
+            else tokenservice
         )
         self._policy = _Policy(scopes or {}, public, default_scopes)
         self._cache = (
@@ -379,8 +388,10 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
         cache_ttl: float = 0.0,
         cache: PrincipalCache | None = None,
         forward_client_address: bool = True,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._forward = forward_client_address
+        self._credentials = channel_credentials
         self._target = tokenservice if isinstance(tokenservice, str) else None
         self._client = tokenservice if isinstance(tokenservice, AsyncTokenServiceClient) else None
         self._policy = _Policy(scopes or {}, public, default_scopes)
@@ -391,7 +402,9 @@ class AsyncAuthInterceptor(grpc.aio.ServerInterceptor):
     def _tokenservice(self) -> AsyncTokenServiceClient:
         if self._client is None:
             assert self._target is not None
-            self._client = AsyncTokenServiceClient(self._target)
+            self._client = AsyncTokenServiceClient(
+                self._target, channel_credentials=self._credentials
+            )
         return self._client
 
     async def authenticate(
