@@ -532,3 +532,36 @@ def test_serve_shim_names_each_client_to_grpc_over_its_private_socket(
     statuses = [attempt("127.0.0.2") for _ in range(6)]
     assert statuses[0] == 401 and statuses[-1] == 429, statuses
     assert attempt("127.0.0.3") == 401
+
+
+# -- the README's own CA -------------------------------------------------------------
+
+
+def _readme_block(heading: str, marker: str) -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```sh\n")[1:]]
+    return next(b.split("```", 1)[0] for b in blocks if marker in b)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_the_readme_openssl_commands_make_certificates_serve_accepts(
+    tmp_path: Path, token: str, serve_tls
+) -> None:
+    folder = tmp_path / "readme-pki"
+    folder.mkdir()
+    script = _readme_block("TLS and mTLS", "openssl req")
+    done = subprocess.run(["sh", "-e", "-c", script], cwd=folder, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    ca, cert, key = (str(folder / n) for n in ("ca.crt", "client.crt", "client.key"))
+    creds = tsc.tls_channel_credentials(ca, cert, key)
+    server = serve_tls("--tls-cert", str(folder / "server.crt"), "--tls-key",
+                       str(folder / "server.key"), "--tls-client-ca", ca, ready=creds)
+    with tsc.TokenServiceClient(f"localhost:{server.grpc_port}", token=token,
+                                channel_credentials=creds) as tokens:
+        assert tokens.authenticate(token).user_email == "ops@acme.test"
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(cert, key)
+    r = wait_for_https(f"https://localhost:{server.http_port}/healthz", verify=context)
+    assert r.status_code == 200
