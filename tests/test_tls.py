@@ -7,6 +7,7 @@ are real `tokenservice serve` processes unless a test needs to look inside.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from certs import CertificateAuthority, Issued
 from conftest import TOKENSERVICE, cli, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cli import assert_one_line_error
+from test_node_client import GOOGLEAPIS, node_example  # noqa: F401 - a fixture
 
 import tokenservice_client as tsc
 from tokenservice.v1 import token_service_pb2 as pb
@@ -37,6 +39,7 @@ from tokenservice_server.tls import SUBJECT_METADATA, ServerTls, TlsFiles, peer_
 # One connection per channel: gRPC would otherwise share a connection between
 # channels to the same target, and a "new" channel would reuse an old handshake.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+WALKTHROUGH = Path(__file__).resolve().parents[1] / "clients" / "curl" / "walkthrough.sh"
 
 
 @dataclass
@@ -565,3 +568,42 @@ def test_the_readme_openssl_commands_make_certificates_serve_accepts(
     context.load_cert_chain(cert, key)
     r = wait_for_https(f"https://localhost:{server.http_port}/healthz", verify=context)
     assert r.status_code == 200
+
+
+# -- the Node example and the curl walkthrough over mTLS ------------------------------
+
+
+def _client_env(pki: Pki) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TOKENSERVICE_CA_FILE": str(pki.ca.cert),
+        "TOKENSERVICE_CERT_FILE": str(pki.client.cert),
+        "TOKENSERVICE_KEY_FILE": str(pki.client.key),
+    }
+
+
+def test_node_example_and_curl_walkthrough_over_mtls(
+    pki: Pki, token: str, serve_tls, node_example: Path  # noqa: F811 - the fixture
+) -> None:
+    server = serve_tls(*tls_flags(pki, mutual=True), ready=grpc_credentials(pki.ca, pki.client))
+    env = {**_client_env(pki), "TOKENSERVICE_TARGET": f"localhost:{server.grpc_port}",
+           "TOKENSERVICE_TOKEN": token, "GOOGLEAPIS_PROTO_DIR": str(GOOGLEAPIS)}
+    node = subprocess.run(["node", "index.js"], cwd=node_example, env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert node.returncode == 0, node.stderr
+    assert json.loads(node.stdout)["authenticated"]["userEmail"] == "ops@acme.test"
+    no_cert = {k: v for k, v in env.items() if k not in ("TOKENSERVICE_CERT_FILE",
+                                                         "TOKENSERVICE_KEY_FILE")}
+    refused = subprocess.run(["node", "index.js"], cwd=node_example, env=no_cert,
+                             capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1 and refused.stderr.startswith("UNAVAILABLE"), refused.stderr
+
+    if not shutil.which("curl"):
+        pytest.skip("curl is needed for the curl walkthrough")
+    base = f"https://localhost:{server.http_port}"
+    wait_for_https(f"{base}/healthz", verify=https(pki.ca, pki.client))
+    walked = subprocess.run(["bash", str(WALKTHROUGH), base, token], env=_client_env(pki),
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert walked.returncode == 0, walked.stdout + walked.stderr
+    assert "FAIL" not in walked.stderr

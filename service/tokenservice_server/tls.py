@@ -61,7 +61,12 @@ def _read_file(path: str, what: str) -> bytes:
 
 
 def _load_into(context: ssl.SSLContext, material: _Material) -> None:
-    """Loads the material into a context; ssl reads a certificate chain only from files."""
+    """Loads the material into a context; ssl reads a certificate chain only from files.
+
+    The bytes are the ones already checked, copied to a private folder for the
+    moment of loading, so a renewal that rewrites the real files meanwhile cannot
+    leave a context with one file's new half and the other's old one.
+    """
     with tempfile.TemporaryDirectory(prefix="tokenservice-tls-") as folder:
         cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
         with open(os.open(key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
@@ -115,7 +120,9 @@ class ServerTls:
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self._material = _read(files)
-        self._lock = threading.Lock()
+        # Re-entrant: under `tokenservice rest` the SIGHUP handler runs on the thread
+        # that may be inside rest_context() at start-up.
+        self._lock = threading.RLock()
         self._pending: Any = None
         self._contexts: list[tuple[ssl.SSLContext, asyncio.AbstractEventLoop]] = []
 
