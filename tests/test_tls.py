@@ -452,10 +452,25 @@ def test_rest_command_dials_an_mtls_grpc_server(pki: Pki, token: str, serve_tls)
          "--tls-cert", str(shim_cert.cert), "--tls-key", str(shim_cert.key)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    url = f"https://127.0.0.1:{port}/api/v1/api-tokens"
+    bearer = {"Authorization": f"Bearer {token}"}
     try:
-        r = wait_for_https(f"https://127.0.0.1:{port}/api/v1/api-tokens",
-                           verify=https(pki.ca), headers={"Authorization": f"Bearer {token}"})
+        r = wait_for_https(url, verify=https(pki.ca), headers=bearer)
         assert r.status_code == 200 and len(r.json()["tokens"]) == 1
+        # SIGHUP: the shim's HTTPS face takes a renewed certificate; its channel to
+        # gRPC carries on with the client certificate it started with.
+        _replace(shim_cert, pki.other.issue("rest shim", server=True))
+        proc.send_signal(signal.SIGHUP)
+
+        def renewed() -> bool:
+            try:
+                return httpx.get(url, verify=https(pki.other), headers=bearer,
+                                 timeout=10).status_code == 200
+            except httpx.ConnectError:
+                return False
+
+        _until(renewed, "the shim serves the renewed certificate")
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
