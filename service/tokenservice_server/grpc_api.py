@@ -97,7 +97,8 @@ def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str
         host = rest.rsplit(":", 1)[0].strip("[]")
     else:
         host = peer
-    if host in trusted_proxies:
+    # "unix:" is the in-process REST shim's private socket (server.py, local_socket).
+    if host in trusted_proxies or kind == "unix":
         for key, value in context.invocation_metadata():
             if key == "x-forwarded-for" and value:
                 return value.split(",")[0].strip()

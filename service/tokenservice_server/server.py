@@ -28,6 +28,7 @@ from .policy import SERVICE_NAME
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
+from .tls import ServerTls
 from .usage import UsageRecorder
 
 log = logging.getLogger("tokenservice.server")
@@ -42,6 +43,8 @@ class TokenServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Read first: a bad certificate should stop the start before anything opens.
+        self.tls = ServerTls.from_config(config)
         self.catalog = ScopeCatalog.load(config.scopes_file)
         # Connections: one per worker thread (management calls, and Authenticate's
         # read on PostgreSQL), the event loop's thread and the health probe.
@@ -118,15 +121,25 @@ class TokenServer:
         """Binds and starts serving; returns the real port (the config may say 0)."""
         address = grpc_address(self.config.host, self.config.grpc_port)
         try:
-            self.port = self._server.add_insecure_port(address)
+            if self.tls is not None:
+                self.port = self._server.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError:  # grpcio raises this when the port is taken
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
+        if self.config.local_socket:
+            # Plaintext, for the REST shim of this machine: the socket's folder is
+            # private to this user, so the port above is the only way in from outside.
+            self._server.add_insecure_port("unix:" + self.config.local_socket)
         self._call(self._server.start())
         self.usage.start()
         self.probe.start()
-        log.info("serving gRPC", extra={"address": grpc_address(self.config.host, self.port)})
+        log.info("serving gRPC", extra={
+            "address": grpc_address(self.config.host, self.port),
+            "tls": "off" if self.tls is None else "mutual" if self.tls.mutual else "on",
+        })
         return self.port
 
     def stop(self, grace: float | None = None) -> None:
