@@ -351,8 +351,8 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
     paths = doc["paths"]
     assert set(paths["/api/v1/api-tokens"]) == {"get", "post"}
     assert set(paths["/api/v1/api-keys"]) == {"get", "post"}
-    assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete"}
-    assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete"}
+    assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete", "patch"}
+    assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete", "patch"}
     assert set(paths["/api/v1/authenticate"]) == {"post"}
     assert set(paths["/api/v1/scopes"]) == {"get"}
     create = paths["/api/v1/api-tokens"]["post"]

@@ -224,6 +224,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
+            except NotImplementedError:
+                code = grpc.StatusCode.UNIMPLEMENTED
+                await context.abort(code, "this method is not implemented by this server")
             except Exception as error:
                 if isinstance(error, grpc.RpcError):
                     code = context.code() or grpc.StatusCode.UNKNOWN

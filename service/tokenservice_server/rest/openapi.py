@@ -217,7 +217,7 @@ def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
         fds = resolve_field_path(route.method.input_type, var.field_path)
         params.append(
             {
-                "name": ".".join(var.field_path),
+                "name": var.field_path[-1],
                 "in": "path",
                 "required": True,
                 "schema": schemas.value(fds[-1], output=False),
