@@ -258,7 +258,7 @@ def test_unknown_path_is_404_and_wrong_method_405_with_allow(rest: Rest) -> None
     assert_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "GET, POST"
     r = rest.client.post("/api/v1/api-tokens/some-id")
-    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
     r = rest.client.delete("/api/v1/scopes")
     assert r.status_code == 405 and r.headers["allow"] == "GET"
     r = rest.client.post("/healthz")
@@ -351,6 +351,11 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
     assert set(paths["/api/v1/api-keys"]) == {"get", "post"}
     assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete"}
     assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete"}
+    assert set(paths["/api/v1/api-tokens/{api_token.id}"]) == {"patch"}
+    assert set(paths["/api/v1/api-tokens/{id}:rotate"]) == {"post"}
+    assert set(paths["/api/v1/audit-events"]) == {"get"}
+    assert set(paths["/api/v1/leaked-tokens"]) == {"post"}
+    assert paths["/api/v1/leaked-tokens"]["post"]["security"] == [{}, {"bearerAuth": []}]
     assert set(paths["/api/v1/authenticate"]) == {"post"}
     assert set(paths["/api/v1/scopes"]) == {"get"}
     create = paths["/api/v1/api-tokens"]["post"]
@@ -359,7 +364,8 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
         schema = create["responses"][status]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/Error"}
     params = {p["name"]: p for p in paths["/api/v1/api-tokens"]["get"]["parameters"]}
-    assert set(params) == {"pageSize", "pageToken"}
+    assert set(params) == {"pageSize", "pageToken", "state", "notUsedSince"}
+    assert params["state"]["schema"]["enum"] == ["STATE_UNSPECIFIED", "ACTIVE", "EXPIRED", "REVOKED"]
     assert params["pageSize"]["schema"]["type"] == "integer"
     assert paths["/api/v1/api-tokens/{id}"]["get"]["parameters"][0]["in"] == "path"
     schemas = doc["components"]["schemas"]

@@ -55,6 +55,11 @@ class Config:
     workers: int = 1
     # Set by `serve --workers` for its worker processes only: share the port on purpose.
     reuse_port: bool = False
+    # Audit events older than this many days are deleted (0: kept forever),
+    # checked every audit_prune_seconds, audit_prune_batch rows a transaction.
+    audit_retention_days: int = 400
+    audit_prune_seconds: float = 600.0
+    audit_prune_batch: int = 500
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("int",)}
@@ -117,6 +122,10 @@ def validate(config: Config) -> None:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
+    if config.audit_retention_days < 0:
+        raise ConfigError("the audit retention must be 0 (keep forever) or a number of days")
+    if config.audit_prune_seconds <= 0 or config.audit_prune_batch < 1:
+        raise ConfigError("the audit prune interval and batch must be positive")
 
 
 def grpc_address(host: str, port: int) -> str:

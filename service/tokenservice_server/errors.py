@@ -35,6 +35,10 @@ class AlreadyExists(DomainError):
     pass
 
 
+class FailedPrecondition(DomainError):
+    """The request is well formed but the token's state forbids it (rotating a revoked one)."""
+
+
 class RateLimited(DomainError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
