@@ -365,7 +365,8 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
         assert schema == {"$ref": "#/components/schemas/Error"}
     params = {p["name"]: p for p in paths["/api/v1/api-tokens"]["get"]["parameters"]}
     assert set(params) == {"pageSize", "pageToken", "state", "notUsedSince"}
-    assert params["state"]["schema"]["enum"] == ["STATE_UNSPECIFIED", "ACTIVE", "EXPIRED", "REVOKED"]
+    assert params["state"]["schema"]["enum"] == [
+        "STATE_UNSPECIFIED", "ACTIVE", "EXPIRED", "REVOKED"]
     assert params["pageSize"]["schema"]["type"] == "integer"
     assert paths["/api/v1/api-tokens/{id}"]["get"]["parameters"][0]["in"] == "path"
     schemas = doc["components"]["schemas"]
