@@ -1,4 +1,4 @@
-"""The audit log: every change with its actor, listed for org admins, logged, pruned, secret-free."""
+"""The audit log: every change and its actor, for org admins, logged, pruned, secret-free."""
 
 from __future__ import annotations
 
