@@ -6,6 +6,8 @@
   tokenservice tokens; handlers read the caller through `current_principal()`.
 - `token_credentials`: the call credentials a client uses to present its token;
   `parse_bearer` reads one back from an `authorization` value.
+- `find_tokens` / `is_token` / `TOKEN_REGEX`: recognise tokens in text by pattern
+  and checksum, for secret scanners (`python -m tokenservice_client.scanning`).
 """
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
@@ -17,6 +19,7 @@ from .credentials import parse_bearer, rotating_token_credentials, token_credent
 from .errors import (
     DeadlineExceeded,
     ErrorInfo,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -34,6 +37,7 @@ from .interceptor import (
     requires_scopes,
 )
 from .principal import Principal, current_principal
+from .scanning import TOKEN_REGEX, find_tokens, is_token
 
 __all__ = [
     "DEFAULT_PUBLIC_METHODS",
@@ -42,8 +46,10 @@ __all__ = [
     "AsyncAuthInterceptor",
     "AsyncTokenServiceClient",
     "AuthInterceptor",
+    "TOKEN_REGEX",
     "DeadlineExceeded",
     "ErrorInfo",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -57,6 +63,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "current_principal",
+    "find_tokens",
+    "is_token",
     "parse_bearer",
     "requires_scopes",
     "rotating_token_credentials",
