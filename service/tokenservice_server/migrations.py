@@ -101,10 +101,14 @@ def _m0003_lifecycle(db: peewee.Database) -> None:
         ("rate_limit_period_us", peewee.BigIntegerField(null=True)),
         # When token.reuse_after_rotation was last recorded for this token.
         ("reuse_reported_at", peewee.BigIntegerField(null=True)),
-        ("last_used_day", peewee.IntegerField(default=0)),
     ]
     for name, field in columns:
         migrator.add_column("api_tokens", name, field).run()
+    # A default in the schema, not only in the model: rows inserted by code that
+    # does not name the column (a bulk loader) still satisfy NOT NULL.
+    db.execute_sql(
+        "ALTER TABLE api_tokens ADD COLUMN last_used_day INTEGER NOT NULL DEFAULT 0"
+    )
     db.execute_sql(
         f"UPDATE api_tokens SET last_used_day = last_used_at / {day}"
         " WHERE last_used_at IS NOT NULL"
