@@ -76,13 +76,18 @@ def _m0002_hot_last_used(db: peewee.Database) -> None:
 def _m0003_lifecycle(db: peewee.Database) -> None:
     """The token tree, rotation links, per-token rate limits and the audit log.
 
-    Indexes, each for a filter of ListTokens at a million tokens in one org:
+    Indexes for the filters of ListTokens at a million tokens in one org. A
+    filter matching many tokens is best read in the list's own order, newest
+    first, stopping after a page; one matching few is best read from an index
+    on the filtered column, then sorted. Both kinds exist, and the planner
+    picks by its statistics:
 
-    - live tokens (revoked_at IS NULL; states ACTIVE and EXPIRED) in the
-      list's newest-first order, carrying expires_at and last_used_day, so
-      `expires_at <= now` (EXPIRED) and `last_used_day <= day` (not_used_since)
-      are checked in the index and only matching rows are read;
-    - revoked tokens (state REVOKED) in the same order;
+    - live tokens (revoked_at IS NULL: ACTIVE and EXPIRED) in list order,
+      carrying expires_at and last_used_day so those conditions are checked
+      in the index and only matching rows are read;
+    - revoked tokens (REVOKED) in list order;
+    - live tokens with an expiry, by expiry (few EXPIRED);
+    - tokens by last_used_day (few unused since a date);
     - children by parent, for revoking a subtree.
 
     last_used_day is last_used_at in whole days, never null (0: never used).
@@ -118,6 +123,9 @@ def _m0003_lifecycle(db: peewee.Database) -> None:
         " (org_id, created_at, id, expires_at, last_used_day) WHERE revoked_at IS NULL",
         "CREATE INDEX api_tokens_org_revoked ON api_tokens"
         " (org_id, created_at, id) WHERE revoked_at IS NOT NULL",
+        "CREATE INDEX api_tokens_org_expiry ON api_tokens (org_id, expires_at)"
+        " WHERE revoked_at IS NULL AND expires_at IS NOT NULL",
+        "CREATE INDEX api_tokens_org_last_used ON api_tokens (org_id, last_used_day)",
         "CREATE INDEX api_tokens_parent ON api_tokens (parent_id)"
         " WHERE parent_id IS NOT NULL",
     ):
