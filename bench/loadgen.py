@@ -26,9 +26,18 @@ class HttpStatus(Exception):
     """A REST call answered with something other than 200."""
 
 
+def unused_request() -> Any:
+    """ListTokens filtered as the console's "unused for 90 days" list asks."""
+    from tokenservice.v1 import token_service_pb2 as pb
+
+    request = pb.ListTokensRequest(state=pb.ApiToken.ACTIVE)
+    request.not_used_since.FromMicroseconds(time.time_ns() // 1000 - 90 * 86_400_000_000)
+    return request
+
+
 @dataclass
 class Phase:
-    kind: str  # health | auth | list | create | rest_auth
+    kind: str  # health | auth | list | list_filtered | audit | create | rest_auth
     grpc_port: int
     http_port: int
     tokens: list[str]
@@ -140,6 +149,13 @@ async def _run(phase: Phase) -> Result:
                 elif phase.kind == "list":
                     await stub.ListTokens(pb.ListTokensRequest(), metadata=metadata,
                                           timeout=CALL_TIMEOUT_S)
+                elif phase.kind == "list_filtered":
+                    # The console's "active, unused for 90 days".
+                    await stub.ListTokens(unused_request(), metadata=metadata,
+                                          timeout=CALL_TIMEOUT_S)
+                elif phase.kind == "audit":
+                    await stub.ListAuditEvents(pb.ListAuditEventsRequest(), metadata=metadata,
+                                               timeout=CALL_TIMEOUT_S)
                 elif phase.kind == "create":
                     await stub.CreateToken(
                         pb.CreateTokenRequest(name="bench", scopes=["pass:read"]),

@@ -33,8 +33,8 @@ from .loadgen import Phase, driver_main
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 TOKENSERVICE = str(Path(sys.executable).with_name("tokenservice"))
-PHASES = ("health", "auth_warm", "auth_cold", "auth_invalid", "list", "create", "rest_auth",
-          "flood")
+PHASES = ("health", "auth_warm", "auth_cold", "auth_invalid", "list", "list_filtered", "audit",
+          "create", "rest_auth", "flood")
 
 
 def free_port() -> int:
@@ -227,8 +227,8 @@ class Bench:
                     per[name] += self.run(phase("auth", mine, unique=True, concurrency=4))
                 elif name == "auth_invalid":
                     per[name] += self.run(phase("auth", invalid))
-                elif name == "list":
-                    per[name] += self.run(phase("list", []))
+                elif name in ("list", "list_filtered", "audit"):
+                    per[name] += self.run(phase(name, []))
                 elif name == "create":
                     per[name] += self.run(phase("create", [], concurrency=4))
                 elif name == "rest_auth":
