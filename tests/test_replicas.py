@@ -115,6 +115,11 @@ def test_narrowing_a_users_permissions_narrows_their_tokens_on_every_replica(rep
         "api_token:manage,pass:read", "--database-url", url, check=True)
     for stub in (b, a):
         assert list(_auth(stub, made.token).scopes) == ["pass:read"]
+    # A token's own scopes changed through A hold on B at its next use as well.
+    a.UpdateToken(pb.UpdateTokenRequest(
+        api_token=pb.ApiToken(id=made.api_token.id, scopes=["api_token:manage"]),
+        update_mask=FieldMask(paths=["scopes"])), metadata=bearer(boot), timeout=10)
+    assert list(_auth(b, made.token).scopes) == ["api_token:manage"]
     # And the narrowed user cannot mint or widen past it through either replica.
     with pytest.raises(grpc.RpcError) as caught:
         b.UpdateToken(pb.UpdateTokenRequest(

@@ -624,11 +624,6 @@ class TokenService:
         log.info("token revoked", extra={"token_id": token.id, "children": revoke_children})
         return revoked
 
-    def count_children(self, caller: Principal, token_id: str) -> int:
-        """How many live tokens a token minted, transitively (what revoke_children takes)."""
-        self.get_token(caller, token_id)
-        return self.store.count_children(token_id)
-
     def rotate_token(
         self, caller: Principal, token_id: str, grace_us: int, client: Client = ""
     ) -> RotatedToken:

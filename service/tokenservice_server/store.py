@@ -155,17 +155,6 @@ class Store:
         token = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == key).first()
         return None if token is None else _token_info(token, now)
 
-    def count_children(self, token_id: str) -> int:
-        """How many tokens this token minted, transitively, that are not revoked yet."""
-        ids = self._subtree(uuid.UUID(token_id))
-        if not ids:
-            return 0
-        return (
-            ApiToken.select()
-            .where(ApiToken.id.in_(ids) & ApiToken.revoked_at.is_null())
-            .count()
-        )
-
     def _subtree(self, root: uuid.UUID) -> list[uuid.UUID]:
         """Ids of every token below root in the token tree (root excluded)."""
         below = (
