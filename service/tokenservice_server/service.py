@@ -35,12 +35,13 @@ from .errors import (
     Unavailable,
 )
 from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
-from .store import UPDATABLE, Store
+from .store import Store
 from .throttle import FailureBuckets
 from .usage import UsageRecorder
 from .values import (
     CLI_ACTOR,
     DAY_MICROS,
+    UPDATABLE,
     Actor,
     AuditEntry,
     AuditEvent,

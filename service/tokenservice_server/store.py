@@ -23,6 +23,7 @@ from .errors import Conflict
 from .models import ApiToken, AuditEvent, User
 from .values import (
     DAY_MICROS,
+    UPDATABLE,
     AuditEntry,
     AuthRow,
     Cursor,
@@ -39,9 +40,6 @@ from .values import AuditEvent as AuditEventValue
 # Every audit event is also one JSON log line on this logger, written once its
 # transaction has committed, for a log shipper to forward.
 audit_log = logging.getLogger("tokenservice.audit")
-
-# Keys a change may set through update_token(), each a column or two.
-UPDATABLE = frozenset({"name", "scopes", "expires_at", "rate_limit"})
 
 
 class _Refused(Exception):
