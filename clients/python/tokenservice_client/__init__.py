@@ -8,6 +8,8 @@
   `parse_bearer` reads one back from an `authorization` value.
 - `tls_channel_credentials`: TLS to tokenservice with your own CA and, for mTLS,
   a client certificate.
+- `find_tokens` / `is_token` / `TOKEN_REGEX`: recognise tokens in text by pattern
+  and checksum, for secret scanners (`python -m tokenservice_client.scanning`).
 """
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
@@ -25,6 +27,7 @@ from .credentials import parse_bearer, rotating_token_credentials, token_credent
 from .errors import (
     DeadlineExceeded,
     ErrorInfo,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -42,6 +45,7 @@ from .interceptor import (
     requires_scopes,
 )
 from .principal import Principal, current_principal
+from .scanning import TOKEN_REGEX, find_tokens, is_token
 
 __all__ = [
     "DEFAULT_PUBLIC_METHODS",
@@ -50,8 +54,10 @@ __all__ = [
     "AsyncAuthInterceptor",
     "AsyncTokenServiceClient",
     "AuthInterceptor",
+    "TOKEN_REGEX",
     "DeadlineExceeded",
     "ErrorInfo",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -65,6 +71,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "current_principal",
+    "find_tokens",
+    "is_token",
     "parse_bearer",
     "requires_scopes",
     "rotating_token_credentials",

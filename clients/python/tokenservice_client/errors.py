@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 __all__ = [
     "DeadlineExceeded",
     "ErrorInfo",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -85,6 +86,10 @@ class NotFound(TokenServiceError):
     """NOT_FOUND: no such token within the caller's reach."""
 
 
+class FailedPrecondition(TokenServiceError):
+    """FAILED_PRECONDITION: the token's state forbids it (rotating a revoked or rotated token)."""
+
+
 class RateLimited(TokenServiceError):
     """RESOURCE_EXHAUSTED: too many failed authentications from this address."""
 
@@ -102,6 +107,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenServiceError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
