@@ -89,6 +89,9 @@ def test_create_returns_the_raw_token_once_and_it_authenticates(ts: RunningServe
         ("ok", ["no:such"], "scopes"),
         ("ok", ["pass:read", "pass:read"], "scopes"),
         ("ok", ["pass:read", " PASS:READ "], "scopes"),
+        ("ok", ["\tpass:read\n"], "scopes"),
+        ("ok", ["api_to\u212aen:manage"], "scopes"),  # the Kelvin sign, lower() gives k
+        ("ok", ["Pass:Read"], "scopes"),
         ("ok", ["invoice.create"], "scopes"),  # in the catalog, not held
     ],
 )

@@ -11,6 +11,7 @@ from tokenservice_server import tokens
 from tokenservice_server.config import ConfigError, load_config
 from tokenservice_server.crypto import BcryptHasher, VerifiedCache
 from tokenservice_server.errors import InvalidArgument, RateLimited
+from tokenservice_server.scopes import ScopeCatalog
 from tokenservice_server.service import decode_page_token, encode_page_token, validate_name
 from tokenservice_server.throttle import FailureBuckets
 from tokenservice_server.values import Cursor
@@ -150,3 +151,25 @@ def test_config_precedence_flags_over_environment_over_defaults() -> None:
         load_config({}, {"TOKENSERVICE_HTTP_PORT": "eighty"})
     with pytest.raises(AttributeError):
         config.grpc_port = 1  # frozen
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["pass:read ", "\tpass:read", "pass\nread", "pass:re\u0000ad", "\u212aiosk:use",
+     "\uff50ass:read", "pass:\u200bread", ""],
+)
+def test_a_scopes_file_may_only_hold_canonical_names(tmp_path, name: str) -> None:
+    path = tmp_path / "scopes.toml"
+    escaped = "".join(c if " " < c < "\x7f" else f"\\U{ord(c):08x}" for c in name)
+    path.write_text(f'[scopes."{escaped}"]\ndescription = "d"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="scope name"):
+        ScopeCatalog.from_toml(str(path))
+
+
+def test_a_catalog_may_not_hold_two_spellings_of_one_name(tmp_path) -> None:
+    path = tmp_path / "scopes.toml"
+    path.write_text('[scopes."pass:read"]\n[scopes."Pass:Read"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="twice"):
+        ScopeCatalog.from_toml(str(path))
+    assert ScopeCatalog.default().get("PASS:READ") is None
+    assert ScopeCatalog.default().get("pass:read") is not None

@@ -285,3 +285,35 @@ def test_expiry_is_reported_and_enforced_at_the_microsecond(world: World) -> Non
     with pytest.raises(Unauthenticated):
         world.caller(raw)
     assert expires.tzinfo is UTC
+
+
+# Scope names: compared exactly, never normalised.
+
+KELVIN = "\u212a"  # looks like K, and str.lower() turns it into k
+
+
+@pytest.mark.parametrize(
+    ("spelling", "why"),
+    [
+        ("PASS:READ", "not a known scope"),
+        ("Pass:read", "not a known scope"),
+        ("\tpass:read\n", "white space or control"),
+        (" pass:read", "white space or control"),
+        ("pass:read\u200b", "white space or control"),  # zero-width space: a format character
+        ("pass:re\u0430d", "not a known scope"),  # Cyrillic a: canonical, but no catalog name
+        ("api_to" + KELVIN + "en:manage", "canonical Unicode"),
+        ("\uff50ass:read", "canonical Unicode"),  # full-width p
+    ],
+)
+def test_a_scope_matches_only_as_the_catalog_spells_it(
+    world: World, spelling: str, why: str
+) -> None:
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    with pytest.raises(InvalidArgument) as refused:
+        world.service.create_token(ann, "x", [spelling], None)
+    assert [f for f, _ in refused.value.violations] == ["scopes"]
+    assert why in refused.value.violations[0][1]
+    with pytest.raises(InvalidArgument) as refused:
+        world.service.add_user("new@acme.test", "acme", [spelling])
+    assert why in refused.value.violations[0][1]
+    assert world.service.create_token(ann, "x", ["pass:read"], None).info.scopes == ("pass:read",)

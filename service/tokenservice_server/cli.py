@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
+    """A comma-separated list; spaces after a comma are list syntax, anything else is
+    part of the item (a tab or a newline in a scope name is refused, not trimmed)."""
+    return [part.strip(" ") for part in value.split(",") if part.strip(" ")]
 
 
 def _parse_time(value: str) -> datetime:

@@ -34,7 +34,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
+from .scopes import ADMIN, MANAGE, ScopeCatalog, why_not_canonical
 from .store import Store
 from .throttle import FailureBuckets
 from .usage import UsageRecorder
@@ -536,23 +536,27 @@ class TokenService:
         if not scopes:
             violations.append((field, "at least one scope is required"))
             return []
-        held_set = {normalise(s) for s in held}
+        # Exact comparisons only: what the store holds was written in the
+        # catalog's spelling, and a request in any other spelling is refused.
+        held_set = set(held)
         chosen: list[str] = []
         seen: set[str] = set()
         for requested in scopes:
-            scope = self.catalog.get(requested)
-            key = normalise(requested)
-            if scope is None:
+            why = why_not_canonical(requested)
+            scope = None if why else self.catalog.get(requested)
+            if why:
+                violations.append((field, f"{requested!r} {why}, so it is no scope name"))
+            elif scope is None:
                 violations.append((field, f"{requested!r} is not a known scope"))
-            elif key in seen:
+            elif requested in seen:
                 violations.append((field, f"{scope.name!r} is listed more than once"))
-            elif key not in held_set:
+            elif requested not in held_set:
                 violations.append(
                     (field, f"{scope.name!r} is not held by the caller, so it cannot be granted")
                 )
             else:
                 chosen.append(scope.name)
-            seen.add(key)
+            seen.add(requested)
         return chosen
 
     @staticmethod
@@ -909,8 +913,11 @@ class TokenService:
     ) -> list[str]:
         chosen: list[str] = []
         for p in permissions:
-            scope = self.catalog.get(p)
-            if scope is None:
+            why = why_not_canonical(p)
+            scope = None if why else self.catalog.get(p)
+            if why:
+                violations.append(("permissions", f"{p!r} {why}, so it is no scope name"))
+            elif scope is None:
                 violations.append(("permissions", f"{p!r} is not a known scope"))
             elif scope.name not in chosen:
                 chosen.append(scope.name)
