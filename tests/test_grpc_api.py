@@ -102,6 +102,29 @@ def test_create_rejects_bad_input_naming_the_field(ts: RunningServer, name, scop
     assert field in violations(error), violations(error)
 
 
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        [f"no:such-scope-{i:03}" for i in range(300)],
+        ["x" * 20_000],
+        ["\u00e9\u202e" * 5_000],
+        ["%" * 20_000, *[f"%{i}" for i in range(50)]],
+    ],
+    ids=["300-unknown", "20kb-name", "10k-non-ascii", "percent-signs"],
+)
+def test_a_huge_validation_error_stays_invalid_argument(ts: RunningServer, scopes) -> None:
+    """However much a caller sends, the error's trailers stay under the client's limit."""
+    boot = ts.manager()
+    error = rpc_error(create, ts, boot, scopes=scopes)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    described = violations(error)["scopes"]
+    assert 1 <= len(described) <= 10
+    assert all(len(d) <= 200 for d in described)
+    if len(scopes) > 10:
+        assert "more problems" in described[-1]
+    assert error.details().startswith("scopes: ")
+
+
 def test_create_accepts_a_200_character_name(ts: RunningServer) -> None:
     boot = ts.manager()
     assert create(ts, boot, name="é" * 200).api_token.name == "é" * 200

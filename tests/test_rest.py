@@ -188,6 +188,25 @@ def test_unknown_field_is_422_and_creates_nothing(rest: Rest, manager: str) -> N
     assert [t["name"] for t in listed["tokens"]] == ["bootstrap"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "n", "scopes": [f"no:such-scope-{i:03}" for i in range(300)]},
+        {"name": "n", "scopes": ["x" * 20_000]},
+        {"name": "n", "scopes": ["pass:read"], **{f"field{i:03}": 1 for i in range(300)}},
+        {"name": "n", "scopes": ["pass:read"], "y" * 20_000: 1},
+    ],
+    ids=["300-unknown-scopes", "20kb-scope", "300-unknown-fields", "20kb-field-name"],
+)
+def test_a_huge_validation_error_stays_422_and_echoes_little(
+    rest: Rest, manager: str, body: dict
+) -> None:
+    r = rest.client.post("/api/v1/api-tokens", json=body, headers=bearer_header(manager))
+    error = assert_error(r, 422, "validation_error")
+    assert 1 <= len(error["details"]) <= 10
+    assert len(r.content) < 4096
+
+
 def test_bad_values_are_422_with_the_field(rest: Rest, manager: str) -> None:
     r = rest.create(manager, expiresAt="next tuesday")
     error = assert_error(r, 422, "validation_error")

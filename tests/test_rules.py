@@ -10,7 +10,7 @@ import pytest
 from tokenservice_server import tokens
 from tokenservice_server.config import ConfigError, load_config
 from tokenservice_server.crypto import BcryptHasher, VerifiedCache
-from tokenservice_server.errors import InvalidArgument, RateLimited
+from tokenservice_server.errors import MAX_VIOLATIONS, InvalidArgument, RateLimited, shown
 from tokenservice_server.scopes import ScopeCatalog
 from tokenservice_server.service import decode_page_token, encode_page_token, validate_name
 from tokenservice_server.throttle import FailureBuckets
@@ -173,3 +173,13 @@ def test_a_catalog_may_not_hold_two_spellings_of_one_name(tmp_path) -> None:
         ScopeCatalog.from_toml(str(path))
     assert ScopeCatalog.default().get("PASS:READ") is None
     assert ScopeCatalog.default().get("pass:read") is not None
+
+
+def test_an_error_echoes_a_bounded_amount_of_what_the_caller_sent() -> None:
+    error = InvalidArgument([("scopes", f"{shown('s' * 20_000)} is unknown")] * 300)
+    assert len(error.violations) == MAX_VIOLATIONS
+    assert error.violations[-1][1] == f"and {300 - MAX_VIOLATIONS + 1} more problems, not listed"
+    assert all(len(d) <= 160 for _, d in error.violations)
+    assert len(error.message) <= 400
+    assert shown("\u202eevil\x00") == "'\\u202eevil\\x00'"  # ASCII only: nothing to hide in
+    assert "(20000 characters)" in shown("s" * 20_000)

@@ -33,6 +33,7 @@ from .errors import (
     RateLimited,
     Unauthenticated,
     Unavailable,
+    shown,
 )
 from .scopes import ADMIN, MANAGE, ScopeCatalog, why_not_canonical
 from .store import Store
@@ -545,9 +546,9 @@ class TokenService:
             why = why_not_canonical(requested)
             scope = None if why else self.catalog.get(requested)
             if why:
-                violations.append((field, f"{requested!r} {why}, so it is no scope name"))
+                violations.append((field, f"{shown(requested)} {why}, so it is no scope name"))
             elif scope is None:
-                violations.append((field, f"{requested!r} is not a known scope"))
+                violations.append((field, f"{shown(requested)} is not a known scope"))
             elif requested in seen:
                 violations.append((field, f"{scope.name!r} is listed more than once"))
             elif requested not in held_set:
@@ -722,7 +723,7 @@ class TokenService:
             if name not in UPDATABLE:
                 violations.append((
                     "update_mask",
-                    f"{name!r} cannot be changed; the fields that can are "
+                    f"{shown(name)} cannot be changed; the fields that can are "
                     + ", ".join(sorted(UPDATABLE)),
                 ))
         if violations:
@@ -916,9 +917,9 @@ class TokenService:
             why = why_not_canonical(p)
             scope = None if why else self.catalog.get(p)
             if why:
-                violations.append(("permissions", f"{p!r} {why}, so it is no scope name"))
+                violations.append(("permissions", f"{shown(p)} {why}, so it is no scope name"))
             elif scope is None:
-                violations.append(("permissions", f"{p!r} is not a known scope"))
+                violations.append(("permissions", f"{shown(p)} is not a known scope"))
             elif scope.name not in chosen:
                 chosen.append(scope.name)
         return chosen
