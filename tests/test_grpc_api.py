@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -386,7 +387,24 @@ def test_page_size_default_clamp_and_negative(ts: RunningServer) -> None:
     assert "page_size" in violations(error)
 
 
-@pytest.mark.parametrize("page_token", ["garbage", "!!!!", "MTpub3Q6YW51bWJlcg", "a" * 500])
+def _forged_page_token(created: str) -> str:
+    raw = f"1:{created}:0b6f6f0c7d1e4c399d6a5b3f0ad9b8c1".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# Well-formed base64 of the right shape, with a field out of its range or spelled
+# another way: the created_at past 2**63 was a 500 on SQLite.
+FORGED_PAGE_TOKENS = [
+    pytest.param(_forged_page_token(c), id=f"created={c[:8]}")
+    for c in (str(2**63), str(2**64 + 5), "-1", str(-(2**63) - 1), " 12", "0012", "+12", "1_000")
+]
+
+
+@pytest.mark.parametrize(
+    "page_token",
+    ["garbage", "!!!!", "MTpub3Q6YW51bWJlcg", pytest.param("a" * 500, id="a*500"),
+     *FORGED_PAGE_TOKENS],
+)
 def test_an_invalid_page_token_is_invalid_argument(ts: RunningServer, page_token) -> None:
     boot = ts.manager()
     error = rpc_error(ts.stub.ListTokens, pb.ListTokensRequest(page_token=page_token),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -111,6 +112,10 @@ def test_list_paginates_with_camel_and_snake_case_query(rest: Rest, manager: str
     assert second["nextPageToken"] == "" or len(second["tokens"]) == 2
     bad = rest.client.get("/api/v1/api-tokens", params={"pageToken": "nope"}, headers=h)
     assert_error(bad, 422, "validation_error")
+    # Well-formed but forged: a created_at past 2**63 (it was a 500 on SQLite).
+    forged = base64.urlsafe_b64encode(f"1:{2**63}:{'0' * 32}".encode()).decode().rstrip("=")
+    bad = rest.client.get("/api/v1/api-tokens", params={"pageToken": forged}, headers=h)
+    assert assert_error(bad, 422, "validation_error")["details"][0]["field"] == "pageToken"
     bad = rest.client.get("/api/v1/api-tokens", params={"pageSize": "many"}, headers=h)
     assert assert_error(bad, 422, "validation_error")["details"][0]["field"] == "pageSize"
     bad = rest.client.get("/api/v1/api-tokens", params={"colour": "red"}, headers=h)

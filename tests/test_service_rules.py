@@ -317,3 +317,26 @@ def test_a_scope_matches_only_as_the_catalog_spells_it(
         world.service.add_user("new@acme.test", "acme", [spelling])
     assert why in refused.value.violations[0][1]
     assert world.service.create_token(ann, "x", ["pass:read"], None).info.scopes == ("pass:read",)
+
+
+def test_no_change_to_a_page_token_gets_past_the_checks_or_fails_otherwise(world: World) -> None:
+    """Every one-character change of a real page token is refused as INVALID_ARGUMENT
+    or reads as a cursor within range, and listing never fails in another way."""
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage"]))
+    for _ in range(3):
+        world.advance(1)
+        world.service.create_token(ann, "t", ["api_token:manage"], None)
+    token = world.service.list_tokens(ann, 1, "").next_page_token
+    outcomes = {"refused": 0, "listed": 0}
+    for i in range(len(token)):
+        for replacement in "A_-9z=+/ ":
+            changed = token[:i] + replacement + token[i + 1:]
+            if changed == token:
+                continue
+            try:
+                world.service.list_tokens(ann, 1, changed)
+                outcomes["listed"] += 1
+            except InvalidArgument as e:
+                assert e.violations[0][0] == "page_token"
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 0

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from . import tokens
@@ -162,6 +162,19 @@ def validate_name(name: str) -> tuple[str | None, str | None]:
     return clean, None
 
 
+# A page token is base64url("1:<created_at micros>:<token id hex>[:<filters>]").
+# It is not signed: it is only a position in the caller's own listing, whose
+# query is still cut to the caller's reach, so a forged one shows nothing the
+# caller could not list anyway, and replicas need no shared key to read each
+# other's. What a forged one must never do is reach the driver with a value it
+# cannot take (a created_at past 2**63 was a 500 on SQLite): every field is
+# checked against its range, and only the exact encoding this service writes
+# is read.
+PAGE_TOKEN_VERSION = "1"
+MAX_PAGE_TOKEN_CHARS = 120
+LATEST_MICROS = to_micros(datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC))
+
+
 def _fingerprint(filters: str) -> str:
     """What a page token remembers of its filters: enough to tell them apart."""
     return hashlib.sha256(filters.encode()).hexdigest()[:16] if filters else ""
@@ -169,7 +182,7 @@ def _fingerprint(filters: str) -> str:
 
 def encode_page_token(cursor: Cursor, filters: str = "") -> str:
     """An opaque cursor, bound to `filters` (a canonical string of the list's filters)."""
-    text = f"1:{cursor.created_at}:{uuid.UUID(cursor.id).hex}"
+    text = f"{PAGE_TOKEN_VERSION}:{cursor.created_at}:{uuid.UUID(cursor.id).hex}"
     if filters:
         text += ":" + _fingerprint(filters)
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
@@ -178,21 +191,30 @@ def encode_page_token(cursor: Cursor, filters: str = "") -> str:
 def decode_page_token(page_token: str, filters: str = "") -> Cursor:
     """The cursor of a page token issued with the same `filters`; InvalidArgument else."""
     bad = InvalidArgument([("page_token", "is not a page token this service issued")])
+    if len(page_token) > MAX_PAGE_TOKEN_CHARS:
+        raise bad
     try:
         padded = page_token + "=" * (-len(page_token) % 4)
         version, created, token_hex, *bound = (
             base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii").split(":")
         )
-        if version != "1" or len(bound) > 1:
-            raise bad
         cursor = Cursor(int(created), str(uuid.UUID(hex=token_hex)))
     except (ValueError, UnicodeError, binascii.Error):
         raise bad from None
+    if (
+        version != PAGE_TOKEN_VERSION
+        or len(bound) > 1
+        or not 0 <= cursor.created_at <= LATEST_MICROS
+    ):
+        raise bad
     if (bound[0] if bound else "") != _fingerprint(filters):
         raise InvalidArgument([(
             "page_token",
             "was issued for other filters: repeat the filters of the first page, or start over",
         )])
+    # One spelling per cursor: no signs, spaces, leading zeros or other padding.
+    if encode_page_token(cursor, filters) != page_token:
+        raise bad
     return cursor
 
 
