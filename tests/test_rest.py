@@ -194,6 +194,21 @@ def test_unknown_field_is_422_and_creates_nothing(rest: Rest, manager: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("first", "second"), [("expires_at", "expiresAt"), ("expiresAt", "expires_at")]
+)
+def test_two_spellings_of_one_field_are_422_naming_it(
+    rest: Rest, manager: str, first: str, second: str
+) -> None:
+    """Whichever spelling comes last, the body is refused: no token without expiry."""
+    body = {"name": "n", "scopes": ["pass:read"], first: FUTURE, second: None}
+    r = rest.client.post("/api/v1/api-tokens", json=body, headers=bearer_header(manager))
+    error = assert_error(r, 422, "validation_error")
+    assert [d["field"] for d in error["details"]] == ["expiresAt"]
+    listed = rest.client.get("/api/v1/api-tokens", headers=bearer_header(manager)).json()
+    assert [t["name"] for t in listed["tokens"]] == ["bootstrap"]
+
+
+@pytest.mark.parametrize(
     "body",
     [
         {"name": "n", "scopes": [f"no:such-scope-{i:03}" for i in range(300)]},
