@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from conftest import RunningServer, bearer
+from conftest import RunningServer, bearer, make_config, start_server
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
@@ -487,3 +489,53 @@ def test_guessing_one_tokens_secret_is_throttled_but_its_owner_is_not(ts: Runnin
         codes.add(rpc_error(ts.authenticate, body + tokens.checksum(body)).code())
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert ts.authenticate(good).token_id
+
+
+# Malformed requests: refused like any other bad call, never an UNKNOWN with a traceback.
+
+
+def test_malformed_protobuf_is_invalid_argument_logged_once_and_throttled(
+    database_url: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from tokenservice_server.logs import rpc_log
+
+    caplog.set_level(logging.INFO)
+    running = start_server(make_config(
+        database_url, auth_failure_burst=3, auth_failure_refill_per_second=0.01,
+    ))
+    try:
+        def raw_call(method: str, body: bytes) -> grpc.RpcError:
+            call = running.channel.unary_unary(
+                f"/tokenservice.v1.TokenService/{method}",
+                request_serializer=lambda b: b, response_deserializer=lambda b: b,
+            )
+            return rpc_error(call, body, timeout=10)
+
+        bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding invalid UTF-8
+        corrupt = b"\xff\xff\xff\xff"  # no valid tag
+        truncated = b"\x0a\x05ab"  # a length past the end
+        refused = [raw_call("Authenticate", bad_utf8), raw_call("CreateToken", corrupt),
+                   raw_call("Authenticate", truncated)]
+        for error in refused:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # One fixed message: no parser text, nothing of the request echoed.
+            assert error.details() == "the request is not a valid message for this method"
+        # The three count as the client's failures: its burst is spent.
+        assert raw_call("Authenticate", corrupt).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rpc_error(running.authenticate, "tks_bogus").code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no ERROR lines"
+    rpc_log.flush()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+             if '"msg": "rpc"' in line and "TokenService" in line]
+    assert [(r["method"].rsplit("/", 1)[1], r["status"]) for r in lines] == [
+        ("Authenticate", "INVALID_ARGUMENT"),
+        ("CreateToken", "INVALID_ARGUMENT"),
+        ("Authenticate", "INVALID_ARGUMENT"),
+        ("Authenticate", "RESOURCE_EXHAUSTED"),
+        ("Authenticate", "RESOURCE_EXHAUSTED"),
+    ]

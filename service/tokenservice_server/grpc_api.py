@@ -71,7 +71,7 @@ def status_for(error: DomainError) -> grpc.Status:
     """A grpc.Status with the google.rpc details AIP-193 asks for."""
     code = _CODES[type(error)][0]
     status = status_pb2.Status(code=code, message=error.message)
-    if isinstance(error, InvalidArgument):
+    if isinstance(error, InvalidArgument) and error.violations:
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
@@ -112,6 +112,33 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
         if key == "authorization":
             return parse_bearer(value)
     return None
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse as the method's message."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's request parser, answering MALFORMED instead of raising.
+
+    grpc.aio parses the request before any interceptor code runs, and a parser
+    error there becomes UNKNOWN with the exception's text and an ERROR log line,
+    unthrottled. Parsing to a sentinel hands the bad request to the wrapped
+    handler, which refuses it like any other bad call.
+    """
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError; whatever else a parser may raise on hostile bytes
+            return MALFORMED
+
+    return parse
 
 
 AUTHENTICATE = _PREFIX + "Authenticate"
@@ -160,7 +187,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
-        wrapped = handler._replace(unary_unary=self._wrap(method, handler.unary_unary))
+        wrapped = handler._replace(
+            unary_unary=self._wrap(method, handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -195,6 +225,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             outcome = "ok"
             token_ctx = _token_id.set(None)
             try:
+                if request is MALFORMED:
+                    service.refuse_malformed(lambda: client_address(context, trusted))
                 if not ours or is_async:
                     # Health, reflection and Authenticate: coroutines that manage
                     # their own (short) database use.
@@ -214,7 +246,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if error.__cause__ is not None:
                     log.warning("database error",
                                 extra={"method": method, "error": _describe(error.__cause__)})
-                if tarpit and isinstance(error, RateLimited) and error.client_throttled:
+                if (
+                    (tarpit or request is MALFORMED)
+                    and isinstance(error, RateLimited)
+                    and error.client_throttled
+                ):
                     # A tarpit: a throttled client's refusal waits (costing the loop
                     # nothing), and the wait does not count as refill time for it.
                     hold = min(error.retry_after, TARPIT_MAX_SECONDS)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from . import tokens
 from .config import Config
@@ -71,6 +71,7 @@ MAX_NAME_LENGTH = 200
 BIDI_FORMATTING = frozenset(
     chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 )
+MALFORMED_REQUEST = "the request is not a valid message for this method"
 # A client address, or a function giving it: only the failure paths need it,
 # so the gRPC layer passes it lazily.
 Client = str | Callable[[], str]
@@ -415,6 +416,17 @@ class TokenService:
         except Unavailable:
             log.warning("could not record a rotated token's reuse",
                         extra={"token_id": row.token_id})
+
+    def refuse_malformed(self, client: Client) -> NoReturn:
+        """A request that did not parse: refused with one fixed message, and counted
+        as a failure of its client, as a bad token is (a throttled client is refused
+        as throttled)."""
+        address = _client(client)
+        wait = self.client_failures.retry_after(address)
+        if wait > 0:
+            raise _throttled(wait)
+        self.client_failures.fail(address)
+        raise InvalidArgument([], MALFORMED_REQUEST)
 
     def tarpitted(self, client: Client, seconds: float) -> None:
         """A throttled client was kept waiting: its wait does not refill its bucket."""
