@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from tokenservice_server import tokens
-from tokenservice_server.config import ConfigError, load_config
+from tokenservice_server.config import ConfigError, load_config, to_environ
 from tokenservice_server.crypto import BcryptHasher, VerifiedCache
 from tokenservice_server.errors import MAX_VIOLATIONS, InvalidArgument, RateLimited, shown
 from tokenservice_server.scopes import ScopeCatalog
@@ -183,3 +183,13 @@ def test_an_error_echoes_a_bounded_amount_of_what_the_caller_sent() -> None:
     assert len(error.message) <= 400
     assert shown("\u202eevil\x00") == "'\\u202eevil\\x00'"  # ASCII only: nothing to hide in
     assert "(20000 characters)" in shown("s" * 20_000)
+
+
+def test_a_configuration_survives_the_trip_through_the_environment() -> None:
+    config = load_config(
+        {"database_url": "postgresql://u:p%40ss@db/ts", "scopes_file": "/etc/ts.toml",
+         "trusted_proxies": "10.0.0.0/8, ::1", "rest_enabled": False, "grpc_port": 0},
+        {"TOKENSERVICE_AUTH_FAILURE_REFILL_PER_SECOND": "0.1"},
+    )
+    assert load_config({}, to_environ(config)) == config
+    assert load_config({}, to_environ(load_config({}, {}))) == load_config({}, {})

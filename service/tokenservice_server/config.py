@@ -115,7 +115,8 @@ class Config:
     workers: int = 1
     # /metrics on a port of its own as well (None: on the REST port only).
     metrics_port: int | None = None
-    # Set by `serve --workers` for its worker processes only: share the port on purpose.
+    # Set by `serve --workers` for its worker processes only (in their environment):
+    # share the port on purpose.
     reuse_port: bool = False
     # TLS: the certificate and key both faces serve; with a client CA, both require a
     # client certificate it signed (mTLS). Re-read on SIGHUP.
@@ -249,6 +250,44 @@ def check_transport(config: Config) -> None:
         f"refusing to serve {config.host} without TLS: give --tls-cert and --tls-key,"
         " or --plaintext if a mesh or sidecar terminates TLS"
     )
+
+
+# How a setting whose default is not None says None in the environment.
+_NONE_SPELLING = {"rate_limit": "off"}
+
+
+def to_environ(config: Config) -> dict[str, str]:
+    """The TOKENSERVICE_* variables that make load_config() give back `config`.
+
+    How `serve --workers N` hands its configuration to its worker processes: a
+    process's environment is readable only by its own user (and root), while its
+    command line is readable by everyone on the machine (`ps`, /proc/<pid>/cmdline),
+    and the database URL may carry a password. Raises ConfigError for a value
+    that would not read back the same.
+    """
+    environ: dict[str, str] = {}
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if value is None:
+            if field.name in _NONE_SPELLING:  # None is not the default there
+                environ[ENV_PREFIX + field.name.upper()] = _NONE_SPELLING[field.name]
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = str(value)
+        environ[ENV_PREFIX + field.name.upper()] = text
+    if load_config({}, environ) != config:
+        differ = [
+            f.name for f in dataclasses.fields(Config)
+            if getattr(load_config({}, environ), f.name) != getattr(config, f.name)
+        ]
+        raise ConfigError(f"cannot pass {', '.join(differ)} to another process")
+    return environ
 
 
 def grpc_address(host: str, port: int) -> str:
