@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -539,3 +540,38 @@ def test_malformed_protobuf_is_invalid_argument_logged_once_and_throttled(
         ("Authenticate", "RESOURCE_EXHAUSTED"),
         ("Authenticate", "RESOURCE_EXHAUSTED"),
     ]
+
+
+# Client addresses over IPv6.
+
+
+def test_over_ipv6_a_trusted_proxy_names_the_client_and_a_slash_64_is_one_client(
+    database_url: str,
+) -> None:
+    """grpcio reports an IPv6 peer as ipv6:%5B::1%5D:port; read wrongly, the proxy is
+    not recognised and every client it fronts shares one throttle bucket."""
+    from tokenservice_server import tokens
+
+    running = start_server(make_config(
+        database_url, host="::1", auth_failure_burst=3, auth_failure_refill_per_second=0.01,
+    ))
+    try:
+        with grpc.insecure_channel(f"[::1]:{running.server.port}") as channel:
+            stub = pb_grpc.TokenServiceStub(channel)
+
+            def attempt(client: str) -> grpc.StatusCode:
+                bad, _ = tokens.new_token("tks_")
+                return rpc_error(stub.Authenticate, pb.AuthenticateRequest(token=bad),
+                                 metadata=(("x-forwarded-for", client),), timeout=10).code()
+
+            codes = [attempt("2001:db8:0:1::1") for _ in range(4)]
+            assert codes[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Another address in the same /64: the same client.
+            assert attempt("2001:db8:0:1::2") == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Another /64, and an IPv4 client: not throttled.
+            assert attempt("2001:db8:0:2::1") == grpc.StatusCode.UNAUTHENTICATED
+            assert attempt("192.0.2.7") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)

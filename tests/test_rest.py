@@ -14,6 +14,8 @@ from conftest import make_config, start_server
 from grpc_health.v1 import health_pb2
 from rest_helpers import FUTURE, Rest, bearer_header, running_rest
 
+from tokenservice_server.rest import RestServer
+
 # Request bodies as two public API-token guides print them in their curl
 # examples: callers copy these, so they must work on our paths as printed.
 STEMP_CREATE_BODY = """{
@@ -364,6 +366,33 @@ def test_throttled_client_gets_429_with_retry_after_per_real_address(database_ur
             assert int(limited.headers["retry-after"]) >= 1
             # Another client address is not throttled: the shim passed the real one on.
             assert_error(attempt("127.0.0.3"), 401, "unauthorized")
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+def test_a_shim_dialing_grpc_over_ipv6_still_passes_the_real_client_on(database_url) -> None:
+    """`serve --host localhost` may connect the shim over [::1]: its x-forwarded-for
+    must still be honoured, or every REST client shares one throttle bucket."""
+    config = make_config(
+        database_url, host="::1", auth_failure_burst=2, auth_failure_refill_per_second=0.01,
+    )
+    running = start_server(config)
+    try:
+        server = RestServer(f"[::1]:{running.server.port}", "127.0.0.1", 0)
+        server.start()
+        try:
+            def attempt(address: str) -> int:
+                transport = httpx.HTTPTransport(local_address=address)
+                with httpx.Client(base_url=f"http://127.0.0.1:{server.port}",
+                                  transport=transport) as client:
+                    r = client.post("/api/v1/authenticate", json={"token": "tks_bogus"})
+                    return r.status_code
+
+            assert [attempt("127.0.0.2") for _ in range(3)] == [401, 401, 429]
+            assert attempt("127.0.0.3") == 401
+        finally:
+            server.stop(grace=1)
     finally:
         running.channel.close()
         running.server.stop(grace=1)

@@ -7,13 +7,15 @@ import zlib
 
 import pytest
 
+from tokenservice_client import peer_address
 from tokenservice_server import tokens
 from tokenservice_server.config import ConfigError, load_config, to_environ
 from tokenservice_server.crypto import BcryptHasher, VerifiedCache
 from tokenservice_server.errors import MAX_VIOLATIONS, InvalidArgument, RateLimited, shown
+from tokenservice_server.peers import TrustedProxies, client_address
 from tokenservice_server.scopes import ScopeCatalog
 from tokenservice_server.service import decode_page_token, encode_page_token, validate_name
-from tokenservice_server.throttle import FailureBuckets
+from tokenservice_server.throttle import FailureBuckets, client_keys
 from tokenservice_server.values import Cursor
 
 ALLOWED = set(string.ascii_letters + string.digits + "_")
@@ -193,3 +195,41 @@ def test_a_configuration_survives_the_trip_through_the_environment() -> None:
     )
     assert load_config({}, to_environ(config)) == config
     assert load_config({}, to_environ(load_config({}, {}))) == load_config({}, {})
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:192.0.2.7:5000", "192.0.2.7"),
+        ("ipv6:%5B::1%5D:5000", "::1"),  # what grpcio reports today
+        ("ipv6:[::1]:5000", "::1"),
+        ("ipv6:%5B2001:DB8:0:0::0001%5D:443", "2001:db8::1"),
+        ("ipv6:%5B::ffff:192.0.2.7%5D:80", "192.0.2.7"),  # IPv4-mapped: the IPv4 client
+        ("ipv6:%5Bfe80::1%25eth0%5D:80", "fe80::1%eth0"),
+        ("unix:/run/ts.sock", None),
+        ("ipv4:not-an-address:1", None),
+    ],
+)
+def test_grpc_peers_are_read_as_one_canonical_address(peer: str, address: str | None) -> None:
+    assert peer_address(peer) == address
+
+
+def test_trusted_proxies_are_addresses_or_ranges_and_only_they_name_the_client() -> None:
+    trusted = TrustedProxies(["127.0.0.1", "::1", "10.0.0.0/8", "fd00::/64"])
+    assert "10.200.3.4" in trusted and "fd00::7" in trusted and "::1" in trusted
+    assert "11.0.0.1" not in trusted and "fd00:0:0:1::7" not in trusted and None not in trusted
+    via_shim = client_address("ipv6:%5B::1%5D:4000", "203.0.113.9", trusted)
+    assert via_shim == "203.0.113.9"
+    assert client_address("ipv4:10.1.1.1:4000", "x, 2001:DB8::9", trusted) == "2001:db8::9"
+    assert client_address("ipv4:198.51.100.1:4000", "203.0.113.9", trusted) == "198.51.100.1"
+    assert client_address("ipv4:10.1.1.1:4000", "garbage", trusted) == "10.1.1.1"
+    with pytest.raises(ConfigError):
+        load_config({}, {"TOKENSERVICE_TRUSTED_PROXIES": "10.0.0.0/33"})
+    with pytest.raises(ConfigError):
+        load_config({}, {"TOKENSERVICE_TRUSTED_PROXIES": "proxy.internal"})
+
+
+def test_an_ipv6_client_counts_against_its_address_and_its_slash_64() -> None:
+    assert client_keys("192.0.2.7") == ("192.0.2.7",)
+    assert client_keys("2001:db8:1:2:3:4:5:6") == ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64")
+    assert client_keys("unix:/run/ts.sock") == ("unix:/run/ts.sock",)

@@ -103,7 +103,8 @@ class Config:
     # A Redis call slower than this counts as Redis down: the check falls back to the
     # process's own counters rather than hold up Authenticate.
     redis_timeout_seconds: float = 0.1
-    # Peers allowed to name the real client in x-forwarded-for (the REST shim).
+    # Peers allowed to name the real client in x-forwarded-for (the REST shim):
+    # addresses or CIDR ranges.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # Start the REST/JSON shim beside the gRPC server.
     rest_enabled: bool = True
@@ -216,6 +217,13 @@ def validate(config: Config) -> None:
         raise ConfigError("the audit retention must be 0 (keep forever) or a number of days")
     if config.audit_prune_seconds <= 0 or config.audit_prune_batch < 1:
         raise ConfigError("the audit prune interval and batch must be positive")
+
+    from .peers import parse_networks  # the one reading of an address or range
+
+    try:
+        parse_networks(config.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"trusted proxies: {e}") from None
 
 
 def check_redis_url(url: str) -> None:

@@ -28,6 +28,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from tokenservice_client import parse_bearer
 
+from . import peers
 from .errors import (
     CALLER_UNAUTHENTICATED,
     TOKEN_RATE_LIMITED,
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .logs import rpc_log
 from .metrics import RpcMetrics
+from .peers import TrustedProxies
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
 from .values import UPDATABLE, AuditEvent, Principal, RateLimit, TokenInfo, TokenState
@@ -89,22 +91,13 @@ def status_for(error: DomainError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str]) -> str:
+def client_address(context: grpc.ServicerContext, trusted: TrustedProxies) -> str:
     """The caller's address; a trusted proxy (the REST shim) may name the real client."""
-    peer = context.peer()
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        host = rest.rsplit(":", 1)[0]
-    elif kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]")
-    else:
-        host = peer
-    # "unix:" is the in-process REST shim's private socket (server.py, local_socket).
-    if host in trusted_proxies or kind == "unix":
-        for key, value in context.invocation_metadata():
-            if key == "x-forwarded-for" and value:
-                return value.split(",")[0].strip()
-    return host
+    forwarded = None
+    for key, value in context.invocation_metadata():
+        if key == "x-forwarded-for":
+            forwarded = value
+    return peers.client_address(context.peer(), forwarded, trusted)
 
 
 def bearer_token(context: grpc.ServicerContext) -> str | None:
@@ -171,7 +164,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._metrics = metrics
         self._connection = connection
-        self._trusted = frozenset(trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
         self._blocking = blocking
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -377,7 +370,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
 
     def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
         self._service = service
-        self._trusted = frozenset(trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
 
     def _client(self, context: Any) -> Any:
         """The caller's address, for the audit log (computed when an event needs it)."""

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .scopes import ADMIN, MANAGE, ScopeCatalog, why_not_canonical
 from .store import Store
-from .throttle import FailureBuckets
+from .throttle import FailureBuckets, client_keys
 from .usage import UsageRecorder
 from .values import (
     CLI_ACTOR,
@@ -132,6 +132,11 @@ def _throttled(wait: float) -> RateLimited:
     error = RateLimited("too many failed authentications, slow down", wait)
     error.client_throttled = True
     return error
+
+
+def _client_keys(client: Client) -> tuple[str, ...]:
+    """The throttle buckets of a client address (resolved now if given lazily)."""
+    return client_keys(_client(client))
 
 
 def now_micros() -> int:
@@ -368,11 +373,11 @@ class TokenService:
         )
 
     def _fail(self, client: Client, lookup_id: str | None) -> None:
-        client = client() if callable(client) else client
-        wait = self.client_failures.retry_after(client)
+        keys = _client_keys(client)
+        wait = self._client_wait(keys)
         if wait > 0 and lookup_id is None:
             raise _throttled(wait)
-        self.client_failures.fail(client)
+        self._client_failed(keys)
         if lookup_id is not None:
             self.lookup_failures.fail(lookup_id)
         raise Unauthenticated(AUTH_FAILED)
@@ -385,7 +390,7 @@ class TokenService:
         if wait > 0:
             raise RateLimited("too many failed authentications, slow down", wait)
         if not self.lookup_failures.untouched(lookup_id):
-            wait = self.client_failures.retry_after(client() if callable(client) else client)
+            wait = self._client_wait(_client_keys(client))
             if wait > 0:
                 raise _throttled(wait)
 
@@ -421,16 +426,25 @@ class TokenService:
         """A request that did not parse: refused with one fixed message, and counted
         as a failure of its client, as a bad token is (a throttled client is refused
         as throttled)."""
-        address = _client(client)
-        wait = self.client_failures.retry_after(address)
+        keys = _client_keys(client)
+        wait = self._client_wait(keys)
         if wait > 0:
             raise _throttled(wait)
-        self.client_failures.fail(address)
+        self._client_failed(keys)
         raise InvalidArgument([], MALFORMED_REQUEST)
 
     def tarpitted(self, client: Client, seconds: float) -> None:
-        """A throttled client was kept waiting: its wait does not refill its bucket."""
-        self.client_failures.hold(client() if callable(client) else client, seconds)
+        """A throttled client was kept waiting: its wait does not refill its buckets."""
+        for key in _client_keys(client):
+            self.client_failures.hold(key, seconds)
+
+    def _client_wait(self, keys: tuple[str, ...]) -> float:
+        """Seconds until the client may fail again: its address's or its /64's, the longer."""
+        return max(self.client_failures.retry_after(key) for key in keys)
+
+    def _client_failed(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self.client_failures.fail(key)
 
     # Management: the caller is a Principal from authenticate(). `client` is
     # the caller's address, for the audit log.
