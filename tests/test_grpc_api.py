@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import logging
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -573,5 +575,65 @@ def test_over_ipv6_a_trusted_proxy_names_the_client_and_a_slash_64_is_one_client
             assert attempt("2001:db8:0:2::1") == grpc.StatusCode.UNAUTHENTICATED
             assert attempt("192.0.2.7") == grpc.StatusCode.UNAUTHENTICATED
     finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+def _wrong_secret(raw: str) -> str:
+    """`raw`'s lookup id with another secret, and a valid checksum: a guess at its secret."""
+    from tokenservice_server import tokens
+
+    body = raw[:16] + tokens.new_token("tks_")[1].secret
+    return body + tokens.checksum(body)
+
+
+def test_a_flood_at_a_lookup_id_never_locks_its_owner_out(database_url: str) -> None:
+    """Ten threads guess at three tokens' secrets; the owner, from its own address and
+    with nothing cached (a fresh server: none of its secrets was ever checked here),
+    authenticates with each, and the guesser is throttled on its own account."""
+    # A refill slow enough that the guesser's budget is what it spent here.
+    running = start_server(make_config(database_url, auth_failure_refill_per_second=0.01))
+    attacker = (("x-forwarded-for", "198.51.100.66"),)
+    owner = (("x-forwarded-for", "203.0.113.7"),)
+    stop = threading.Event()
+    seen: collections.Counter[grpc.StatusCode] = collections.Counter()
+    lock = threading.Lock()
+    try:
+        running.add_user("victim@other.test", "other", ["pass:read"])
+        victims = [running.mint("victim@other.test", ["pass:read"]) for _ in range(3)]
+
+        def flood(i: int) -> None:
+            with grpc.insecure_channel(running.target) as channel:
+                stub = pb_grpc.TokenServiceStub(channel)
+                while not stop.is_set():
+                    request = pb.AuthenticateRequest(token=_wrong_secret(victims[i % 3]))
+                    try:
+                        stub.Authenticate(request, metadata=attacker, timeout=10)
+                    except grpc.RpcError as error:
+                        with lock:
+                            seen[error.code()] += 1
+
+        threads = [threading.Thread(target=flood, args=(i,)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        budget = running.config.auth_failure_burst
+        while seen[grpc.StatusCode.RESOURCE_EXHAUSTED] < budget:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        for raw in victims:  # each one's first check, while the flood goes on
+            who = running.stub.Authenticate(pb.AuthenticateRequest(token=raw), metadata=owner,
+                                            timeout=10)
+            assert who.user_email == "victim@other.test"
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert seen[grpc.StatusCode.UNAUTHENTICATED] >= 30  # its guesses were checked, then
+        # its refusals were charged to it: the guesser is throttled on any token now.
+        error = rpc_error(running.stub.Authenticate, pb.AuthenticateRequest(token="tks_x"),
+                          metadata=attacker, timeout=10)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        stop.set()
         running.channel.close()
         running.server.stop(grace=1)

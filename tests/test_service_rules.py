@@ -17,6 +17,7 @@ from tokenservice_server.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RateLimited,
     Unauthenticated,
 )
 from tokenservice_server.migrations import open_migrated
@@ -340,3 +341,60 @@ def test_no_change_to_a_page_token_gets_past_the_checks_or_fails_otherwise(world
                 assert e.violations[0][0] == "page_token"
                 outcomes["refused"] += 1
     assert outcomes["refused"] > 0
+
+
+# Throttling: guessing at a token costs the guesser, never the token's owner.
+
+
+def _service(world: World, **settings: object) -> TokenService:
+    """Another TokenService over the world's store, with other throttle settings."""
+    config = Config(bcrypt_rounds=4, **settings)  # type: ignore[arg-type]
+    return TokenService(config, world.service.store, ScopeCatalog.default(), world.hasher,
+                        clock=lambda: world.now[0])
+
+
+def _wrong_secret(raw: str) -> str:
+    body = raw[:16] + tokens.new_token("tks_")[1].secret  # tks_ + lookup id, another secret
+    return body + tokens.checksum(body)
+
+
+def test_guessing_at_a_lookup_id_never_locks_its_owner_out(world: World) -> None:
+    service = _service(world, auth_failure_burst=20, auth_failure_refill_per_second=0.001,
+                       lookup_failure_burst=3, lookup_failure_refill_per_second=0.001)
+    victim = world.token("ann@acme.test", ["pass:read"])  # its secret never checked here
+    attacker, owner = "198.51.100.66", "203.0.113.7"
+    outcomes = []
+    for _ in range(30):
+        try:
+            service.authenticate(_wrong_secret(victim), attacker)
+        except Unauthenticated:
+            outcomes.append("checked")
+        except RateLimited as refused:
+            assert refused.client_throttled  # held back by the tarpit like any throttled call
+            outcomes.append("refused")
+    assert outcomes[:3] == ["checked"] * 3 and set(outcomes[3:]) == {"refused"}
+    # The owner has not failed lately: its first check goes ahead, and succeeds.
+    checks = world.hasher.checks
+    assert service.authenticate(victim, owner).email == "ann@acme.test"
+    assert world.hasher.checks == checks + 1
+    # The refusals were charged to the attacker: it is throttled on any token now.
+    with pytest.raises(RateLimited):
+        service.authenticate("tks_" + "x" * 50, attacker)
+    with pytest.raises(Unauthenticated):
+        service.authenticate("tks_" + "x" * 50, owner)
+
+
+def test_a_client_that_failed_lately_is_refused_at_a_token_being_guessed_at(
+    world: World,
+) -> None:
+    service = _service(world, auth_failure_burst=20, auth_failure_refill_per_second=0.001,
+                       lookup_failure_burst=2, lookup_failure_refill_per_second=0.001)
+    victim = world.token("ann@acme.test", ["pass:read"])
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            service.authenticate(_wrong_secret(victim), "198.51.100.66")
+    with pytest.raises(Unauthenticated):
+        service.authenticate("tks_" + "x" * 50, "203.0.113.7")  # one failure of its own
+    with pytest.raises(RateLimited):
+        service.authenticate(victim, "203.0.113.7")
+    assert service.authenticate(victim, "203.0.113.8").email == "ann@acme.test"

@@ -383,16 +383,27 @@ class TokenService:
         raise Unauthenticated(AUTH_FAILED)
 
     def _may_try_secret(self, client: Client, lookup_id: str) -> None:
-        """Refuses a hash check to a token being guessed at, or to a throttled client
-        guessing at a token that has failed before. A token's first check from any
-        client goes ahead, so a flood never locks a good token out."""
-        wait = self.lookup_failures.retry_after(lookup_id)
+        """Whether this client gets a hash check of a secret for this token now.
+
+        A token nobody has failed at lately is checked for anyone, so a flood of
+        bad tokens from a client never stops that client's good ones. A token
+        being guessed at (its lookup-id bucket empty) is still checked for a
+        client that has not failed lately: the lookup id is no secret (most of it
+        is the displayed prefix), so refusing everyone would let anyone lock any
+        token out. Clients that have failed lately are refused there, and the
+        refusal is charged to them and tarpitted: guessing costs the guesser,
+        never the token's owner.
+        """
+        if self.lookup_failures.untouched(lookup_id):
+            return
+        keys = _client_keys(client)
+        wait = self._client_wait(keys)
         if wait > 0:
-            raise RateLimited("too many failed authentications, slow down", wait)
-        if not self.lookup_failures.untouched(lookup_id):
-            wait = self._client_wait(_client_keys(client))
-            if wait > 0:
-                raise _throttled(wait)
+            raise _throttled(wait)
+        lookup_wait = self.lookup_failures.retry_after(lookup_id)
+        if lookup_wait > 0 and not self._client_clean(keys):
+            self._client_failed(keys)
+            raise _throttled(max(lookup_wait, self._client_wait(keys)))
 
     def _record_reuse(self, row: AuthRow, client: Client) -> None:
         """Writes token.reuse_after_rotation, at most once a minute per token.
@@ -441,6 +452,10 @@ class TokenService:
     def _client_wait(self, keys: tuple[str, ...]) -> float:
         """Seconds until the client may fail again: its address's or its /64's, the longer."""
         return max(self.client_failures.retry_after(key) for key in keys)
+
+    def _client_clean(self, keys: tuple[str, ...]) -> bool:
+        """True when the client has no failures that have not refilled yet."""
+        return all(self.client_failures.untouched(key) for key in keys)
 
     def _client_failed(self, keys: tuple[str, ...]) -> None:
         for key in keys:
