@@ -598,6 +598,7 @@ def test_a_flood_at_a_lookup_id_never_locks_its_owner_out(database_url: str) -> 
     stop = threading.Event()
     seen: collections.Counter[grpc.StatusCode] = collections.Counter()
     lock = threading.Lock()
+    threads: list[threading.Thread] = []
     try:
         running.add_user("victim@other.test", "other", ["pass:read"])
         victims = [running.mint("victim@other.test", ["pass:read"]) for _ in range(3)]
@@ -613,7 +614,7 @@ def test_a_flood_at_a_lookup_id_never_locks_its_owner_out(database_url: str) -> 
                         with lock:
                             seen[error.code()] += 1
 
-        threads = [threading.Thread(target=flood, args=(i,)) for i in range(10)]
+        threads += [threading.Thread(target=flood, args=(i,)) for i in range(10)]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 60
@@ -635,5 +636,62 @@ def test_a_flood_at_a_lookup_id_never_locks_its_owner_out(database_url: str) -> 
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         stop.set()
+        for thread in threads:
+            thread.join()
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+def test_a_flood_of_wrong_secrets_from_one_org_leaves_another_orgs_checks_to_them(
+    database_url: str,
+) -> None:
+    """Thirty threads at three addresses of one tenant check wrong secrets for forty
+    of its own tokens, unthrottled (a tenant with many addresses); another tenant's
+    first-time verifications all succeed meanwhile, none refused as busy."""
+    running = start_server(make_config(
+        database_url, bcrypt_rounds=6,
+        auth_failure_burst=1_000_000, lookup_failure_burst=1_000_000,
+    ))
+    stop = threading.Event()
+    seen: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+    try:
+        running.add_user("flood@evil.test", "evil", ["pass:read"])
+        own = [running.mint("flood@evil.test", ["pass:read"]) for _ in range(40)]
+        running.add_user("victim@acme.test", "acme", ["pass:read"])
+        victims = [running.mint("victim@acme.test", ["pass:read"]) for _ in range(10)]
+
+        def flood(i: int) -> None:
+            metadata = (("x-forwarded-for", f"198.51.100.{i % 3 + 1}"),)
+            with grpc.insecure_channel(running.target) as channel:
+                stub = pb_grpc.TokenServiceStub(channel)
+                n = i
+                while not stop.is_set():
+                    n += 1
+                    request = pb.AuthenticateRequest(token=_wrong_secret(own[n % len(own)]))
+                    try:
+                        stub.Authenticate(request, metadata=metadata, timeout=10)
+                    except grpc.RpcError as error:
+                        with lock:
+                            seen[error.details()] += 1
+
+        threads += [threading.Thread(target=flood, args=(i,)) for i in range(30)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while seen["too many token verifications in progress"] < 30:
+            assert time.monotonic() < deadline, seen  # the flood fills the pool
+            time.sleep(0.05)
+        owner = (("x-forwarded-for", "203.0.113.7"),)
+        for raw in victims:  # each one's first check, while the flood goes on
+            who = running.stub.Authenticate(pb.AuthenticateRequest(token=raw), metadata=owner,
+                                            timeout=10)
+            assert who.user_email == "victim@acme.test"
+        assert seen["invalid, expired or revoked token"] > 0  # its checks ran too
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
         running.channel.close()
         running.server.stop(grace=1)

@@ -20,6 +20,7 @@ from tokenservice_server.errors import (
     RateLimited,
     Unauthenticated,
 )
+from tokenservice_server.fairshare import NOBODY, Claimant
 from tokenservice_server.migrations import open_migrated
 from tokenservice_server.scopes import ScopeCatalog
 from tokenservice_server.service import MAX_PAGE_SIZE, TokenService
@@ -36,13 +37,13 @@ class CountingHasher(BcryptHasher):
         super().__init__(rounds=4, slots=2, max_waiting=8)
         self.checks = 0
 
-    def verify(self, secret: str, hashed: str) -> bool:
+    def verify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
         self.checks += 1
-        return super().verify(secret, hashed)
+        return super().verify(secret, hashed, claimant)
 
-    async def averify(self, secret: str, hashed: str) -> bool:
+    async def averify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
         self.checks += 1
-        return await super().averify(secret, hashed)
+        return await super().averify(secret, hashed, claimant)
 
 
 class World:

@@ -87,6 +87,9 @@ class Config:
     grpc_workers: int = 12
     bcrypt_concurrency: int = 2
     bcrypt_max_waiting: int = 8
+    # bcrypt work running or waiting for one client address (an IPv6 /64), or for
+    # one calling user at CreateToken: one client's flood waits in its own queue.
+    bcrypt_max_per_client: int = 4
     # Verified-secret cache entries (keyed HMACs of secrets, never secrets).
     verified_cache_size: int = 100_000
     # Failed authentications: a token bucket per client address and per lookup id.
@@ -198,6 +201,8 @@ def validate(config: Config) -> None:
         raise ConfigError("the token prefix may hold only letters, digits and _")
     if config.grpc_workers < 2 or config.bcrypt_concurrency < 1:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
+    if config.bcrypt_max_waiting < 0 or config.bcrypt_max_per_client < 1:
+        raise ConfigError("bcrypt max waiting must be at least 0, and per client at least 1")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
     if config.rate_limit is not None:

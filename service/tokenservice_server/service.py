@@ -35,6 +35,7 @@ from .errors import (
     Unavailable,
     shown,
 )
+from .fairshare import Claimant
 from .scopes import ADMIN, MANAGE, ScopeCatalog, why_not_canonical
 from .store import Store
 from .throttle import FailureBuckets, client_keys
@@ -151,6 +152,7 @@ class _PendingCheck:
     secret: str
     row: AuthRow
     digest: bytes
+    claimant: Claimant  # whom the check is for: the hasher shares its threads by it
 
 
 def validate_name(name: str) -> tuple[str | None, str | None]:
@@ -278,7 +280,7 @@ class TokenService:
         try:
             step = self._begin(raw_token, client)
             if isinstance(step, _PendingCheck):
-                ok = self.hasher.verify(step.secret, step.row.secret_hash)
+                ok = self.hasher.verify(step.secret, step.row.secret_hash, step.claimant)
                 return self._finish(step, ok, client)
             return step
         except _ReusedAfterRotation as reuse:
@@ -313,7 +315,15 @@ class TokenService:
             if isinstance(step, _ReusedAfterRotation):
                 raise step
             if isinstance(step, _PendingCheck):
-                ok = await self.hasher.averify(step.secret, step.row.secret_hash)
+                try:
+                    ok = await self.hasher.averify(
+                        step.secret, step.row.secret_hash, step.claimant
+                    )
+                except RateLimited as busy:
+                    # A client that has failed lately, refused a place in the hash
+                    # queue: held back like any throttled refusal, or it would spin.
+                    busy.client_throttled = step.claimant.failing
+                    raise
                 return self._finish(step, ok, client)
             return step
         except _ReusedAfterRotation as reuse:
@@ -335,8 +345,8 @@ class TokenService:
             self._fail(client, None)
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
         if not self.verified.is_verified(digest, row.secret_hash):
-            self._may_try_secret(client, parsed.lookup_id)
-            return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
+            claimant = self._may_try_secret(client, parsed.lookup_id, row.org_id)
+            return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest, claimant)
         return self._grant(row)
 
     def _finish(self, step: _PendingCheck, ok: bool, client: Client) -> Principal:
@@ -382,8 +392,9 @@ class TokenService:
             self.lookup_failures.fail(lookup_id)
         raise Unauthenticated(AUTH_FAILED)
 
-    def _may_try_secret(self, client: Client, lookup_id: str) -> None:
-        """Whether this client gets a hash check of a secret for this token now.
+    def _may_try_secret(self, client: Client, lookup_id: str, org_id: str) -> Claimant:
+        """Whether this client gets a hash check of a secret for this token now,
+        and whom that check is for.
 
         A token nobody has failed at lately is checked for anyone, so a flood of
         bad tokens from a client never stops that client's good ones. A token
@@ -394,16 +405,20 @@ class TokenService:
         refusal is charged to them and tarpitted: guessing costs the guesser,
         never the token's owner.
         """
-        if self.lookup_failures.untouched(lookup_id):
-            return
         keys = _client_keys(client)
+        clean = self._client_clean(keys)
+        # The hasher's queues are per client: an IPv6 client's is its /64's.
+        claimant = Claimant(org_id, keys[-1], failing=not clean)
+        if clean or self.lookup_failures.untouched(lookup_id):
+            return claimant
         wait = self._client_wait(keys)
         if wait > 0:
             raise _throttled(wait)
         lookup_wait = self.lookup_failures.retry_after(lookup_id)
-        if lookup_wait > 0 and not self._client_clean(keys):
+        if lookup_wait > 0:
             self._client_failed(keys)
             raise _throttled(max(lookup_wait, self._client_wait(keys)))
+        return claimant
 
     def _record_reuse(self, row: AuthRow, client: Client) -> None:
         """Writes token.reuse_after_rotation, at most once a minute per token.
@@ -551,10 +566,12 @@ class TokenService:
     def _new_secret(self, **fields: Any) -> tuple[str, NewToken]:
         """A fresh raw token and the row that stores its hash (bcrypt: the slow part)."""
         raw, parts = tokens.new_token(self.config.token_prefix)
+        # Hashing shares the bcrypt threads with checks, queued per org and user.
+        claimant = Claimant(fields["org_id"], f"user:{fields['user_id']}")
         return raw, NewToken(
             lookup_id=parts.lookup_id,
             token_prefix=tokens.display_prefix(raw),
-            secret_hash=self.hasher.hash(parts.secret),
+            secret_hash=self.hasher.hash(parts.secret, claimant),
             **fields,
         )
 
@@ -925,14 +942,14 @@ class TokenService:
                 continue
             row = self.store.find_for_auth(parsed.lookup_id)
             if row is None:
-                self.client_failures.fail(address)
+                self._client_failed(client_keys(address))
                 results.append(LeakResult(prefix, False))
                 continue
             digest = self.verified.digest(parsed.lookup_id, parsed.secret)
             if not self.verified.is_verified(digest, row.secret_hash):
-                self._may_try_secret(address, parsed.lookup_id)
-                if not self.hasher.verify(parsed.secret, row.secret_hash):
-                    self.client_failures.fail(address)
+                claimant = self._may_try_secret(address, parsed.lookup_id, row.org_id)
+                if not self.hasher.verify(parsed.secret, row.secret_hash, claimant):
+                    self._client_failed(client_keys(address))
                     self.lookup_failures.fail(parsed.lookup_id)
                     results.append(LeakResult(prefix, False))
                     continue
