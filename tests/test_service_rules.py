@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -399,3 +400,55 @@ def test_a_client_that_failed_lately_is_refused_at_a_token_being_guessed_at(
     with pytest.raises(RateLimited):
         service.authenticate(victim, "203.0.113.7")
     assert service.authenticate(victim, "203.0.113.8").email == "ann@acme.test"
+
+
+# Management: one caller's creations are bounded.
+
+
+class GatedHasher(CountingHasher):
+    """Real bcrypt whose hashes wait for the test to open the gate (a CreateToken in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.hashing = threading.Semaphore(0)
+
+    def hash(self, secret: str, claimant: Claimant = NOBODY) -> str:
+        self.hashing.release()
+        assert self.gate.wait(10)
+        return super().hash(secret, claimant)
+
+
+def test_one_caller_creates_at_most_a_few_tokens_at_once(world: World) -> None:
+    hasher = GatedHasher()
+    service = TokenService(Config(bcrypt_rounds=4, create_token_concurrency=2),
+                           world.service.store, ScopeCatalog.default(), hasher,
+                           clock=lambda: world.now[0])
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    other = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    results: list[object] = []
+
+    def create(caller: Principal) -> None:
+        with service.store.connection():
+            try:
+                results.append(service.create_token(caller, "t", ["pass:read"], None).info.id)
+            except RateLimited as refused:
+                results.append(refused)
+
+    busy = [threading.Thread(target=create, args=(ann,)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    for _ in busy:
+        assert hasher.hashing.acquire(timeout=10)  # both in flight, holding their slots
+    create(ann)
+    assert isinstance(results[-1], RateLimited) and results[-1].retry_after > 0
+    third = threading.Thread(target=create, args=(other,))  # another caller: its own slots
+    third.start()
+    assert hasher.hashing.acquire(timeout=10)
+    hasher.gate.set()
+    for thread in [*busy, third]:
+        thread.join()
+    assert sum(isinstance(r, str) for r in results) == 3
+    create(ann)  # the slots were given back
+    assert isinstance(results[-1], str)
+    hasher.close()

@@ -90,6 +90,12 @@ class Config:
     # bcrypt work running or waiting for one client address (an IPv6 /64), or for
     # one calling user at CreateToken: one client's flood waits in its own queue.
     bcrypt_max_per_client: int = 4
+    # Authenticate's database reads (PostgreSQL) run on threads and connections of
+    # their own, so management calls holding every worker never hold it up.
+    auth_read_workers: int = 4
+    # Tokens one calling token may be creating at once (CreateToken); more are
+    # refused with RESOURCE_EXHAUSTED and a RetryInfo.
+    create_token_concurrency: int = 2
     # Verified-secret cache entries (keyed HMACs of secrets, never secrets).
     verified_cache_size: int = 100_000
     # Failed authentications: a token bucket per client address and per lookup id.
@@ -201,6 +207,8 @@ def validate(config: Config) -> None:
         raise ConfigError("the token prefix may hold only letters, digits and _")
     if config.grpc_workers < 2 or config.bcrypt_concurrency < 1:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
+    if config.auth_read_workers < 1 or config.create_token_concurrency < 1:
+        raise ConfigError("need at least 1 Authenticate read worker and 1 CreateToken a caller")
     if config.bcrypt_max_waiting < 0 or config.bcrypt_max_per_client < 1:
         raise ConfigError("bcrypt max waiting must be at least 0, and per client at least 1")
     if not 1 <= config.workers <= 64:

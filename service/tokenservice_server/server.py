@@ -20,7 +20,7 @@ from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
-from .db import is_sqlite
+from .db import is_sqlite, open_database
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
 from .logs import rpc_log
@@ -59,13 +59,24 @@ class TokenServer:
         self._blocking = futures.ThreadPoolExecutor(
             max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"
         )
+        # Authenticate's read, where it may not run on the loop (PostgreSQL): threads
+        # and connections of its own, so it never queues behind management calls.
+        self._auth_reads = futures.ThreadPoolExecutor(
+            max_workers=config.auth_read_workers, thread_name_prefix="auth-read"
+        )
+        self.auth_store = self.store
+        if not self.store.inline_reads:
+            self.auth_store = Store(open_database(
+                config.database_url, max_connections=config.auth_read_workers + 1, bind=False
+            ))
         self.service = TokenService(
             config,
             self.store,
             self.catalog,
             hasher_for(config, metrics.set_bcrypt_queue_depth),
             self.usage,
-            blocking=self._blocking,
+            blocking=self._auth_reads,
+            auth_store=self.auth_store,
         )
         self.pruner = AuditPruner(
             self.prune_audit, config.audit_prune_seconds, config.audit_prune_batch,
@@ -171,6 +182,7 @@ class TokenServer:
         self.probe.stop()
         self._call(self._server.stop(grace))
         self._blocking.shutdown(wait=True)
+        self._auth_reads.shutdown(wait=True)
         self.service.close()
         self.usage.close()
         rpc_log.flush()
@@ -182,6 +194,8 @@ class TokenServer:
 
         self._call(close_loop_connection())
         self.store.close()
+        if self.auth_store is not self.store:
+            self.auth_store.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
         self._loop.close()

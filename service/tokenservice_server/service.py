@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -13,7 +14,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -243,9 +244,14 @@ class TokenService:
         usage: UsageRecorder | None = None,
         clock: Callable[[], int] = now_micros,
         blocking: Executor | None = None,
+        auth_store: Store | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # Where aauthenticate reads, on `blocking`: a Store of its own connections
+        # (PostgreSQL), so management work holding every connection of `store`
+        # never holds up an Authenticate.
+        self.auth_store = store if auth_store is None else auth_store
         self.catalog = catalog
         self.hasher = hasher
         self.usage = usage
@@ -264,6 +270,9 @@ class TokenService:
         # write when one client keeps presenting an old secret.
         self._reuse_seen: OrderedDict[str, int] = OrderedDict()
         self._reuse_lock = threading.Lock()
+        # Tokens being created (CreateToken) per calling token.
+        self._minting: dict[str, int] = {}
+        self._minting_lock = threading.Lock()
 
     def close(self) -> None:
         self.hasher.close()
@@ -298,14 +307,14 @@ class TokenService:
         """
 
         def read() -> Principal | _PendingCheck | _ReusedAfterRotation:
-            with self.store.connection():
+            with self.auth_store.connection():
                 try:
-                    return self._begin(raw_token, client)
+                    return self._begin(raw_token, client, self.auth_store)
                 except _ReusedAfterRotation as reuse:
                     return reuse
 
         loop = asyncio.get_running_loop()
-        if self.store.inline_reads:
+        if self.auth_store.inline_reads:
             step = read()
         else:
             step = await loop.run_in_executor(
@@ -337,10 +346,12 @@ class TokenService:
             await loop.run_in_executor(self.blocking, contextvars.copy_context().run, record)
             raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
 
-    def _begin(self, raw_token: str, client: Client) -> Principal | _PendingCheck:
+    def _begin(
+        self, raw_token: str, client: Client, store: Store | None = None
+    ) -> Principal | _PendingCheck:
         """The store part: a Principal, or the hash check still owed."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
-        row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
+        row = (store or self.store).find_for_auth(parsed.lookup_id) if parsed else None
         if parsed is None or row is None:
             self._fail(client, None)
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
@@ -503,10 +514,38 @@ class TokenService:
     ) -> CreatedToken:
         """A token for the caller's user, minted by the caller's token (its parent)."""
         self._require_manage(caller)
-        return self.mint(
-            caller.user_id, caller.org_id, caller.scopes, name, scopes, expires_at,
-            rate_limit=rate_limit, parent=caller, actor=_actor(caller, client),
-        )
+        with self._minting_slot(caller):
+            return self.mint(
+                caller.user_id, caller.org_id, caller.scopes, name, scopes, expires_at,
+                rate_limit=rate_limit, parent=caller, actor=_actor(caller, client),
+            )
+
+    @contextlib.contextmanager
+    def _minting_slot(self, caller: Principal) -> Iterator[None]:
+        """One of the caller token's few concurrent mints, or RateLimited.
+
+        Minting costs a bcrypt hash and a transaction; without a bound, one
+        caller's flood of CreateToken takes every management worker and
+        connection while the rest of the org waits behind it.
+        """
+        limit = self.config.create_token_concurrency
+        with self._minting_lock:
+            running = self._minting.get(caller.token_id, 0)
+            if running >= limit:
+                raise RateLimited(
+                    f"this token is already creating {limit} tokens; retry when one is done",
+                    retry_after=1.0,
+                )
+            self._minting[caller.token_id] = running + 1
+        try:
+            yield
+        finally:
+            with self._minting_lock:
+                left = self._minting[caller.token_id] - 1
+                if left:
+                    self._minting[caller.token_id] = left
+                else:
+                    del self._minting[caller.token_id]
 
     def mint(
         self,
