@@ -6,6 +6,7 @@ import base64
 import collections
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -693,5 +694,75 @@ def test_a_flood_of_wrong_secrets_from_one_org_leaves_another_orgs_checks_to_the
         stop.set()
         for thread in threads:
             thread.join()
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+# HTTP/2 limits: what an idle or abusive connection may hold.
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS, PING, GOAWAY = 0x4, 0x6, 0x7
+ENHANCE_YOUR_CALM = 0xB
+
+
+def _frame(kind: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + b"\0\0\0\0" + payload
+
+
+def _frames_until_closed(sock: socket.socket, send_after_settings: bytes = b""):
+    """(type, payload) of each frame the server sends until it closes; its SETTINGS
+    are acknowledged, as a client must."""
+    buffer = b""
+    while True:
+        while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+        payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+        if kind == SETTINGS and not flags & 1:
+            sock.sendall(_frame(SETTINGS, 1) + send_after_settings)
+        yield kind, payload
+
+
+def _announced_settings(frames: list[tuple[int, bytes]]) -> dict[int, int]:
+    settings = next(p for k, p in frames if k == SETTINGS and p)
+    return {int.from_bytes(settings[i:i + 2], "big"): int.from_bytes(settings[i + 2:i + 6], "big")
+            for i in range(0, len(settings), 6)}
+
+
+def test_by_default_a_connection_gets_a_stream_limit_and_requests_a_size_limit(
+    ts: RunningServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", ts.server.port), timeout=30) as sock:
+        sock.sendall(PREFACE + _frame(SETTINGS))
+        frames = [next(f for f in _frames_until_closed(sock) if f[0] == SETTINGS)]
+    assert 0 < _announced_settings(frames).get(0x3, 2**31) <= 1000  # MAX_CONCURRENT_STREAMS
+    error = rpc_error(ts.authenticate, "tks_" + "x" * 100_000)  # far past any real request
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ts.authenticate(ts.manager()).user_email  # and the server carries on
+
+
+def test_idle_http2_connections_are_told_to_go_and_ping_floods_are_cut(
+    database_url: str,
+) -> None:
+    running = start_server(make_config(
+        database_url, grpc_max_concurrent_streams=7, grpc_max_connection_idle_seconds=1,
+    ))
+    address = ("127.0.0.1", running.server.port)
+    try:
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(PREFACE + _frame(SETTINGS))
+            frames = list(_frames_until_closed(sock))  # no call: idle from the start
+        assert _announced_settings(frames).get(0x3) == 7
+        assert GOAWAY in [k for k, _ in frames]  # told to go, then closed
+
+        pings = b"".join(_frame(PING, 0, i.to_bytes(8, "big")) for i in range(6))
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(PREFACE + _frame(SETTINGS))
+            goaways = [p for k, p in _frames_until_closed(sock, pings) if k == GOAWAY]
+        assert int.from_bytes(goaways[0][4:8], "big") == ENHANCE_YOUR_CALM, goaways
+    finally:
         running.channel.close()
         running.server.stop(grace=1)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -14,7 +17,7 @@ from conftest import make_config, start_server
 from grpc_health.v1 import health_pb2
 from rest_helpers import FUTURE, Rest, bearer_header, running_rest
 
-from tokenservice_server.rest import RestServer
+from tokenservice_server.rest import RestLimits, RestServer
 
 # Request bodies as two public API-token guides print them in their curl
 # examples: callers copy these, so they must work on our paths as printed.
@@ -396,6 +399,64 @@ def test_a_shim_dialing_grpc_over_ipv6_still_passes_the_real_client_on(database_
     finally:
         running.channel.close()
         running.server.stop(grace=1)
+
+
+# -- slow and idle clients -------------------------------------------------------
+
+
+def _status_before_close(sock: socket.socket) -> bytes:
+    """The status line sent before the server closed (b"" if none); the socket's
+    timeout bounds a failure, it measures nothing."""
+    data = b""
+    with sock:
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_idle_slow_and_greedy_connections_are_closed(ts, caplog) -> None:
+    limits = RestLimits(max_connections=6, header_timeout=1.0, body_timeout=1.0,
+                        idle_timeout=1.0)
+    server = RestServer(ts.target, "127.0.0.1", 0, limits=limits)
+    server.start()
+    try:
+        def connect(data: bytes = b"") -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            if data:
+                sock.sendall(data)
+            return sock
+
+        idle = connect()
+        headers = connect(b"POST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n")
+        body = connect(b"POST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        kept = connect(b"GET /api/v1/scopes HTTP/1.1\r\nHost: ts\r\n\r\n")
+        huge = connect(b"GET /api/v1/scopes HTTP/1.1\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert _status_before_close(huge) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        # A header a byte at a time does not stretch the deadline.
+        trickle = connect(b"P")
+        with pytest.raises(OSError):
+            for byte in b"OST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n" * 40:
+                trickle.sendall(bytes([byte]))
+                threading.Event().wait(0.05)
+        assert _status_before_close(trickle) in (b"HTTP/1.1 408 Request Timeout", b"")
+        assert _status_before_close(idle) == b""
+        assert _status_before_close(headers) == b"HTTP/1.1 408 Request Timeout"
+        assert _status_before_close(body) == b""
+        assert _status_before_close(kept) == b"HTTP/1.1 200 OK"  # then idle, then closed
+        # The cap: six open at once, the seventh refused at once.
+        held = [connect() for _ in range(6)]
+        assert _status_before_close(connect()) in (b"HTTP/1.1 503 Service Unavailable", b"")
+        for sock in held:
+            sock.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            assert client.get("/api/v1/scopes").status_code == 200
+    finally:
+        server.stop(grace=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- health and OpenAPI --------------------------------------------------------

@@ -280,10 +280,10 @@ def _serve(config: Config) -> int:
     _serve_metrics(config)
     rest = None
     if config.rest_enabled:
-        from .rest import RestServer
+        from .rest import RestLimits, RestServer
 
         rest = RestServer(f"unix:{config.local_socket}", config.host, config.http_port,
-                          tls=server.tls)
+                          tls=server.tls, limits=RestLimits.from_config(config))
         rest.start(server.loop)
     stop.wait()
     log.info("stopping: draining in-flight calls")
@@ -369,10 +369,11 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
     try:
         _wait_listening(config.host, port, workers, stop, [p for p in sockets if p])
         if config.rest_enabled and not stop.is_set():
-            from .rest import RestServer
+            from .rest import RestLimits, RestServer
 
             target = "unix:" + ",".join(p for p in sockets if p)
-            rest = RestServer(target, config.host, config.http_port, tls=tls)
+            rest = RestServer(target, config.host, config.http_port, tls=tls,
+                              limits=RestLimits.from_config(config))
             rest.start()
         _serve_metrics(config)
         while not stop.wait(1.0):
@@ -451,7 +452,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "serve":
         return _serve(config)
     if args.command == "rest":
-        from .rest import run_rest
+        from .rest import RestLimits, run_rest
         from .tls import ServerTls, channel_credentials
 
         check_transport(config)
@@ -459,7 +460,8 @@ def run(argv: Sequence[str]) -> int:
         if config.tls_ca:
             credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         run_rest(args.grpc_target, config.host, config.http_port,
-                 tls=ServerTls.from_config(config), channel_credentials=credentials)
+                 tls=ServerTls.from_config(config), channel_credentials=credentials,
+                 limits=RestLimits.from_config(config))
         return 0
     if args.command == "scopes":
         catalog = ScopeCatalog.load(config.scopes_file)

@@ -96,6 +96,23 @@ class Config:
     # Tokens one calling token may be creating at once (CreateToken); more are
     # refused with RESOURCE_EXHAUSTED and a RetryInfo.
     create_token_concurrency: int = 2
+    # The REST shim's connections: how many may be open (TLS handshakes included),
+    # and how long a client may take to send a request's headers, then its body,
+    # or leave a connection idle before its first request or between two.
+    rest_max_connections: int = 512
+    rest_header_timeout_seconds: float = 10.0
+    rest_body_timeout_seconds: float = 10.0
+    rest_idle_timeout_seconds: float = 5.0
+    # gRPC's HTTP/2 connections: streams (calls) in flight on one connection, a
+    # connection with no call for this long is closed (GOAWAY), the server pings a
+    # connection with calls in flight this often to find dead peers, and a client
+    # pinging more often than the minimum interval (or pinging with no call in
+    # flight) is sent GOAWAY after two such pings. The largest request accepted.
+    grpc_max_concurrent_streams: int = 100
+    grpc_max_connection_idle_seconds: float = 300.0
+    grpc_keepalive_seconds: float = 60.0
+    grpc_min_ping_interval_seconds: float = 10.0
+    grpc_max_message_bytes: int = 65536
     # Verified-secret cache entries (keyed HMACs of secrets, never secrets).
     verified_cache_size: int = 100_000
     # Failed authentications: a token bucket per client address and per lookup id.
@@ -207,6 +224,15 @@ def validate(config: Config) -> None:
         raise ConfigError("the token prefix may hold only letters, digits and _")
     if config.grpc_workers < 2 or config.bcrypt_concurrency < 1:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
+    positive = (
+        "rest_max_connections", "rest_header_timeout_seconds", "rest_body_timeout_seconds",
+        "rest_idle_timeout_seconds", "grpc_max_concurrent_streams",
+        "grpc_max_connection_idle_seconds", "grpc_keepalive_seconds",
+        "grpc_min_ping_interval_seconds", "grpc_max_message_bytes",
+    )
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be more than 0")
     if config.auth_read_workers < 1 or config.create_token_concurrency < 1:
         raise ConfigError("need at least 1 Authenticate read worker and 1 CreateToken a caller")
     if config.bcrypt_max_waiting < 0 or config.bcrypt_max_per_client < 1:

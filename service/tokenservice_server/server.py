@@ -36,6 +36,32 @@ from .usage import UsageRecorder
 log = logging.getLogger("tokenservice.server")
 
 
+def grpc_limits(config: Config) -> list[tuple[str, int]]:
+    """What an idle or abusive HTTP/2 client may hold of the gRPC server.
+
+    grpc's defaults let one connection open 2**31 streams, stay forever without a
+    call, and ping as often as the server tolerates (5 minutes between pings
+    without data before it complains).
+    """
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.max_concurrent_streams", config.grpc_max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(config.grpc_max_connection_idle_seconds)),
+        ("grpc.keepalive_time_ms", ms(config.grpc_keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Client pings: no more often than this without data, none with no call in
+        # flight, and GOAWAY (too_many_pings) at the second offence.
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(config.grpc_min_ping_interval_seconds)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms",
+         ms(config.grpc_min_ping_interval_seconds)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_receive_message_length", config.grpc_max_message_bytes),
+    ]
+
+
 class TokenServer:
     """The gRPC server with everything it needs; start() binds, stop() drains.
 
@@ -119,7 +145,7 @@ class TokenServer:
             ],
             # Refuse to share a port with another process by accident; only the
             # workers of `serve --workers N` share it, on purpose.
-            options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
+            options=[("grpc.so_reuseport", 1 if config.reuse_port else 0), *grpc_limits(config)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
             TokenServiceServicer(self.service, config.trusted_proxies), server
