@@ -56,6 +56,12 @@ ERROR_DOMAIN = "tokenservice.dev"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
 _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
+# The caller's address, worked out on the event loop's thread before a method runs
+# on a worker: a grpc.aio call's context is not for other threads, and once the
+# call has ended (a deadline passed) touching it there can crash the process.
+_client_address: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "client_address", default=None
+)
 
 _CODES: dict[type[DomainError], tuple[int, grpc.StatusCode]] = {
     InvalidArgument: (code_pb2.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT),
@@ -196,16 +202,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
 
-        def run_blocking(request: Any, context: Any, raw: str | None) -> Any:
+        def run_blocking(request: Any, context: Any, raw: str | None, address: str) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
             with connection():
                 if needs_caller:
                     try:
                         if raw is None:
                             raise Unauthenticated(CALLER_UNAUTHENTICATED)
-                        caller = service.authenticate(
-                            raw, lambda: client_address(context, trusted)
-                        )
+                        caller = service.authenticate(raw, address)
                     except Unauthenticated:
                         raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
                     _token_id.set(caller.token_id)
@@ -225,11 +229,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     # their own (short) database use.
                     return await behavior(request, context)
                 raw = bearer_token(context) if needs_caller else None
+                address = client_address(context, trusted)
                 ctx = contextvars.copy_context()
+                ctx.run(_client_address.set, address)
                 loop = asyncio.get_running_loop()
                 try:
                     return await loop.run_in_executor(
-                        blocking, ctx.run, run_blocking, request, context, raw
+                        blocking, ctx.run, run_blocking, request, context, raw, address
                     )
                 finally:
                     _token_id.set(ctx.get(_token_id))
@@ -373,7 +379,11 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         self._trusted = TrustedProxies(trusted_proxies)
 
     def _client(self, context: Any) -> Any:
-        """The caller's address, for the audit log (computed when an event needs it)."""
+        """The caller's address, for the audit log: as the interceptor worked it out
+        for a method on a worker thread, else computed when an event needs it."""
+        address = _client_address.get()
+        if address is not None:
+            return address
         trusted = self._trusted
         return lambda: client_address(context, trusted)
 

@@ -317,6 +317,9 @@ class TokenService:
         if self.auth_store.inline_reads:
             step = read()
         else:
+            # Worked out here, on the loop: where it comes from (an RPC's context)
+            # may not be touched from the executor's thread.
+            client = _client(client)
             step = await loop.run_in_executor(
                 self.blocking, contextvars.copy_context().run, read
             )
