@@ -176,8 +176,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         if raw is None:
                             raise Unauthenticated(CALLER_UNAUTHENTICATED)
+                        # A management call's caller: not counted against its rate limit.
                         caller = service.authenticate(
-                            raw, lambda: client_address(context, trusted)
+                            raw, lambda: client_address(context, trusted), limited=False
                         )
                     except Unauthenticated:
                         raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
@@ -330,6 +331,11 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
             scopes=principal.scopes,
         )
         _ts(response.expires_at, principal.expires_at)
+        if principal.rate_limit is not None:
+            limit = principal.rate_limit
+            response.rate_limit.limit = limit.limit
+            response.rate_limit.remaining = limit.remaining
+            response.rate_limit.reset_time.FromDatetime(limit.reset_at)
         return response
 
     def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:

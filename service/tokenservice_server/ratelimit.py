@@ -24,9 +24,22 @@ once, then one every 100 ms, and never more than 659 in any 60 s; 100/10s
 never more than 109 in any 10 s. A caller that keeps calling faster than the
 limit gets `requests` calls per period once its burst is spent.
 
-`remaining` counts the calls a caller can make right now before one is
-refused (at most `burst - 1`), not what is left of `requests`: it is the
-honest answer to "may I send another?".
+What a caller is told. GCRA has no fixed window: each call it lets through
+is counted against the key until the key has paid it back at the limit's
+pace, T later (the TAT runs ahead of now by T per call still counted). So:
+
+* `remaining` is the calls left in the window after this one, as near as
+  GCRA has a window: `requests` less the calls still counted, ceil(ahead / T),
+  and 0 whenever a call made at once would be refused (the burst is spent).
+  A rested 100/10s key answers 99, 98, ... for a burst, and 0 on its tenth
+  call at once; a caller keeping to one call per T sees 99 every time, which
+  is true: it may go on like that forever. A caller that sees 0 and waits
+  until `reset_after_s` finds the key rested and its whole burst back.
+* `burst_left` is the calls that would be let through right now, after this
+  one (at most `burst - 1`): the answer to "may I send another at once?".
+* `reset_after_s` is when the key is fully rested (every call paid back,
+  `remaining` at `requests`); `retry_after_s`, for a refused call, is when
+  the same call would be let through.
 
 Two stores run the same step: LocalStore in this process (a bounded LRU
 behind a lock, timed by an injectable clock) and RedisStore, one Lua script
@@ -73,12 +86,15 @@ class Decision:
     allowed: bool
     # The configured `requests` per period.
     limit: int
-    # Calls that would be let through right now, after this one.
+    # The calls left in the window after this one: `limit` less the calls still
+    # counted against the key, and 0 when a call made at once would be refused.
     remaining: int
     # Seconds until the key is fully rested (its whole burst available again).
     reset_after_s: float
     # Refused: seconds until the same call would be let through. Allowed: 0.
     retry_after_s: float
+    # Calls that would be let through right now, after this one.
+    burst_left: int
 
 
 class GcraResult(NamedTuple):
@@ -111,6 +127,10 @@ class LimitStore(ABC):
     `namespace` separates the users of one store (per-token limits, per-client
     and per-lookup throttles); `key` is the caller's id within it.
     """
+
+    # True when a call may wait on the network (Redis): an event loop must not
+    # make it on its own thread.
+    remote = False
 
     @abstractmethod
     def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
@@ -310,6 +330,8 @@ class RedisStore(LimitStore):
     change of `healthy`, in order, from the thread that noticed it (under a
     lock: it should only hand the news on, not wait for anything).
     """
+
+    remote = True
 
     def __init__(
         self,
@@ -522,10 +544,13 @@ class RateLimiter:
             raise ValueError("cost must not be negative")
         interval, span = _steps(requests, period_s, burst or default_burst(requests))
         allowed, ahead, retry = self.store.gcra(self.namespace, key, interval, span, cost)
+        burst_left = max(0, (span - ahead) // interval)
+        counted = -(-ahead // interval)  # calls not yet paid back, this one included
         return Decision(
             allowed=allowed,
             limit=requests,
-            remaining=max(0, (span - ahead) // interval),
+            remaining=max(0, requests - counted) if burst_left else 0,
             reset_after_s=ahead / MICROS,
             retry_after_s=retry / MICROS,
+            burst_left=burst_left,
         )

@@ -20,6 +20,7 @@ from .config import Config
 from .crypto import SecretHasher, VerifiedCache
 from .errors import (
     AUTH_FAILED,
+    TOKEN_RATE_LIMITED,
     AlreadyExists,
     Conflict,
     InvalidArgument,
@@ -28,6 +29,7 @@ from .errors import (
     RateLimited,
     Unauthenticated,
 )
+from .ratelimit import LimitStore, RateLimiter, open_store
 from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
 from .store import Store
 from .throttle import FailureBuckets
@@ -38,6 +40,7 @@ from .values import (
     Cursor,
     NewToken,
     Principal,
+    RateLimitStatus,
     TokenInfo,
     TokenPage,
     from_micros,
@@ -66,6 +69,13 @@ def _throttled(wait: float) -> RateLimited:
 
 def now_micros() -> int:
     return time.time_ns() // 1000
+
+
+# Namespaces of the one LimitStore: per-token limits, failure throttles per
+# client address and per lookup id. Redis keys carry them (tokenservice:rl:<ns>:).
+TOKEN_LIMITS = "token"
+CLIENT_FAILURES = "auth-client"
+LOOKUP_FAILURES = "auth-lookup"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,11 @@ class TokenService:
     The synchronous methods run inside a connection their caller holds
     (`store.connection()`: one per RPC, or per command); `aauthenticate` manages
     its own, because it decides itself what runs on the event loop.
+
+    Per-token rate limits and the failed-authentication throttles keep their
+    counters in one LimitStore (`limits`): Redis when the config names one, so
+    every replica and worker process draws on the same budgets, else this
+    process's own counters.
     """
 
     def __init__(
@@ -129,6 +144,7 @@ class TokenService:
         usage: UsageRecorder | None = None,
         clock: Callable[[], int] = now_micros,
         blocking: Executor | None = None,
+        limits: LimitStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -139,56 +155,81 @@ class TokenService:
         # Where aauthenticate runs a store read that may not block the loop.
         self.blocking = blocking
         self.verified = VerifiedCache(config.verified_cache_size)
+        self._owns_limits = limits is None
+        self.limits = limits if limits is not None else open_store(
+            config.redis_url, config.redis_timeout_seconds
+        )
+        self.limiter = RateLimiter(self.limits, TOKEN_LIMITS)
         self.client_failures = FailureBuckets(
-            config.auth_failure_burst, config.auth_failure_refill_per_second
+            config.auth_failure_burst, config.auth_failure_refill_per_second,
+            store=self.limits, namespace=CLIENT_FAILURES,
         )
         self.lookup_failures = FailureBuckets(
-            config.lookup_failure_burst, config.lookup_failure_refill_per_second
+            config.lookup_failure_burst, config.lookup_failure_refill_per_second,
+            store=self.limits, namespace=LOOKUP_FAILURES,
         )
+        # aauthenticate may run a step on the event loop's thread only when it
+        # waits on nothing: a remote limit store is a network round trip.
+        self._inline_limits = not self.limits.remote
+        self._inline_reads = store.inline_reads and self._inline_limits
 
     def close(self) -> None:
         self.hasher.close()
+        if self._owns_limits:
+            self.limits.close()
 
     # Authenticate: the hot path.
 
-    def authenticate(self, raw_token: str, client: Client = "") -> Principal:
+    def authenticate(self, raw_token: str, client: Client = "", *, limited: bool = True
+                     ) -> Principal:
         """Verifies a raw token. Every failure raises Unauthenticated(AUTH_FAILED).
 
         Cost: a checksum, one indexed read of token and user, and either a
         cache hit or exactly one hash check. Revocation, expiry and the user's
-        state come from that read, so they hold on every call.
+        state come from that read, so they hold on every call. With `limited`
+        (the Authenticate RPC) the call counts against the token's rate limit;
+        a management call's own caller does not.
         """
-        step = self._begin(raw_token, client)
+        step = self._begin(raw_token, client, limited)
         if isinstance(step, _PendingCheck):
             ok = self.hasher.verify(step.secret, step.row.secret_hash)
-            return self._finish(step, ok, client)
+            return self._finish(step, ok, client, limited)
         return step
 
-    async def aauthenticate(self, raw_token: str, client: Client = "") -> Principal:
+    async def aauthenticate(self, raw_token: str, client: Client = "", *,
+                            limited: bool = True) -> Principal:
         """authenticate() for an event loop.
 
-        The one read runs on the loop's thread when the store answers it from
-        memory (SQLite), else on `blocking`; the hash check runs on the
-        hasher's threads. No connection is held across an await: peewee's
-        connection state is per thread, and other calls run on the loop meanwhile.
+        The one read, and the limit check after it, run on the loop's thread
+        when neither waits on the network (SQLite, and limits in this
+        process), else on `blocking`; the hash check runs on the hasher's
+        threads. No connection is held across an await: peewee's connection
+        state is per thread, and other calls run on the loop meanwhile.
         """
 
         def read() -> Principal | _PendingCheck:
             with self.store.connection():
-                return self._begin(raw_token, client)
+                return self._begin(raw_token, client, limited)
 
-        if self.store.inline_reads:
+        loop = asyncio.get_running_loop()
+        if self._inline_reads:
             step = read()
         else:
-            step = await asyncio.get_running_loop().run_in_executor(
+            step = await loop.run_in_executor(
                 self.blocking, contextvars.copy_context().run, read
             )
         if isinstance(step, _PendingCheck):
             ok = await self.hasher.averify(step.secret, step.row.secret_hash)
-            return self._finish(step, ok, client)
+            if self._inline_limits:
+                return self._finish(step, ok, client, limited)
+            return await loop.run_in_executor(
+                self.blocking, contextvars.copy_context().run,
+                self._finish, step, ok, client, limited,
+            )
         return step
 
-    def _begin(self, raw_token: str, client: Client) -> Principal | _PendingCheck:
+    def _begin(self, raw_token: str, client: Client, limited: bool = True
+               ) -> Principal | _PendingCheck:
         """The store part: a Principal, or the hash check still owed."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
         row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
@@ -198,16 +239,17 @@ class TokenService:
         if not self.verified.is_verified(digest, row.secret_hash):
             self._may_try_secret(client, parsed.lookup_id)
             return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
-        return self._grant(row)
+        return self._grant(row, limited)
 
-    def _finish(self, step: _PendingCheck, ok: bool, client: Client) -> Principal:
-        """After the hash check: no store access."""
+    def _finish(self, step: _PendingCheck, ok: bool, client: Client, limited: bool = True
+                ) -> Principal:
+        """After the hash check: no database access (limits and throttles only)."""
         if not ok:
             self._fail(client, step.lookup_id)
         self.verified.add(step.digest, step.row.secret_hash)
-        return self._grant(step.row)
+        return self._grant(step.row, limited)
 
-    def _grant(self, row: AuthRow) -> Principal:
+    def _grant(self, row: AuthRow, limited: bool = True) -> Principal:
         now = self.clock()
         # The secret was right, so none of these is guessing: nothing to throttle.
         if row.revoked_at is not None:
@@ -218,6 +260,7 @@ class TokenService:
             raise Unauthenticated(AUTH_FAILED, "disabled")
         if self.usage is not None:
             self.usage.record(row.token_id, now)
+        status = self._count(row, now) if limited else None
         permissions = set(row.permissions)
         return Principal(
             token_id=row.token_id,
@@ -226,6 +269,33 @@ class TokenService:
             org_id=row.org_id,
             scopes=tuple(s for s in row.scopes if s in permissions),
             expires_at=None if row.expires_at is None else from_micros(row.expires_at),
+            rate_limit=status,
+        )
+
+    def _count(self, row: AuthRow, now: int) -> RateLimitStatus | None:
+        """Counts one call against the token's limit (its own, else the default).
+
+        Over the limit: RateLimited(TOKEN_RATE_LIMITED). That is no failed
+        authentication (the secret was right): no throttle is charged and no
+        tarpit waits. None: the token has no limit.
+        """
+        requests, period_us = row.rate_limit_requests, row.rate_limit_period_us
+        if requests is None or period_us is None or not 1 <= requests <= period_us:
+            default = self.config.rate_limit
+            if default is None:
+                return None
+            requests, period_us = default.requests, round(default.period_s * 1_000_000)
+        decision = self.limiter.check(row.token_id, requests, period_us / 1_000_000)
+        if not decision.allowed:
+            raise RateLimited(
+                "this token is over its rate limit; retry later",
+                decision.retry_after_s,
+                reason=TOKEN_RATE_LIMITED,
+            )
+        return RateLimitStatus(
+            limit=decision.limit,
+            remaining=decision.remaining,
+            reset_at=from_micros(now + round(decision.reset_after_s * 1_000_000)),
         )
 
     def _fail(self, client: Client, lookup_id: str | None) -> None:

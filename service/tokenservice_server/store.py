@@ -43,6 +43,8 @@ class Store:
                 User.org_id,
                 User.permissions,
                 User.disabled,
+                ApiToken.rate_limit_requests,
+                ApiToken.rate_limit_period_us,
             )
             .join(User)
             .where(ApiToken.lookup_id == "?")
@@ -68,7 +70,8 @@ class Store:
         row = self.db.execute_sql(self._auth_sql, (lookup_id,)).fetchone()
         if row is None:
             return None
-        tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled = row
+        tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled, \
+            limit_requests, limit_period_us = row
         return AuthRow(
             token_id=_uuid_str(tid),
             secret_hash=secret_hash,
@@ -80,6 +83,8 @@ class Store:
             org_id=org,
             permissions=json.loads(perms),
             disabled=bool(disabled),
+            rate_limit_requests=limit_requests,
+            rate_limit_period_us=limit_period_us,
         )
 
     def write_last_used(self, last_used: Mapping[str, int]) -> None:

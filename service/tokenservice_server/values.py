@@ -18,6 +18,15 @@ def from_micros(value: int) -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitStatus:
+    """A token's standing against its rate limit after a call it was allowed."""
+
+    limit: int  # calls per period
+    remaining: int  # calls left in the window after this one (ratelimit.Decision)
+    reset_at: datetime  # when the token is fully rested
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who a valid token belongs to and what it may do right now."""
 
@@ -27,6 +36,8 @@ class Principal:
     org_id: str
     scopes: tuple[str, ...]  # token scopes ∩ the user's current permissions
     expires_at: datetime | None
+    # Set by Authenticate for a token with a limit; None when it has none.
+    rate_limit: RateLimitStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,9 @@ class AuthRow:
     org_id: str
     permissions: list[str]
     disabled: bool
+    # The token's own rate limit (both set, or neither: the service default).
+    rate_limit_requests: int | None = None
+    rate_limit_period_us: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
