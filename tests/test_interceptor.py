@@ -393,3 +393,102 @@ def test_async_interceptor_cache_delays_revocation_by_at_most_its_ttl(
             await client.close()
 
     asyncio.run(scenario())
+
+
+# Rate limits: the token's standing reaches the caller as trailing metadata.
+
+
+class _TaggingServicer(ex.PassServicer):
+    """Sets trailing metadata of its own, as real handlers do."""
+
+    def WhoAmI(self, request, context):  # noqa: N802 - the gRPC method's name
+        context.set_trailing_metadata((("x-served-by", "passes"),))
+        return super().WhoAmI(request, context)
+
+
+class _AsyncTaggingServicer(ex.AsyncPassServicer):
+    async def WhoAmI(self, request, context):  # noqa: N802
+        context.set_trailing_metadata((("x-served-by", "passes"),))
+        return await super().WhoAmI(request, context)
+
+
+def _rate_limit(metadata) -> dict[str, str]:
+    return {k: v for k, v in metadata or () if k.startswith("ratelimit-")}
+
+
+def test_rate_limit_metadata_rides_beside_the_handler_s_own_and_on_its_errors(
+    ts_target: str, mint
+) -> None:
+    """600 per minute, the service default: each call counts one, every answer says so."""
+    token = mint(["pass:read"])
+    interceptor = AuthInterceptor(ts_target, ex.SCOPES)
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[interceptor])
+    pb_grpc.add_PassServiceServicer_to_server(_TaggingServicer(ex.PassStore()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    creds = tsc.token_credentials(token, grpc.local_channel_credentials())
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            stub = pb_grpc.PassServiceStub(channel)
+            _, call = stub.WhoAmI.with_call(pb.WhoAmIRequest(), timeout=10)
+            trailing = dict(call.trailing_metadata())
+            assert trailing["x-served-by"] == "passes"
+            headers = _rate_limit(call.trailing_metadata())
+            assert headers.pop("ratelimit-reset") in ("0", "1")  # rested 100 ms after
+            assert headers == {"ratelimit-limit": "600", "ratelimit-remaining": "599"}
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetPass(pb.GetPassRequest(id="nope"), timeout=10)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert _rate_limit(missing.value.trailing_metadata())["ratelimit-remaining"] == "598"
+            stream = stub.ListPasses(pb.ListPassesRequest(), timeout=10)
+            assert list(stream) == []
+            assert _rate_limit(stream.trailing_metadata())["ratelimit-remaining"] == "597"
+    finally:
+        server.stop(0)
+
+
+def test_async_rate_limit_metadata_and_no_standing_from_the_cache(ts_target: str, mint) -> None:
+    token = mint(["pass:read"])
+
+    async def scenario() -> None:
+        plain = AsyncAuthInterceptor(ts_target, ex.SCOPES)
+        cached = AsyncAuthInterceptor(ts_target, ex.SCOPES, cache_ttl=60)
+        servers, ports = [], []
+        for interceptor in (plain, cached):
+            server = grpc.aio.server(interceptors=[interceptor])
+            pb_grpc.add_PassServiceServicer_to_server(
+                _AsyncTaggingServicer(ex.PassStore()), server)
+            ports.append(server.add_insecure_port("127.0.0.1:0"))
+            await server.start()
+            servers.append(server)
+        creds = tsc.token_credentials(token, grpc.local_channel_credentials())
+        try:
+            async with grpc.aio.secure_channel(f"127.0.0.1:{ports[0]}", creds) as a, \
+                    grpc.aio.secure_channel(f"127.0.0.1:{ports[1]}", creds) as b:
+                call = pb_grpc.PassServiceStub(a).WhoAmI(pb.WhoAmIRequest(), timeout=10)
+                await call
+                trailing = await call.trailing_metadata()
+                assert dict(trailing)["x-served-by"] == "passes"
+                assert _rate_limit(trailing)["ratelimit-remaining"] == "599"
+                stream = pb_grpc.PassServiceStub(a).ListPasses(pb.ListPassesRequest(), timeout=10)
+                assert [p async for p in stream] == []
+                assert _rate_limit(await stream.trailing_metadata())["ratelimit-limit"] == "600"
+
+                # Behind a cache: the first call asks tokenservice and is counted; the
+                # cached ones are not, and claim no standing.
+                stub = pb_grpc.PassServiceStub(b)
+                first = stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)
+                await first
+                assert _rate_limit(await first.trailing_metadata())["ratelimit-remaining"] == "597"
+                for _ in range(3):
+                    again = stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)
+                    await again
+                    assert _rate_limit(await again.trailing_metadata()) == {}
+                assert TokenServiceClient(ts_target).authenticate(token).rate_limit.remaining == 596
+        finally:
+            for server in servers:
+                await server.stop(0)
+            await plain.close()
+            await cached.close()
+
+    asyncio.run(scenario())
