@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import socket
@@ -9,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -509,3 +511,78 @@ def test_checks_never_fail_while_redis_goes_down_and_comes_back_under_load(
     # Every change reported once and in order, ending on the truth.
     assert store.healthy and changes[0] is False and changes[-1] is True
     assert all(before != after for before, after in zip(changes, changes[1:], strict=False))
+
+
+# From an event loop: batched, and never on the loop's thread.
+
+
+class CountingRedisStore(RedisStore):
+    """A real RedisStore that remembers the size of each batch it was sent."""
+
+    def __init__(self, url: str, **kwargs) -> None:
+        super().__init__(url, **kwargs)
+        self.batches: list[int] = []
+
+    def gcra_many(self, steps):  # type: ignore[no-untyped-def]
+        self.batches.append(len(steps))
+        return super().gcra_many(steps)
+
+
+def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_url: str) -> None:
+    store = CountingRedisStore(redis_url)
+    pool = ThreadPoolExecutor(2)
+    limiter = RateLimiter(store, executor=pool)
+
+    async def callers() -> list[Decision]:
+        first = await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(30)))
+        second = await asyncio.gather(limiter.acheck("u", 100, 3600.0),
+                                      limiter.acheck("t", 100, 3600.0, cost=0))
+        return [*first, *second]
+
+    try:
+        decisions = asyncio.run(callers())
+    finally:
+        pool.shutdown()
+        store.close()
+    # Thirty calls in one turn of the loop: one script run, in the order asked.
+    assert store.batches == [30, 2]
+    assert [d.allowed for d in decisions[:30]] == [True] * 10 + [False] * 20
+    assert [d.burst_left for d in decisions[:10]] == list(range(9, -1, -1))
+    assert decisions[30].allowed and decisions[30].burst_left == 9  # another key
+    assert not decisions[31].allowed or decisions[31].burst_left == 0
+
+
+def test_a_stalled_redis_never_stalls_the_event_loop(
+    fragile: tuple[RedisServer, RedisStore, list[bool]],
+) -> None:
+    server, store, _ = fragile
+    pool = ThreadPoolExecutor(2)
+    limiter = RateLimiter(store, executor=pool)
+
+    async def check_beside_a_ticker() -> tuple[Decision, int]:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        decision = await limiter.acheck("t", 100, 3600.0)  # waits out the 100 ms timeout
+        seen = ticks  # the ticker's turns while the check waited
+        done.set()
+        await ticking
+        return decision, seen
+
+    server.freeze()
+    try:
+        decision, ticks = asyncio.run(check_beside_a_ticker())
+    finally:
+        server.thaw()
+        pool.shutdown()
+    # Answered by the fallback, and the loop went on running while Redis was waited for.
+    assert decision.allowed and not store.healthy
+    assert ticks > 0

@@ -322,10 +322,10 @@ def test_every_authenticate_counts_and_over_the_limit_is_told_when_to_retry(
     raw = world.token("ann@acme.test", ["pass:read"])
     first = world.service.authenticate(raw, "198.51.100.7").rate_limit
     # 100 per 10 s: one call per 100 ms, ten at once.
-    assert first == RateLimitStatus(limit=100, remaining=99, reset_at=at(START + 100_000))
+    assert first == RateLimitStatus(limit=100, remaining=99, reset_at_us=START + 100_000)
     burst = [world.service.authenticate(raw, "198.51.100.7").rate_limit for _ in range(9)]
     assert [b.remaining for b in burst] == [98, 97, 96, 95, 94, 93, 92, 91, 0]  # type: ignore[union-attr]
-    assert burst[-1].reset_at == at(START + 1_000_000)  # type: ignore[union-attr]
+    assert burst[-1].reset_at_us == START + 1_000_000  # type: ignore[union-attr]
     for _ in range(20):
         with pytest.raises(RateLimited) as refused:
             world.service.authenticate(raw, "198.51.100.7")
@@ -359,7 +359,7 @@ def test_a_token_s_own_limit_wins_over_the_default(world: World) -> None:
     assert world.service.authenticate(mine).rate_limit.remaining == 0  # type: ignore[union-attr]
     # Counted per token: the other one, on the service default, is untouched.
     assert world.service.authenticate(other).rate_limit == RateLimitStatus(
-        600, 599, at(START + 30_000_000 + 100_000)
+        600, 599, START + 30_000_000 + 100_000
     )
 
 

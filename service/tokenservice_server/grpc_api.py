@@ -333,9 +333,12 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         _ts(response.expires_at, principal.expires_at)
         if principal.rate_limit is not None:
             limit = principal.rate_limit
-            response.rate_limit.limit = limit.limit
-            response.rate_limit.remaining = limit.remaining
-            response.rate_limit.reset_time.FromDatetime(limit.reset_at)
+            status = response.rate_limit
+            status.limit = limit.limit
+            status.remaining = limit.remaining
+            # Seconds and nanos from micros: FromDatetime costs several times more.
+            status.reset_time.seconds, micros = divmod(limit.reset_at_us, 1_000_000)
+            status.reset_time.nanos = micros * 1000
         return response
 
     def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:

@@ -29,7 +29,7 @@ from .errors import (
     RateLimited,
     Unauthenticated,
 )
-from .ratelimit import LimitStore, RateLimiter, open_store
+from .ratelimit import Decision, LimitStore, RateLimiter, open_store
 from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
 from .store import Store
 from .throttle import FailureBuckets
@@ -86,6 +86,16 @@ class _PendingCheck:
     secret: str
     row: AuthRow
     digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    """A token found and good, its call still to count against its rate limit."""
+
+    row: AuthRow
+    now: int
+    requests: int
+    period_s: float
 
 
 def validate_name(name: str) -> tuple[str | None, str | None]:
@@ -159,7 +169,8 @@ class TokenService:
         self.limits = limits if limits is not None else open_store(
             config.redis_url, config.redis_timeout_seconds
         )
-        self.limiter = RateLimiter(self.limits, TOKEN_LIMITS)
+        # aauthenticate counts a call against a remote store in batches, on `blocking`.
+        self.limiter = RateLimiter(self.limits, TOKEN_LIMITS, blocking)
         self.client_failures = FailureBuckets(
             config.auth_failure_burst, config.auth_failure_refill_per_second,
             store=self.limits, namespace=CLIENT_FAILURES,
@@ -168,10 +179,9 @@ class TokenService:
             config.lookup_failure_burst, config.lookup_failure_refill_per_second,
             store=self.limits, namespace=LOOKUP_FAILURES,
         )
-        # aauthenticate may run a step on the event loop's thread only when it
-        # waits on nothing: a remote limit store is a network round trip.
+        # A remote limit store is a network round trip: aauthenticate keeps every
+        # call to it off the event loop's thread.
         self._inline_limits = not self.limits.remote
-        self._inline_reads = store.inline_reads and self._inline_limits
 
     def close(self) -> None:
         self.hasher.close()
@@ -198,58 +208,95 @@ class TokenService:
 
     async def aauthenticate(self, raw_token: str, client: Client = "", *,
                             limited: bool = True) -> Principal:
-        """authenticate() for an event loop.
+        """authenticate() for an event loop; nothing that waits runs on the loop's thread.
 
-        The one read, and the limit check after it, run on the loop's thread
-        when neither waits on the network (SQLite, and limits in this
-        process), else on `blocking`; the hash check runs on the hasher's
-        threads. No connection is held across an await: peewee's connection
-        state is per thread, and other calls run on the loop meanwhile.
+        The one read runs on the loop's thread when the store answers it from
+        memory (SQLite), else on `blocking`. With limits in this process the
+        rest is CPU and runs there too. With a remote limit store (Redis) the
+        warm path (a known token whose secret was verified before) counts the
+        call through the limiter's batches, which go to Redis off the loop,
+        one round trip for every call of a loop turn; the failure throttles
+        (an unknown token, a secret still to check) run on `blocking`. The
+        hash check runs on the hasher's threads. No connection is held across
+        an await: peewee's connection state is per thread.
         """
 
-        def read() -> Principal | _PendingCheck:
+        def read() -> tuple[tokens.ParsedToken | None, AuthRow | None]:
             with self.store.connection():
-                return self._begin(raw_token, client, limited)
+                return self._read(raw_token)
 
         loop = asyncio.get_running_loop()
-        if self._inline_reads:
-            step = read()
+        if self.store.inline_reads:
+            parsed, row = read()
+        else:
+            parsed, row = await loop.run_in_executor(
+                self.blocking, contextvars.copy_context().run, read
+            )
+        if self._inline_limits:
+            step = self._decide(parsed, row, client, limited)
+        elif parsed is not None and row is not None and self.verified.is_verified(
+            self.verified.digest(parsed.lookup_id, parsed.secret), row.secret_hash
+        ):
+            step = self._grant(row, limited, defer=True)  # no throttle to ask: no I/O
         else:
             step = await loop.run_in_executor(
-                self.blocking, contextvars.copy_context().run, read
+                self.blocking, contextvars.copy_context().run,
+                self._decide, parsed, row, client, limited, True,
             )
         if isinstance(step, _PendingCheck):
             ok = await self.hasher.averify(step.secret, step.row.secret_hash)
             if self._inline_limits:
-                return self._finish(step, ok, client, limited)
-            return await loop.run_in_executor(
-                self.blocking, contextvars.copy_context().run,
-                self._finish, step, ok, client, limited,
-            )
+                step = self._finish(step, ok, client, limited)
+            else:
+                step = await loop.run_in_executor(
+                    self.blocking, contextvars.copy_context().run,
+                    self._finish, step, ok, client, limited, True,
+                )
+        if isinstance(step, _Granted):
+            return await self._acount(step)
         return step
 
     def _begin(self, raw_token: str, client: Client, limited: bool = True
                ) -> Principal | _PendingCheck:
         """The store part: a Principal, or the hash check still owed."""
+        parsed, row = self._read(raw_token)
+        step = self._decide(parsed, row, client, limited)
+        assert not isinstance(step, _Granted)
+        return step
+
+    def _read(self, raw_token: str) -> tuple[tokens.ParsedToken | None, AuthRow | None]:
+        """The one database read: the token and its user (none for a malformed token)."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
-        row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
+        return parsed, self.store.find_for_auth(parsed.lookup_id) if parsed else None
+
+    def _decide(
+        self,
+        parsed: tokens.ParsedToken | None,
+        row: AuthRow | None,
+        client: Client,
+        limited: bool,
+        defer: bool = False,
+    ) -> Principal | _PendingCheck | _Granted:
+        """After the read (no database access): a refusal, a grant, or a hash check owed."""
         if parsed is None or row is None:
             self._fail(client, None)
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
         if not self.verified.is_verified(digest, row.secret_hash):
             self._may_try_secret(client, parsed.lookup_id)
             return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
-        return self._grant(row, limited)
+        return self._grant(row, limited, defer)
 
-    def _finish(self, step: _PendingCheck, ok: bool, client: Client, limited: bool = True
-                ) -> Principal:
+    def _finish(self, step: _PendingCheck, ok: bool, client: Client, limited: bool = True,
+                defer: bool = False) -> Principal | _Granted:
         """After the hash check: no database access (limits and throttles only)."""
         if not ok:
             self._fail(client, step.lookup_id)
         self.verified.add(step.digest, step.row.secret_hash)
-        return self._grant(step.row, limited)
+        return self._grant(step.row, limited, defer)
 
-    def _grant(self, row: AuthRow, limited: bool = True) -> Principal:
+    def _grant(self, row: AuthRow, limited: bool = True, defer: bool = False
+               ) -> Principal | _Granted:
+        """The token's state, then its rate limit; `defer`: leave the count to _acount."""
         now = self.clock()
         # The secret was right, so none of these is guessing: nothing to throttle.
         if row.revoked_at is not None:
@@ -260,7 +307,48 @@ class TokenService:
             raise Unauthenticated(AUTH_FAILED, "disabled")
         if self.usage is not None:
             self.usage.record(row.token_id, now)
-        status = self._count(row, now) if limited else None
+        limit = self._limit_of(row) if limited else None
+        if limit is None:
+            return self._principal(row, None)
+        if defer:
+            return _Granted(row, now, *limit)
+        decision = self.limiter.check(row.token_id, *limit)
+        return self._principal(row, self._status(decision, now))
+
+    async def _acount(self, granted: _Granted) -> Principal:
+        """Counts a granted call against its limit through the limiter's batches."""
+        decision = await self.limiter.acheck(
+            granted.row.token_id, granted.requests, granted.period_s
+        )
+        return self._principal(granted.row, self._status(decision, granted.now))
+
+    def _limit_of(self, row: AuthRow) -> tuple[int, float] | None:
+        """(requests, period in seconds): the token's own limit, else the default; None: none."""
+        requests, period_us = row.rate_limit_requests, row.rate_limit_period_us
+        if requests is not None and period_us is not None and 1 <= requests <= period_us:
+            return requests, period_us / 1_000_000
+        default = self.config.rate_limit
+        return None if default is None else (default.requests, default.period_s)
+
+    @staticmethod
+    def _status(decision: Decision, now: int) -> RateLimitStatus:
+        """An allowed call's standing; a refused one raises RateLimited(TOKEN_RATE_LIMITED).
+
+        That refusal is no failed authentication (the secret was right): no
+        throttle is charged and no tarpit waits.
+        """
+        if not decision.allowed:
+            raise RateLimited(
+                "this token is over its rate limit; retry later",
+                decision.retry_after_s,
+                reason=TOKEN_RATE_LIMITED,
+            )
+        return RateLimitStatus(
+            decision.limit, decision.remaining, now + round(decision.reset_after_s * 1_000_000)
+        )
+
+    @staticmethod
+    def _principal(row: AuthRow, status: RateLimitStatus | None) -> Principal:
         permissions = set(row.permissions)
         return Principal(
             token_id=row.token_id,
@@ -270,32 +358,6 @@ class TokenService:
             scopes=tuple(s for s in row.scopes if s in permissions),
             expires_at=None if row.expires_at is None else from_micros(row.expires_at),
             rate_limit=status,
-        )
-
-    def _count(self, row: AuthRow, now: int) -> RateLimitStatus | None:
-        """Counts one call against the token's limit (its own, else the default).
-
-        Over the limit: RateLimited(TOKEN_RATE_LIMITED). That is no failed
-        authentication (the secret was right): no throttle is charged and no
-        tarpit waits. None: the token has no limit.
-        """
-        requests, period_us = row.rate_limit_requests, row.rate_limit_period_us
-        if requests is None or period_us is None or not 1 <= requests <= period_us:
-            default = self.config.rate_limit
-            if default is None:
-                return None
-            requests, period_us = default.requests, round(default.period_s * 1_000_000)
-        decision = self.limiter.check(row.token_id, requests, period_us / 1_000_000)
-        if not decision.allowed:
-            raise RateLimited(
-                "this token is over its rate limit; retry later",
-                decision.retry_after_s,
-                reason=TOKEN_RATE_LIMITED,
-            )
-        return RateLimitStatus(
-            limit=decision.limit,
-            remaining=decision.remaining,
-            reset_at=from_micros(now + round(decision.reset_after_s * 1_000_000)),
         )
 
     def _fail(self, client: Client, lookup_id: str | None) -> None:

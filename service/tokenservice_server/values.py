@@ -23,7 +23,9 @@ class RateLimitStatus:
 
     limit: int  # calls per period
     remaining: int  # calls left in the window after this one (ratelimit.Decision)
-    reset_at: datetime  # when the token is fully rested
+    # When the token is fully rested, in UTC microseconds: built on every call, so
+    # no datetime on the way.
+    reset_at_us: int
 
 
 @dataclass(frozen=True, slots=True)
