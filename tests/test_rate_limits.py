@@ -30,6 +30,10 @@ from tokenservice_server.ratelimit import KEY_PREFIX
 # requests + ceil(requests / 10) - 1 calls in any window of the period.
 LIMIT = RateLimit(100, 10.0)
 MOST = 109
+# These tests are about sharing a budget, not about a slow Redis: on a loaded
+# machine a 100 ms answer is no fault (a slower one would fall back to each
+# process's own counters, by design, and the test would measure that instead).
+PATIENT = 2.0
 GUESSER = "203.0.113.9"  # TEST-NET-3: the failing client names itself through x-forwarded-for
 
 
@@ -200,7 +204,8 @@ def hammer(stubs: list[pb_grpc.TokenServiceStub], token: str, seconds: float,
     return calls
 
 
-def assert_within_the_limit(calls: list[Call], period: float = LIMIT.period_s) -> int:
+def assert_within_the_limit(calls: list[Call], period: float = LIMIT.period_s,
+                            log: Callable[[], str] = str) -> int:
     """The let-through calls whose answers fell in the first period, checked against the bound.
 
     A call's decision lies between its sending and its answer, so a call sent at or
@@ -212,8 +217,8 @@ def assert_within_the_limit(calls: list[Call], period: float = LIMIT.period_s) -
     # Every window that opens on a success holds no more than the bound either.
     most = max(sum(1 for c in successes if a.sent <= c.sent and c.received < a.sent + period)
                for a in successes)
-    assert LIMIT.requests <= first_window <= MOST, (first_window, most)
-    assert most <= MOST, most
+    assert LIMIT.requests <= first_window <= MOST, (first_window, most, log())
+    assert most <= MOST, (most, log())
     return first_window
 
 
@@ -226,8 +231,8 @@ def redis_keys(url: str, namespace: str) -> list[bytes]:
 def test_two_replicas_on_one_redis_share_one_budget(
     sqlite_database_url: str, redis_url: str
 ) -> None:
-    with serving(sqlite_database_url, rate_limit=LIMIT, redis_url=redis_url) as a, \
-            serving(sqlite_database_url, rate_limit=LIMIT, redis_url=redis_url) as b:
+    shared = dict(rate_limit=LIMIT, redis_url=redis_url, redis_timeout_seconds=PATIENT)
+    with serving(sqlite_database_url, **shared) as a, serving(sqlite_database_url, **shared) as b:
         token = new_token(a)
         stubs = [a.stub, b.stub]
         calls = hammer(stubs, token, LIMIT.period_s + 1.5, threads_per_stub=2)
@@ -251,7 +256,8 @@ def test_serve_workers_2_on_one_redis_share_one_budget(
                 "pass:read", "--database-url", sqlite_database_url,
                 check=True).stdout.strip().splitlines()[-1]
     server = spawn(sqlite_database_url, "--workers", "2", "--rate-limit", str(LIMIT),
-                   "--redis-url", redis_url)
+                   "--redis-url", redis_url,
+                   env={"TOKENSERVICE_REDIS_TIMEOUT_SECONDS": str(PATIENT)})
     # Sixteen connections of their own: the kernel spreads them over both workers
     # (all on one: a chance in 2**15).
     channels = [grpc.insecure_channel(server.target, [("grpc.use_local_subchannel_pool", 1)])
@@ -262,14 +268,15 @@ def test_serve_workers_2_on_one_redis_share_one_budget(
     finally:
         for channel in channels:
             channel.close()
-    assert_within_the_limit(calls)
+    assert_within_the_limit(calls, log=lambda: "\n".join(
+        line for line in server.log().splitlines() if "redis" in line.lower()))
     assert len(redis_keys(redis_url, "token")) == 1
 
 
 def test_a_guesser_gets_the_configured_failure_budget_across_two_replicas(
     sqlite_database_url: str, redis_url: str
 ) -> None:
-    settings = dict(redis_url=redis_url, auth_failure_burst=4,
+    settings = dict(redis_url=redis_url, redis_timeout_seconds=PATIENT, auth_failure_burst=4,
                     auth_failure_refill_per_second=0.001, lookup_failure_burst=3,
                     lookup_failure_refill_per_second=0.001)
     with serving(sqlite_database_url, **settings) as a, \

@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -523,15 +522,14 @@ class CountingRedisStore(RedisStore):
         super().__init__(url, **kwargs)
         self.batches: list[int] = []
 
-    def gcra_many(self, steps):  # type: ignore[no-untyped-def]
+    async def agcra_many(self, steps, executor=None):  # type: ignore[no-untyped-def]
         self.batches.append(len(steps))
-        return super().gcra_many(steps)
+        return await super().agcra_many(steps, executor)
 
 
 def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_url: str) -> None:
     store = CountingRedisStore(redis_url)
-    pool = ThreadPoolExecutor(2)
-    limiter = RateLimiter(store, executor=pool)
+    limiter = RateLimiter(store)
 
     async def callers() -> list[Decision]:
         first = await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(30)))
@@ -542,7 +540,6 @@ def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_ur
     try:
         decisions = asyncio.run(callers())
     finally:
-        pool.shutdown()
         store.close()
     # Thirty calls in one turn of the loop: one script run, in the order asked.
     assert store.batches == [30, 2]
@@ -556,8 +553,7 @@ def test_a_stalled_redis_never_stalls_the_event_loop(
     fragile: tuple[RedisServer, RedisStore, list[bool]],
 ) -> None:
     server, store, _ = fragile
-    pool = ThreadPoolExecutor(2)
-    limiter = RateLimiter(store, executor=pool)
+    limiter = RateLimiter(store)
 
     async def check_beside_a_ticker() -> tuple[Decision, int]:
         ticks = 0
@@ -582,7 +578,36 @@ def test_a_stalled_redis_never_stalls_the_event_loop(
         decision, ticks = asyncio.run(check_beside_a_ticker())
     finally:
         server.thaw()
-        pool.shutdown()
     # Answered by the fallback, and the loop went on running while Redis was waited for.
     assert decision.allowed and not store.healthy
     assert ticks > 0
+
+
+def test_the_event_loop_s_connection_shares_the_budget_and_recovers_by_itself(
+    fragile: tuple[RedisServer, RedisStore, list[bool]],
+) -> None:
+    """Checks from a loop and from threads count in one place; Redis lost and back."""
+    server, store, changes = fragile
+    limiter = RateLimiter(store)
+
+    async def burst(n: int) -> list[Decision]:
+        return await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(n)))
+
+    assert [d.burst_left for d in asyncio.run(burst(4))] == [9, 8, 7, 6]
+    assert limiter.check("t", 100, 3600.0).burst_left == 5  # the same key, from a thread
+    server.stop()
+    # Down: answered by this process's counters, which start rested.
+    assert [d.allowed for d in asyncio.run(burst(3))] == [True] * 3
+    assert not store.healthy and changes == [False]
+    server.start()  # empty, as after a crash
+
+    async def until_shared() -> Decision:
+        while True:
+            decision = (await burst(1))[0]
+            if store.healthy:
+                return decision
+            await asyncio.sleep(0.06)  # the store tries Redis again after its back-off
+
+    assert asyncio.run(until_shared()).allowed and changes == [False, True]
+    with redis.Redis.from_url(server.url()) as client:
+        assert client.keys(f"{KEY_PREFIX}token:*")  # counted in Redis again

@@ -155,6 +155,13 @@ class LimitStore(ABC):
         """Several GCRA steps, in order, as one unit of work (one round trip to Redis)."""
         return [self.gcra(*step) for step in steps]
 
+    async def agcra_many(self, steps: Sequence[GcraStep],
+                         executor: Executor | None = None) -> list[GcraResult]:
+        """gcra_many() from an event loop: on `executor` when it may wait, else at once."""
+        if not self.remote:
+            return self.gcra_many(steps)
+        return await asyncio.get_running_loop().run_in_executor(executor, self.gcra_many, steps)
+
     @abstractmethod
     def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
         """Tokens in `key`'s failure bucket now (`burst` when it has none)."""
@@ -374,6 +381,8 @@ class RedisStore(LimitStore):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        from .redis_pipe import RedisPipe, RedisReplyError, RedisUnanswered
+
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -386,6 +395,11 @@ class RedisStore(LimitStore):
         )
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._noscript = redis.exceptions.NoScriptError
+        # The event loop's own connection (agcra_many): pipelined, no thread.
+        self._pipe = RedisPipe(url, timeout_s)
+        self._aerrors: tuple[type[BaseException], ...] = (RedisUnanswered, RedisReplyError,
+                                                          OSError)
+        self._reply_error = RedisReplyError
         self.fallback = fallback if fallback is not None else LocalStore()
         self.retry_after_s = retry_after_s
         self.on_health_change = on_health_change
@@ -499,6 +513,32 @@ class RedisStore(LimitStore):
                         for i in range(0, len(flat), 3)]
         return self.fallback.gcra_many(steps)
 
+    async def agcra_many(self, steps: Sequence[GcraStep],
+                         executor: Executor | None = None) -> list[GcraResult]:
+        """gcra_many() on the event loop's own pipelined connection: no thread, no wait
+        on the loop's thread; a failure or a timeout is answered by the fallback."""
+        if steps and self._may_try():
+            keys = [redis_key(step.namespace, step.key) for step in steps]
+            args = [n for step in steps for n in (step.interval_us, step.span_us, step.cost)]
+            try:
+                flat = await self._aeval_keys(_GCRA, keys, args)
+            except self._aerrors as error:
+                self._down(error)
+            else:
+                self._up()
+                return [GcraResult(bool(flat[i]), flat[i + 1], flat[i + 2])
+                        for i in range(0, len(flat), 3)]
+        return self.fallback.gcra_many(steps)
+
+    async def _aeval_keys(self, script: _Script, keys: Sequence[str],
+                          args: Sequence[Any]) -> Any:
+        try:
+            return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._reply_error as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            return await self._pipe.call("EVAL", script.source, len(keys), *keys, *args)
+
     def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
         if self._may_try():
             try:
@@ -535,59 +575,56 @@ class RedisStore(LimitStore):
 
     def close(self) -> None:
         self._client.close()
+        self._pipe.close()
 
 
 class GcraBatcher:
     """A store's GCRA steps asked from an event loop, gathered into batches.
 
     Every step asked during one turn of the loop goes to the store in one
-    gcra_many() call on `executor` (so a Redis round trip never blocks the
-    loop), and the steps asked while a batch is out go in the next one: under
-    load one round trip answers many calls, and alone a call waits for one
-    round trip, no longer. Used from one event loop at a time.
+    agcra_many() call, sent as the turn ends: under load one Redis round trip
+    (one script run) answers many calls, and alone a call waits for one round
+    trip, no longer. Batches are not held back for one another: RedisStore
+    pipelines them on one connection. Used from one event loop at a time.
     """
 
     def __init__(self, store: LimitStore, executor: Executor | None = None) -> None:
         self._store = store
         self._executor = executor
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[GcraStep, asyncio.Future[GcraResult]]] = []
-        self._busy = False
+        self._pending: list[tuple[GcraStep, asyncio.Future[GcraResult]]] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def gcra(self, step: GcraStep) -> GcraResult:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (tests run several): start afresh
-            self._loop, self._pending, self._busy = loop, [], False
+            self._loop, self._pending = loop, None
         future: asyncio.Future[GcraResult] = loop.create_future()
-        self._pending.append((step, future))
-        if not self._busy:
-            self._busy = True
+        if self._pending is None:
+            self._pending = []
             loop.call_soon(self._send, loop)  # after every call ready this turn has asked
+        self._pending.append((step, future))
         return await future
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch, self._pending = self._pending, []
-        sent = loop.run_in_executor(self._executor, self._store.gcra_many,
-                                    [step for step, _ in batch])
-        sent.add_done_callback(lambda done: self._answer(loop, batch, done))
-
-    def _answer(self, loop: asyncio.AbstractEventLoop,
-                batch: list[tuple[GcraStep, asyncio.Future[GcraResult]]],
-                done: asyncio.Future[list[GcraResult]]) -> None:
-        error = done.exception()
-        for i, (_, future) in enumerate(batch):
-            if future.done():  # its call was cancelled meanwhile
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(done.result()[i])
-        if loop is not self._loop:
+        if loop is not self._loop or not self._pending:
             return
-        if self._pending:
-            self._send(loop)
-        else:
-            self._busy = False
+        batch, self._pending = self._pending, None
+        task = loop.create_task(self._answer(batch))
+        self._sending.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._sending.discard)
+
+    async def _answer(self, batch: list[tuple[GcraStep, asyncio.Future[GcraResult]]]) -> None:
+        try:
+            results = await self._store.agcra_many([step for step, _ in batch], self._executor)
+        except Exception as error:  # a store answers failures itself; this is a bug
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # not cancelled meanwhile
+                future.set_result(result)
 
 
 def open_store(
