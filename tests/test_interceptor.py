@@ -416,11 +416,25 @@ def _rate_limit(metadata) -> dict[str, str]:
     return {k: v for k, v in metadata or () if k.startswith("ratelimit-")}
 
 
+def _slow_limit(ts, raw: str) -> None:
+    """1000 calls per 10 hours, the token's own: a call is paid back every 36 s, so
+    the counts this test reads do not move with the time it takes."""
+    from tokenservice_server import tokens
+    from tokenservice_server.db import connection
+    from tokenservice_server.models import ApiToken
+
+    lookup_id = tokens.parse(raw, "tks_").lookup_id  # type: ignore[union-attr]
+    with connection(ts.server.store.db):
+        ApiToken.update(rate_limit_requests=1000, rate_limit_period_us=36_000_000_000).where(
+            ApiToken.lookup_id == lookup_id).execute()
+
+
 def test_rate_limit_metadata_rides_beside_the_handler_s_own_and_on_its_errors(
-    ts_target: str, mint
+    ts, ts_target: str, mint
 ) -> None:
-    """600 per minute, the service default: each call counts one, every answer says so."""
+    """Each call counts one against the token's limit, and every answer says so."""
     token = mint(["pass:read"])
+    _slow_limit(ts, token)
     interceptor = AuthInterceptor(ts_target, ex.SCOPES)
     server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[interceptor])
     pb_grpc.add_PassServiceServicer_to_server(_TaggingServicer(ex.PassStore()), server)
@@ -434,21 +448,24 @@ def test_rate_limit_metadata_rides_beside_the_handler_s_own_and_on_its_errors(
             trailing = dict(call.trailing_metadata())
             assert trailing["x-served-by"] == "passes"
             headers = _rate_limit(call.trailing_metadata())
-            assert headers.pop("ratelimit-reset") in ("0", "1")  # rested 100 ms after
-            assert headers == {"ratelimit-limit": "600", "ratelimit-remaining": "599"}
+            assert 30 < int(headers.pop("ratelimit-reset")) <= 36  # rested 36 s after
+            assert headers == {"ratelimit-limit": "1000", "ratelimit-remaining": "999"}
             with pytest.raises(grpc.RpcError) as missing:
                 stub.GetPass(pb.GetPassRequest(id="nope"), timeout=10)
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-            assert _rate_limit(missing.value.trailing_metadata())["ratelimit-remaining"] == "598"
+            assert _rate_limit(missing.value.trailing_metadata())["ratelimit-remaining"] == "998"
             stream = stub.ListPasses(pb.ListPassesRequest(), timeout=10)
             assert list(stream) == []
-            assert _rate_limit(stream.trailing_metadata())["ratelimit-remaining"] == "597"
+            assert _rate_limit(stream.trailing_metadata())["ratelimit-remaining"] == "997"
     finally:
         server.stop(0)
 
 
-def test_async_rate_limit_metadata_and_no_standing_from_the_cache(ts_target: str, mint) -> None:
+def test_async_rate_limit_metadata_and_no_standing_from_the_cache(
+    ts, ts_target: str, mint
+) -> None:
     token = mint(["pass:read"])
+    _slow_limit(ts, token)
 
     async def scenario() -> None:
         plain = AsyncAuthInterceptor(ts_target, ex.SCOPES)
@@ -469,22 +486,22 @@ def test_async_rate_limit_metadata_and_no_standing_from_the_cache(ts_target: str
                 await call
                 trailing = await call.trailing_metadata()
                 assert dict(trailing)["x-served-by"] == "passes"
-                assert _rate_limit(trailing)["ratelimit-remaining"] == "599"
+                assert _rate_limit(trailing)["ratelimit-remaining"] == "999"
                 stream = pb_grpc.PassServiceStub(a).ListPasses(pb.ListPassesRequest(), timeout=10)
                 assert [p async for p in stream] == []
-                assert _rate_limit(await stream.trailing_metadata())["ratelimit-limit"] == "600"
+                assert _rate_limit(await stream.trailing_metadata())["ratelimit-limit"] == "1000"
 
                 # Behind a cache: the first call asks tokenservice and is counted; the
                 # cached ones are not, and claim no standing.
                 stub = pb_grpc.PassServiceStub(b)
                 first = stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)
                 await first
-                assert _rate_limit(await first.trailing_metadata())["ratelimit-remaining"] == "597"
+                assert _rate_limit(await first.trailing_metadata())["ratelimit-remaining"] == "997"
                 for _ in range(3):
                     again = stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)
                     await again
                     assert _rate_limit(await again.trailing_metadata()) == {}
-                assert TokenServiceClient(ts_target).authenticate(token).rate_limit.remaining == 596
+                assert TokenServiceClient(ts_target).authenticate(token).rate_limit.remaining == 996
         finally:
             for server in servers:
                 await server.stop(0)
