@@ -38,7 +38,14 @@ from . import h2load
 from .bare import PATH as BARE_PATH
 from .dataset import PREFIX, Dataset, Sample
 from .h2load import GRPC_HEADERS, JSON_HEADERS, Load, Outcome, grpc_frame
-from .servers import HOST, Server, start_bare, start_tokenservice, wait_ready
+from .servers import (
+    HOST,
+    Server,
+    process_cpu_seconds,
+    start_bare,
+    start_tokenservice,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -420,9 +427,14 @@ class Bench:
             running.append(h2load.Running(load, self.tmp, self.driver_cpus, tag))
         # The server's CPU over the measured window: from the end of the warm-up to the exit.
         time.sleep(phase.load.warmup + 0.05)
+        # Redis works for the server that uses it: its CPU is priced beside the server's.
+        redis_pid = self.redis.pid if self.redis is not None and phase.server == "lim_redis" \
+            else None
+        redis0 = process_cpu_seconds(redis_pid) if redis_pid else 0.0
         cpu0, t0 = server.cpu_seconds(), time.monotonic()
         outcomes = [r.finish() for r in running]
         cpu1, t1 = server.cpu_seconds(), time.monotonic()
+        redis1 = process_cpu_seconds(redis_pid) if redis_pid else 0.0
         out = outcomes[-1]
         if phase.flood is not None:
             flood_out = outcomes[0]
@@ -436,6 +448,9 @@ class Bench:
             "server_busy": round((cpu1 - cpu0) / max(1e-3, t1 - t0), 3),
             "logged": counts, "probe_before": before, "probe_after": after,
         }
+        if redis_pid:
+            result["redis_cpu_ms_per_call"] = round(
+                (redis1 - redis0) * 1000 / max(1, out.rate * (t1 - t0)), 4)
         if flood_out is not None:
             result["flood"] = {k: v for k, v in flood_out.__dict__.items()
                                if k in ("rate", "done", "p50_ms", "p99_ms", "error")}
@@ -592,7 +607,8 @@ def verify(phase: Phase, out: Outcome, counts: dict[str, int], before: str,
 
 
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("rate", "p50_ms", "p99_ms", "server_cpu_ms_per_call", "server_busy", "driver_busy")
+    keys = ("rate", "p50_ms", "p99_ms", "server_cpu_ms_per_call", "server_busy", "driver_busy",
+            "redis_cpu_ms_per_call")
     out: dict[str, Any] = {}
     for key in keys:
         values = [r[key] for r in rounds if key in r]

@@ -113,6 +113,14 @@ class Server:
             return self.proc.wait()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User+system CPU of one process so far (0 when it is gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    return 0.0
+
+
 def start_tokenservice(name: str, url: str, workdir: Path, cpus: set[int] | None, *,
                        rounds: int, workers: int = 1, log_level: str = "INFO",
                        rest: bool = True, rate_limit: str = "off",

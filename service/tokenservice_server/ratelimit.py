@@ -581,50 +581,59 @@ class RedisStore(LimitStore):
 class GcraBatcher:
     """A store's GCRA steps asked from an event loop, gathered into batches.
 
-    Every step asked during one turn of the loop goes to the store in one
-    agcra_many() call, sent as the turn ends: under load one Redis round trip
-    (one script run) answers many calls, and alone a call waits for one round
-    trip, no longer. Batches are not held back for one another: RedisStore
-    pipelines them on one connection. Used from one event loop at a time.
+    One batch is out at a time: the steps asked while it is out go together
+    in the next, sent the moment it comes back (and a step asked while none
+    is out goes as the loop's turn ends, with any others of that turn). So
+    a lone call waits for one round trip, no longer, and under load a round
+    trip answers as many calls as arrived during the one before: the cost of
+    a round trip (two system calls, a script run) is shared, and the more the
+    busier the loop. Used from one event loop at a time.
     """
 
     def __init__(self, store: LimitStore, executor: Executor | None = None) -> None:
         self._store = store
         self._executor = executor
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[GcraStep, asyncio.Future[GcraResult]]] | None = None
+        self._pending: list[tuple[GcraStep, asyncio.Future[GcraResult]]] = []
+        self._busy = False  # a batch is out, or about to be sent
         self._sending: set[asyncio.Task[None]] = set()
 
     async def gcra(self, step: GcraStep) -> GcraResult:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (tests run several): start afresh
-            self._loop, self._pending = loop, None
+            self._loop, self._pending, self._busy = loop, [], False
         future: asyncio.Future[GcraResult] = loop.create_future()
-        if self._pending is None:
-            self._pending = []
-            loop.call_soon(self._send, loop)  # after every call ready this turn has asked
         self._pending.append((step, future))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._send, loop)  # after every call ready this turn has asked
         return await future
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
-        if loop is not self._loop or not self._pending:
+        if loop is not self._loop:
             return
-        batch, self._pending = self._pending, None
-        task = loop.create_task(self._answer(batch))
+        if not self._pending:
+            self._busy = False
+            return
+        batch, self._pending = self._pending, []
+        task = loop.create_task(self._answer(loop, batch))
         self._sending.add(task)  # a reference, so the task is not collected mid-flight
         task.add_done_callback(self._sending.discard)
 
-    async def _answer(self, batch: list[tuple[GcraStep, asyncio.Future[GcraResult]]]) -> None:
+    async def _answer(self, loop: asyncio.AbstractEventLoop,
+                      batch: list[tuple[GcraStep, asyncio.Future[GcraResult]]]) -> None:
         try:
             results = await self._store.agcra_many([step for step, _ in batch], self._executor)
         except Exception as error:  # a store answers failures itself; this is a bug
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():  # not cancelled meanwhile
-                future.set_result(result)
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():  # not cancelled meanwhile
+                    future.set_result(result)
+        finally:
+            self._send(loop)  # the next batch: everything asked meanwhile
 
 
 def open_store(
