@@ -51,6 +51,12 @@ or slower than its timeout never reaches the caller: the check runs on the
 RedisStore's own LocalStore instead (per-process counters: fail open for the
 shared budget, never unlimited), the store reports itself unhealthy, and
 Redis is tried again after a short back-off.
+
+From an event loop, RateLimiter.acheck never waits on the loop's thread: a
+GcraBatcher gathers the checks asked while a batch is out and sends them as
+the next batch, one script run over all their keys, on the loop's own
+pipelined connection (redis_pipe.py). A thread hand-off per check cost more
+than the round trip itself (BENCHMARKS.md has both).
 """
 
 from __future__ import annotations
