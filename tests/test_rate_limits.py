@@ -227,6 +227,21 @@ def redis_keys(url: str, namespace: str) -> list[bytes]:
         return client.keys(f"{KEY_PREFIX}{namespace}:*")
 
 
+def test_replicas_share_a_token_s_budget_on_either_store(database_url: str, redis_url: str
+                                                        ) -> None:
+    """SQLite reads on the event loop, PostgreSQL's on a worker thread: the count is the
+    same, in Redis. 2 per hour: one call at once, the next in 30 minutes."""
+    shared = dict(rate_limit=RateLimit(2, 3600.0), redis_url=redis_url,
+                  redis_timeout_seconds=PATIENT)
+    with serving(database_url, **shared) as a, serving(database_url, **shared) as b:
+        token = new_token(a)
+        assert b.authenticate(token).rate_limit.remaining == 0
+        for replica in (a, b, a):
+            with pytest.raises(grpc.RpcError) as refused:
+                replica.authenticate(token)
+            assert refusal(refused.value)[1] == "TOKEN_RATE_LIMITED"
+
+
 @pytest.mark.slow
 def test_two_replicas_on_one_redis_share_one_budget(
     sqlite_database_url: str, redis_url: str
