@@ -129,6 +129,11 @@ class Config:
     # A Unix socket the gRPC server also listens on, in a folder only this user can
     # enter, for the REST shim on this machine; set by `serve`, not by people.
     local_socket: str | None = None
+    # Audit events older than this many days are deleted (0: kept forever),
+    # checked every audit_prune_seconds, audit_prune_batch rows a transaction.
+    audit_retention_days: int = 400
+    audit_prune_seconds: float = 600.0
+    audit_prune_batch: int = 500
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("int", "int | None")}
@@ -206,6 +211,10 @@ def validate(config: Config) -> None:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
     if config.plaintext and config.tls_cert:
         raise ConfigError("--plaintext contradicts --tls-cert: choose one")
+    if config.audit_retention_days < 0:
+        raise ConfigError("the audit retention must be 0 (keep forever) or a number of days")
+    if config.audit_prune_seconds <= 0 or config.audit_prune_batch < 1:
+        raise ConfigError("the audit prune interval and batch must be positive")
 
 
 def check_redis_url(url: str) -> None:

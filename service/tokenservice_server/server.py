@@ -20,11 +20,13 @@ from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
+from .db import is_sqlite
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
 from .logs import rpc_log
 from .migrations import open_migrated
 from .policy import SERVICE_NAME
+from .retention import AuditPruner
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
@@ -64,6 +66,10 @@ class TokenServer:
             hasher_for(config, metrics.set_bcrypt_queue_depth),
             self.usage,
             blocking=self._blocking,
+        )
+        self.pruner = AuditPruner(
+            self.prune_audit, config.audit_prune_seconds, config.audit_prune_batch,
+            on_exit=self._close_thread_connection,
         )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
@@ -122,6 +128,20 @@ class TokenServer:
         with self.store.connection():
             self.store.write_last_used(batch)
 
+    def _close_thread_connection(self) -> None:
+        """SQLite keeps a connection per thread: a thread that ends closes its own."""
+        if is_sqlite(self.store.db) and not self.store.db.is_closed():
+            self.store.db.close()
+
+    def prune_audit(self) -> int:
+        """One batch of audit retention, in a connection of its own."""
+        if not self.config.audit_retention_days:
+            return 0
+        with self.store.connection():
+            return self.service.prune_audit(
+                self.config.audit_retention_days, self.config.audit_prune_batch
+            )
+
     def start(self) -> int:
         """Binds and starts serving; returns the real port (the config may say 0)."""
         address = grpc_address(self.config.host, self.config.grpc_port)
@@ -140,6 +160,7 @@ class TokenServer:
             self._server.add_insecure_port("unix:" + self.config.local_socket)
         self._call(self._server.start())
         self.usage.start()
+        self.pruner.start()
         self.probe.start()
         log.info("serving gRPC", extra={
             "address": grpc_address(self.config.host, self.port),
@@ -158,6 +179,7 @@ class TokenServer:
         self.service.close()
         self.usage.close()
         rpc_log.flush()
+        self.pruner.close()
 
         async def close_loop_connection() -> None:
             # SQLite keeps a connection per thread: the loop's thread has one too.

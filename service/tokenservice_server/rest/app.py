@@ -306,7 +306,8 @@ class RestApp:
         try:
             reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
         except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, route.method.input_type) from None
+            body_field = route.body if route.body != "*" else ""
+            raise from_rpc_error(err, route.method.input_type, body_field) from None
         headers = RESPONSE_HEADERS.get(reply.DESCRIPTOR.full_name)
         return json_response(route.success_status, render_response(route, reply),
                              headers(reply) if headers else None)
