@@ -439,3 +439,49 @@ def test_redis_stopped_stalled_and_back_under_load(
         assert set(load.valid_answers) == {"OK"}, load.valid_answers
         assert "OK" not in load.invalid_answers, load.invalid_answers
         assert set(load.invalid_answers) <= {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}
+
+
+def test_a_limit_set_at_create_and_changed_by_update_is_the_one_counted(
+    sqlite_database_url: str,
+) -> None:
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.field_mask_pb2 import FieldMask
+
+    # The service default would allow 600 a minute; the token's own says 1 an hour.
+    with serving(sqlite_database_url) as ts:
+        manager = ts.manager()
+        made = ts.stub.CreateToken(
+            pb.CreateTokenRequest(name="slow", scopes=["pass:read"],
+                                  rate_limit=pb.RateLimit(requests=1,
+                                                          period=Duration(seconds=3600))),
+            metadata=bearer(manager), timeout=10)
+        assert ts.authenticate(made.token).rate_limit.limit == 1
+        with pytest.raises(grpc.RpcError) as refused:
+            ts.authenticate(made.token)
+        assert refusal(refused.value)[1] == "TOKEN_RATE_LIMITED"
+        assert 3590 < refusal(refused.value)[0] <= 3600  # an hour, under that limit
+        # Raised to 1000 an hour: the debt of the old limit is forgiven down to one
+        # full burst of the new one, so the wait is the new limit's, 3.6 s, not an hour.
+        ts.stub.UpdateToken(
+            pb.UpdateTokenRequest(
+                api_token=pb.ApiToken(id=made.api_token.id, rate_limit=pb.RateLimit(
+                    requests=1000, period=Duration(seconds=3600))),
+                update_mask=FieldMask(paths=["rate_limit"])),
+            metadata=bearer(manager), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            ts.authenticate(made.token)
+        assert 0 < refusal(refused.value)[0] <= 3.6
+        # Cleared: the service default again, within its interval (100 ms).
+        ts.stub.UpdateToken(
+            pb.UpdateTokenRequest(api_token=pb.ApiToken(id=made.api_token.id),
+                                  update_mask=FieldMask(paths=["rate_limit"])),
+            metadata=bearer(manager), timeout=10)
+
+        def default_limit() -> bool:
+            try:
+                return ts.authenticate(made.token).rate_limit.limit == 600
+            except grpc.RpcError as error:
+                assert refusal(error)[0] <= 0.1
+                return False
+
+        wait_for(default_limit, "the service default never applied")

@@ -611,3 +611,26 @@ def test_the_event_loop_s_connection_shares_the_budget_and_recovers_by_itself(
     assert asyncio.run(until_shared()).allowed and changes == [False, True]
     with redis.Redis.from_url(server.url()) as client:
         assert client.keys(f"{KEY_PREFIX}token:*")  # counted in Redis again
+
+
+def test_a_raised_limit_holds_from_the_next_call_in_either_store(redis_url: str) -> None:
+    """The debt of a stricter limit is forgiven down to one burst of the new one."""
+    clock = Clock()
+    local = RateLimiter(LocalStore(clock=clock))
+    store = RedisStore(redis_url)
+    try:
+        for limiter in (local, RateLimiter(store)):
+            assert limiter.check("t", 1, 3600.0).allowed
+            assert limiter.check("t", 1, 3600.0).retry_after_s == pytest.approx(3600, abs=1)
+            raised = limiter.check("t", 1000, 3600.0)  # a call every 3.6 s, 100 at once
+            assert not raised.allowed and raised.retry_after_s == pytest.approx(3.6, abs=0.1)
+            # Forgiven once and kept: asking again does not bring the old debt back.
+            again = limiter.check("t", 1000, 3600.0)
+            assert again.retry_after_s == pytest.approx(3.6, abs=0.1)
+    finally:
+        store.close()
+    clock.advance(3.6)
+    assert local.check("t", 1000, 3600.0).allowed
+    # Lowered again: the debt (in time: 360 s, a full burst at the faster pace)
+    # carries over and is what stands between the token and its next call.
+    assert local.check("t", 1, 3600.0).retry_after_s == pytest.approx(360)

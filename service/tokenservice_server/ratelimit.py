@@ -132,13 +132,19 @@ def gcra_step(
 ) -> tuple[GcraResult, int | None]:
     """One GCRA step: the result and the new TAT to store (None: leave it).
 
-    The Lua script in RedisStore is this function, line for line.
+    The Lua script in RedisStore is this function, line for line. A TAT
+    further ahead than `span` can only come from a stricter limit the key had
+    before (a token's limit was raised): that debt is forgiven down to one
+    full burst, so a new limit holds from the next call.
     """
     tat = max(tat, now)
+    forgiven = tat - now > span
+    if forgiven:
+        tat = now + span
     new_tat = tat + interval * cost
     if new_tat - now > span:
-        return GcraResult(False, tat - now, new_tat - span - now), None
-    return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 else None)
+        return GcraResult(False, tat - now, new_tat - span - now), (tat if forgiven else None)
+    return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 or forgiven else None)
 
 
 class LimitStore(ABC):
@@ -288,11 +294,16 @@ for i, key in ipairs(KEYS) do
   local span, cost = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
   local tat = tonumber(redis.call('GET', key) or 0)
   if tat < now then tat = now end
+  local forgiven = tat - now > span
+  if forgiven then tat = now + span end
   local new_tat = tat + interval * cost
   if new_tat - now > span then
+    if forgiven then
+      redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+    end
     out[3 * i - 2], out[3 * i - 1], out[3 * i] = 0, tat - now, new_tat - span - now
   else
-    if cost > 0 then
+    if cost > 0 or forgiven then
       redis.call('SET', key, string.format('%d', new_tat),
                  'PX', math.ceil((new_tat - now) / 1000) + 1)
     end
