@@ -354,6 +354,7 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
     paths = doc["paths"]
     assert set(paths["/api/v1/api-tokens"]) == {"get", "post"}
     assert set(paths["/api/v1/api-keys"]) == {"get", "post"}
+    # PATCH binds {api_token.id}: one URL shape, documented as one path.
     assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete", "patch"}
     assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete", "patch"}
     assert set(paths["/api/v1/api-tokens/{id}:rotate"]) == {"post"}

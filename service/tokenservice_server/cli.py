@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import peewee
 
@@ -25,6 +26,7 @@ from .migrations import migrate, open_migrated
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
+from .values import AuditEvent, TokenInfo, UserInfo
 
 log = logging.getLogger("tokenservice.cli")
 
@@ -100,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     disable = user.add_parser("disable", help="disable a user and stop all their tokens")
     disable.add_argument("--email", required=True)
     db_flag(disable)
+    enable = user.add_parser("enable", help="enable a disabled user again")
+    enable.add_argument("--email", required=True)
+    db_flag(enable)
+    users = user.add_parser("list", help="list users (of one org, or all)")
+    users.add_argument("--org")
+    users.add_argument("--json", action="store_true", help="one JSON object a line")
+    db_flag(users)
+    perms = user.add_parser(
+        "set-permissions",
+        help="replace a user's permissions; every token of theirs narrows at its next use",
+    )
+    perms.add_argument("--email", required=True)
+    perms.add_argument("--permissions", required=True, help="comma-separated scopes")
+    db_flag(perms)
+    perms.add_argument("--scopes-file")
 
     token = sub.add_parser("token", help="manage tokens").add_subparsers(
         dest="token_command", required=True, parser_class=_Parser
@@ -112,6 +129,22 @@ def _parser() -> argparse.ArgumentParser:
     db_flag(create)
     create.add_argument("--scopes-file")
     create.add_argument("--bcrypt-rounds", type=int)
+    tokens = token.add_parser("list", help="list a user's tokens, newest first")
+    tokens.add_argument("--email", required=True)
+    tokens.add_argument("--json", action="store_true", help="one JSON object a line")
+    db_flag(tokens)
+    revoke = token.add_parser("revoke", help="revoke a token by id, at once")
+    revoke.add_argument("id")
+    revoke.add_argument("--children", action="store_true",
+                        help="also revoke every token it minted, transitively")
+    revoke.add_argument("--json", action="store_true", help="print the token as JSON")
+    db_flag(revoke)
+
+    audit = sub.add_parser("audit", help="print audit events, newest first, as JSON lines")
+    audit.add_argument("--org")
+    audit.add_argument("--token-id", default="")
+    audit.add_argument("--limit", type=int, default=100)
+    db_flag(audit)
 
     scopes = sub.add_parser("scopes", help="print the scope catalog")
     scopes.add_argument("--scopes-file")
@@ -130,6 +163,51 @@ def _parse_time(value: str) -> datetime:
             [("expires_at", f"{value!r} is not an ISO 8601 date-time")]
         ) from None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat().replace("+00:00", "Z") if value else ""
+
+
+def _token_dict(info: TokenInfo) -> dict[str, Any]:
+    return {
+        "id": info.id, "name": info.name, "tokenPrefix": info.token_prefix,
+        "state": info.state.value, "scopes": list(info.scopes),
+        "expiresAt": _when(info.expires_at) or None,
+        "lastUsedAt": _when(info.last_used_at) or None,
+        "revokedAt": _when(info.revoked_at) or None, "createdAt": _when(info.created_at),
+        "createdByEmail": info.created_by_email, "orgId": info.org_id,
+        "parentId": info.parent_id, "rotatedFromId": info.rotated_from_id,
+        "replacedById": info.replaced_by_id,
+    }
+
+
+def _user_dict(user: UserInfo) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "orgId": user.org_id,
+            "permissions": list(user.permissions), "disabled": user.disabled,
+            "createdAt": _when(user.created_at)}
+
+
+def _event_dict(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id, "time": _when(event.time), "action": event.action,
+        "orgId": event.org_id, "actorUserId": event.actor_user_id,
+        "actorEmail": event.actor_email, "actorTokenId": event.actor_token_id,
+        "tokenId": event.token_id, "clientAddress": event.client_address,
+        "details": event.details,
+    }
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns as wide as their widest cell; what a person reads at a terminal."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _json_lines(items: Sequence[dict[str, Any]]) -> None:
+    for item in items:
+        print(json.dumps(item, ensure_ascii=False, separators=(",", ":")))
 
 
 def _service(config: Config) -> TokenService:
@@ -401,6 +479,40 @@ def run(argv: Sequence[str]) -> int:
         elif args.command == "user" and args.user_command == "disable":
             service.disable_user(args.email)
             print(f"user {args.email.strip().lower()} disabled; their tokens no longer work")
+        elif args.command == "user" and args.user_command == "enable":
+            service.enable_user(args.email)
+            print(f"user {args.email.strip().lower()} enabled; their tokens work again")
+        elif args.command == "user" and args.user_command == "set-permissions":
+            user = service.set_permissions(args.email, _split(args.permissions))
+            print(f"user {user.email} now holds {','.join(user.permissions)};"
+                  " their tokens carry no more than that from their next use")
+        elif args.command == "user" and args.user_command == "list":
+            users = service.list_users(args.org)
+            if args.json:
+                _json_lines([_user_dict(u) for u in users])
+            else:
+                _table(("EMAIL", "ORG", "STATE", "PERMISSIONS", "CREATED"), [
+                    (u.email, u.org_id, "disabled" if u.disabled else "enabled",
+                     ",".join(u.permissions), _when(u.created_at)) for u in users])
+        elif args.command == "token" and args.token_command == "list":
+            found = service.tokens_for_email(args.email)
+            if args.json:
+                _json_lines([_token_dict(t) for t in found])
+            else:
+                _table(("ID", "NAME", "PREFIX", "STATE", "SCOPES", "EXPIRES", "LAST USED"), [
+                    (t.id, t.name, t.token_prefix, t.state.value.lower(), ",".join(t.scopes),
+                     _when(t.expires_at) or "never", _when(t.last_used_at) or "never")
+                    for t in found])
+        elif args.command == "token" and args.token_command == "revoke":
+            info = service.revoke_by_id(args.id, args.children)
+            if args.json:
+                _json_lines([_token_dict(info)])
+            else:
+                print(f"token {info.name!r} id={info.id} revoked at {_when(info.revoked_at)}"
+                      + (" with every token it minted" if args.children else ""))
+        elif args.command == "audit":
+            _json_lines([_event_dict(e) for e in
+                         service.audit_events(args.org, args.token_id, args.limit)])
         elif args.command == "token":
             expires = _parse_time(args.expires_at) if args.expires_at else None
             created = service.mint_for_email(args.email, args.name, _split(args.scopes), expires)

@@ -45,7 +45,7 @@ from .logs import rpc_log
 from .metrics import RpcMetrics
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
-from .values import AuditEvent, Principal, RateLimit, TokenInfo, TokenState
+from .values import UPDATABLE, AuditEvent, Principal, RateLimit, TokenInfo, TokenState
 
 log = logging.getLogger("tokenservice.rpc")
 
@@ -278,7 +278,6 @@ _STATES = {
     TokenState.REVOKED: pb.ApiToken.REVOKED,
 }
 _STATE_FILTERS = {number: state for state, number in _STATES.items()}
-_UPDATABLE = ("name", "scopes", "expires_at", "rate_limit")
 
 
 def token_pb(info: TokenInfo) -> pb.ApiToken:
@@ -393,9 +392,9 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         if not paths:
             # AIP-134: no mask means every field the request sets (output-only
             # and identifying fields are not changes).
-            paths = [f.name for f, _ in token.ListFields() if f.name in _UPDATABLE]
+            paths = [f.name for f, _ in token.ListFields() if f.name in UPDATABLE]
         elif "*" in paths:
-            paths = list(_UPDATABLE)
+            paths = sorted(UPDATABLE)
         changes: dict[str, Any] = {}
         for path in paths:
             if path == "name":

@@ -37,12 +37,13 @@ from .errors import (
 )
 from .ratelimit import Decision, LimitStore, RateLimiter, open_store
 from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
-from .store import UPDATABLE, Store
+from .store import Store
 from .throttle import FailureBuckets
 from .usage import UsageRecorder
 from .values import (
     CLI_ACTOR,
     DAY_MICROS,
+    UPDATABLE,
     Actor,
     AuditEntry,
     AuditEvent,
@@ -760,11 +761,6 @@ class TokenService:
             raise NotFound("no such token")
         log.info("token revoked", extra={"token_id": token.id, "children": revoke_children})
         return revoked
-
-    def count_children(self, caller: Principal, token_id: str) -> int:
-        """How many live tokens a token minted, transitively (what revoke_children takes)."""
-        self.get_token(caller, token_id)
-        return self.store.count_children(token_id)
 
     def rotate_token(
         self, caller: Principal, token_id: str, grace_us: int, client: Client = ""

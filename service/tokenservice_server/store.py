@@ -23,6 +23,7 @@ from .errors import Conflict
 from .models import ApiToken, AuditEvent, User
 from .values import (
     DAY_MICROS,
+    UPDATABLE,
     AuditEntry,
     AuthRow,
     Cursor,
@@ -39,9 +40,6 @@ from .values import AuditEvent as AuditEventValue
 # Every audit event is also one JSON log line on this logger, written once its
 # transaction has committed, for a log shipper to forward.
 audit_log = logging.getLogger("tokenservice.audit")
-
-# Keys a change may set through update_token(), each a column or two.
-UPDATABLE = frozenset({"name", "scopes", "expires_at", "rate_limit"})
 
 
 class _Refused(Exception):
@@ -158,17 +156,6 @@ class Store:
             return None
         token = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == key).first()
         return None if token is None else _token_info(token, now)
-
-    def count_children(self, token_id: str) -> int:
-        """How many tokens this token minted, transitively, that are not revoked yet."""
-        ids = self._subtree(uuid.UUID(token_id))
-        if not ids:
-            return 0
-        return (
-            ApiToken.select()
-            .where(ApiToken.id.in_(ids) & ApiToken.revoked_at.is_null())
-            .count()
-        )
 
     def _subtree(self, root: uuid.UUID) -> list[uuid.UUID]:
         """Ids of every token below root in the token tree (root excluded)."""

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 DAY_MICROS = 86_400_000_000
+# The fields of a token that UpdateToken may change.
+UPDATABLE = frozenset({"name", "scopes", "expires_at", "rate_limit"})
 
 
 def to_micros(value: datetime) -> int:

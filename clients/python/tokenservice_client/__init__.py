@@ -9,6 +9,8 @@
   `parse_bearer` reads one back from an `authorization` value.
 - `tls_channel_credentials`: TLS to tokenservice with your own CA and, for mTLS,
   a client certificate.
+- `find_tokens` / `is_token` / `TOKEN_REGEX`: recognise tokens in text by pattern
+  and checksum, for secret scanners (`python -m tokenservice_client.scanning`).
 """
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
@@ -27,6 +29,7 @@ from .errors import (
     TOKEN_RATE_LIMITED,
     DeadlineExceeded,
     ErrorInfo,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -44,6 +47,7 @@ from .interceptor import (
     requires_scopes,
 )
 from .principal import Principal, RateLimitStatus, current_principal
+from .scanning import TOKEN_REGEX, find_tokens, is_token
 
 __all__ = [
     "DEFAULT_PUBLIC_METHODS",
@@ -53,8 +57,10 @@ __all__ = [
     "AsyncAuthInterceptor",
     "AsyncTokenServiceClient",
     "AuthInterceptor",
+    "TOKEN_REGEX",
     "DeadlineExceeded",
     "ErrorInfo",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -69,6 +75,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "current_principal",
+    "find_tokens",
+    "is_token",
     "parse_bearer",
     "requires_scopes",
     "rotating_token_credentials",

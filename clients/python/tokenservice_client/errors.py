@@ -20,6 +20,7 @@ __all__ = [
     "TOKEN_RATE_LIMITED",
     "DeadlineExceeded",
     "ErrorInfo",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -100,6 +101,10 @@ class NotFound(TokenServiceError):
     """NOT_FOUND: no such token within the caller's reach."""
 
 
+class FailedPrecondition(TokenServiceError):
+    """FAILED_PRECONDITION: the token's state forbids it (rotating a revoked or rotated token)."""
+
+
 class RateLimited(TokenServiceError):
     """RESOURCE_EXHAUSTED: too many failed authentications from this address, or (reason
     TOKEN_RATE_LIMITED) a valid token over its rate limit; `retry_delay` says when to retry."""
@@ -118,6 +123,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenServiceError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -221,7 +221,7 @@ def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
         fds = resolve_field_path(route.method.input_type, var.field_path)
         params.append(
             {
-                "name": var.field_path[-1],
+                "name": var.openapi_name,
                 "in": "path",
                 "required": True,
                 "schema": schemas.value(fds[-1], output=False),
