@@ -175,6 +175,22 @@ def test_single_field_body_and_path_override() -> None:
         build_request(create, {}, [("title", "query is not bound when body is *")], {})
 
 
+def test_two_spellings_of_one_field_are_refused_at_any_depth() -> None:
+    create = ROUTES[("CreateShelf", 0)]
+    with pytest.raises(ApiError) as bad:
+        build_request(create, {}, [], {"opened_at": "2030-01-01T00:00:00Z", "openedAt": None})
+    assert bad.value.status == 422
+    assert [d["field"] for d in bad.value.details] == ["openedAt"]
+    assert "opened_at" in bad.value.details[0]["description"]
+    with pytest.raises(ApiError) as bad:  # one spelling twice: the JSON parser refuses it
+        parse_json(b'{"inner": {"count": 1, "count": 2}}')
+    with pytest.raises(ApiError) as bad:
+        build_request(ROUTES[("UpdateShelf", 0)], {("shelf_id",): "s"}, [],
+                      {"inner": {"count": 1}, "title": "t", "tags": [], "opened_at": None,
+                       "openedAt": None})
+    assert [d["field"] for d in bad.value.details] == ["shelf.openedAt"]
+
+
 def test_responses_have_every_field_with_nulls_and_arrays() -> None:
     route = ROUTES[("CreateShelf", 0)]
     assert render_response(route, route.response_class()) == {

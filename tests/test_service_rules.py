@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from tokenservice_server.errors import (
     RateLimited,
     Unauthenticated,
 )
+from tokenservice_server.fairshare import NOBODY, Claimant
 from tokenservice_server.migrations import open_migrated
 from tokenservice_server.models import ApiToken
 from tokenservice_server.ratelimit import LocalStore
@@ -40,13 +42,13 @@ class CountingHasher(BcryptHasher):
         super().__init__(rounds=4, slots=2, max_waiting=8)
         self.checks = 0
 
-    def verify(self, secret: str, hashed: str) -> bool:
+    def verify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
         self.checks += 1
-        return super().verify(secret, hashed)
+        return super().verify(secret, hashed, claimant)
 
-    async def averify(self, secret: str, hashed: str) -> bool:
+    async def averify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
         self.checks += 1
-        return await super().averify(secret, hashed)
+        return await super().averify(secret, hashed, claimant)
 
 
 class World:
@@ -393,3 +395,167 @@ def test_a_limit_check_fails_no_authentication_that_would_have_failed(world: Wor
     world.service.revoke_token(ann, ann.token_id)
     with pytest.raises(Unauthenticated):
         world.service.authenticate(raw)
+
+
+# Scope names: compared exactly, never normalised.
+
+KELVIN = "\u212a"  # looks like K, and str.lower() turns it into k
+
+
+@pytest.mark.parametrize(
+    ("spelling", "why"),
+    [
+        ("PASS:READ", "not a known scope"),
+        ("Pass:read", "not a known scope"),
+        ("\tpass:read\n", "white space or control"),
+        (" pass:read", "white space or control"),
+        ("pass:read\u200b", "white space or control"),  # zero-width space: a format character
+        ("pass:re\u0430d", "not a known scope"),  # Cyrillic a: canonical, but no catalog name
+        ("api_to" + KELVIN + "en:manage", "canonical Unicode"),
+        ("\uff50ass:read", "canonical Unicode"),  # full-width p
+    ],
+)
+def test_a_scope_matches_only_as_the_catalog_spells_it(
+    world: World, spelling: str, why: str
+) -> None:
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    with pytest.raises(InvalidArgument) as refused:
+        world.service.create_token(ann, "x", [spelling], None)
+    assert [f for f, _ in refused.value.violations] == ["scopes"]
+    assert why in refused.value.violations[0][1]
+    with pytest.raises(InvalidArgument) as refused:
+        world.service.add_user("new@acme.test", "acme", [spelling])
+    assert why in refused.value.violations[0][1]
+    assert world.service.create_token(ann, "x", ["pass:read"], None).info.scopes == ("pass:read",)
+
+
+def test_no_change_to_a_page_token_gets_past_the_checks_or_fails_otherwise(world: World) -> None:
+    """Every one-character change of a real page token is refused as INVALID_ARGUMENT
+    or reads as a cursor within range, and listing never fails in another way."""
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage"]))
+    for _ in range(3):
+        world.advance(1)
+        world.service.create_token(ann, "t", ["api_token:manage"], None)
+    token = world.service.list_tokens(ann, 1, "").next_page_token
+    outcomes = {"refused": 0, "listed": 0}
+    for i in range(len(token)):
+        for replacement in "A_-9z=+/ ":
+            changed = token[:i] + replacement + token[i + 1:]
+            if changed == token:
+                continue
+            try:
+                world.service.list_tokens(ann, 1, changed)
+                outcomes["listed"] += 1
+            except InvalidArgument as e:
+                assert e.violations[0][0] == "page_token"
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 0
+
+
+# Throttling: guessing at a token costs the guesser, never the token's owner.
+
+
+def _service(world: World, **settings: object) -> TokenService:
+    """Another TokenService over the world's store, with other throttle settings."""
+    config = Config(bcrypt_rounds=4, **settings)  # type: ignore[arg-type]
+    return TokenService(config, world.service.store, ScopeCatalog.default(), world.hasher,
+                        clock=lambda: world.now[0])
+
+
+def _wrong_secret(raw: str) -> str:
+    body = raw[:16] + tokens.new_token("tks_")[1].secret  # tks_ + lookup id, another secret
+    return body + tokens.checksum(body)
+
+
+def test_guessing_at_a_lookup_id_never_locks_its_owner_out(world: World) -> None:
+    service = _service(world, auth_failure_burst=20, auth_failure_refill_per_second=0.001,
+                       lookup_failure_burst=3, lookup_failure_refill_per_second=0.001)
+    victim = world.token("ann@acme.test", ["pass:read"])  # its secret never checked here
+    attacker, owner = "198.51.100.66", "203.0.113.7"
+    outcomes = []
+    for _ in range(30):
+        try:
+            service.authenticate(_wrong_secret(victim), attacker)
+        except Unauthenticated:
+            outcomes.append("checked")
+        except RateLimited as refused:
+            assert refused.client_throttled  # held back by the tarpit like any throttled call
+            outcomes.append("refused")
+    assert outcomes[:3] == ["checked"] * 3 and set(outcomes[3:]) == {"refused"}
+    # The owner has not failed lately: its first check goes ahead, and succeeds.
+    checks = world.hasher.checks
+    assert service.authenticate(victim, owner).email == "ann@acme.test"
+    assert world.hasher.checks == checks + 1
+    # The refusals were charged to the attacker: it is throttled on any token now.
+    with pytest.raises(RateLimited):
+        service.authenticate("tks_" + "x" * 50, attacker)
+    with pytest.raises(Unauthenticated):
+        service.authenticate("tks_" + "x" * 50, owner)
+
+
+def test_a_client_that_failed_lately_is_refused_at_a_token_being_guessed_at(
+    world: World,
+) -> None:
+    service = _service(world, auth_failure_burst=20, auth_failure_refill_per_second=0.001,
+                       lookup_failure_burst=2, lookup_failure_refill_per_second=0.001)
+    victim = world.token("ann@acme.test", ["pass:read"])
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            service.authenticate(_wrong_secret(victim), "198.51.100.66")
+    with pytest.raises(Unauthenticated):
+        service.authenticate("tks_" + "x" * 50, "203.0.113.7")  # one failure of its own
+    with pytest.raises(RateLimited):
+        service.authenticate(victim, "203.0.113.7")
+    assert service.authenticate(victim, "203.0.113.8").email == "ann@acme.test"
+
+
+# Management: one caller's creations are bounded.
+
+
+class GatedHasher(CountingHasher):
+    """Real bcrypt whose hashes wait for the test to open the gate (a CreateToken in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.hashing = threading.Semaphore(0)
+
+    def hash(self, secret: str, claimant: Claimant = NOBODY) -> str:
+        self.hashing.release()
+        assert self.gate.wait(10)
+        return super().hash(secret, claimant)
+
+
+def test_one_caller_creates_at_most_a_few_tokens_at_once(world: World) -> None:
+    hasher = GatedHasher()
+    service = TokenService(Config(bcrypt_rounds=4, create_token_concurrency=2),
+                           world.service.store, ScopeCatalog.default(), hasher,
+                           clock=lambda: world.now[0])
+    ann = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    other = world.caller(world.token("ann@acme.test", ["api_token:manage", "pass:read"]))
+    results: list[object] = []
+
+    def create(caller: Principal) -> None:
+        with service.store.connection():
+            try:
+                results.append(service.create_token(caller, "t", ["pass:read"], None).info.id)
+            except RateLimited as refused:
+                results.append(refused)
+
+    busy = [threading.Thread(target=create, args=(ann,)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    for _ in busy:
+        assert hasher.hashing.acquire(timeout=10)  # both in flight, holding their slots
+    create(ann)
+    assert isinstance(results[-1], RateLimited) and results[-1].retry_after > 0
+    third = threading.Thread(target=create, args=(other,))  # another caller: its own slots
+    third.start()
+    assert hasher.hashing.acquire(timeout=10)
+    hasher.gate.set()
+    for thread in [*busy, third]:
+        thread.join()
+    assert sum(isinstance(r, str) for r in results) == 3
+    create(ann)  # the slots were given back
+    assert isinstance(results[-1], str)
+    hasher.close()

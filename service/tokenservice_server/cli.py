@@ -18,7 +18,15 @@ from typing import Any, NoReturn
 import peewee
 
 from . import logs
-from .config import Config, ConfigError, check_transport, grpc_address, load_config
+from .config import (
+    ENV_PREFIX,
+    Config,
+    ConfigError,
+    check_transport,
+    grpc_address,
+    load_config,
+    to_environ,
+)
 from .crypto import hasher_for
 from .db import DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
@@ -72,10 +80,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="successful authentications per token, e.g. 600/60s, or off")
     serve.add_argument("--redis-url",
                        help="redis://host:port/db: limits shared by every replica and worker")
-    # Set by `serve --workers N` on the processes it starts; not for people.
-    serve.add_argument("--reuse-port", dest="reuse_port", action="store_const", const=True,
-                       help=argparse.SUPPRESS)
-    serve.add_argument("--local-socket", help=argparse.SUPPRESS)
     tls_flags(serve)
 
     rest = sub.add_parser("rest", help="run the REST shim alone, in front of a gRPC server")
@@ -152,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
+    """A comma-separated list; spaces after a comma are list syntax, anything else is
+    part of the item (a tab or a newline in a scope name is refused, not trimmed)."""
+    return [part.strip(" ") for part in value.split(",") if part.strip(" ")]
 
 
 def _parse_time(value: str) -> datetime:
@@ -274,10 +280,10 @@ def _serve(config: Config) -> int:
     _serve_metrics(config)
     rest = None
     if config.rest_enabled:
-        from .rest import RestServer
+        from .rest import RestLimits, RestServer
 
         rest = RestServer(f"unix:{config.local_socket}", config.host, config.http_port,
-                          tls=server.tls)
+                          tls=server.tls, limits=RestLimits.from_config(config))
         rest.start(server.loop)
     stop.wait()
     log.info("stopping: draining in-flight calls")
@@ -289,28 +295,23 @@ def _serve(config: Config) -> int:
     return 0
 
 
-def _worker_command(config: Config, port: int, local_socket: str | None) -> list[str]:
-    command = [
-        sys.executable, "-c", "from tokenservice_server.cli import main; main()", "serve",
-        "--host", config.host, "--grpc-port", str(port), "--database-url", config.database_url,
-        "--bcrypt-rounds", str(config.bcrypt_rounds), "--workers", "1", "--reuse-port",
-        "--no-rest",
-    ]
-    if config.scopes_file:
-        command += ["--scopes-file", config.scopes_file]
-    # Every worker counts against the same limits: each is given the supervisor's.
-    command += ["--rate-limit", str(config.rate_limit or "off")]
-    if config.redis_url:
-        command += ["--redis-url", config.redis_url]
-    if local_socket:
-        command += ["--local-socket", local_socket]
-    if config.tls_cert and config.tls_key:
-        command += ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key]
-    if config.tls_client_ca:
-        command += ["--tls-client-ca", config.tls_client_ca]
-    if config.plaintext:
-        command.append("--plaintext")
-    return command
+def _worker_command() -> list[str]:
+    """A worker's command line: no settings on it, everyone on the machine can read it."""
+    return [sys.executable, "-c", "from tokenservice_server.cli import main; main()", "serve"]
+
+
+def _worker_environ(config: Config, port: int, local_socket: str | None) -> dict[str, str]:
+    """A worker's environment: this process's, its TOKENSERVICE_* variables replaced by
+    the whole configuration (database URL included), readable only by this user.
+
+    Every worker counts against the same limits and serves the same TLS files as
+    this process; /metrics is served here only, summed over the workers."""
+    worker = dataclasses.replace(
+        config, grpc_port=port, workers=1, reuse_port=True, rest_enabled=False,
+        metrics_port=None, local_socket=local_socket,
+    )
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    return {**inherited, **to_environ(worker)}
 
 
 def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
@@ -350,8 +351,9 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
         [os.path.join(folder.name, f"worker-{i}.sock") for i in range(config.workers)]
         if folder is not None else [None] * config.workers
     )
-    commands = [_worker_command(config, port, path) for path in sockets]
-    workers = [subprocess.Popen(command) for command in commands]
+    command = _worker_command()
+    environs = [_worker_environ(config, port, path) for path in sockets]
+    workers = [subprocess.Popen(command, env=environ) for environ in environs]
     log.info("supervising gRPC workers",
              extra={"workers": len(workers), "port": port, "pids": [w.pid for w in workers]})
 
@@ -367,10 +369,11 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
     try:
         _wait_listening(config.host, port, workers, stop, [p for p in sockets if p])
         if config.rest_enabled and not stop.is_set():
-            from .rest import RestServer
+            from .rest import RestLimits, RestServer
 
             target = "unix:" + ",".join(p for p in sockets if p)
-            rest = RestServer(target, config.host, config.http_port, tls=tls)
+            rest = RestServer(target, config.host, config.http_port, tls=tls,
+                              limits=RestLimits.from_config(config))
             rest.start()
         _serve_metrics(config)
         while not stop.wait(1.0):
@@ -380,7 +383,7 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
                                 extra={"pid": worker.pid, "exit_code": worker.returncode})
                     metrics.worker_exited(worker.pid)
                     time.sleep(1.0)
-                    workers[i] = subprocess.Popen(commands[i])
+                    workers[i] = subprocess.Popen(command, env=environs[i])
     finally:
         log.info("stopping: draining in-flight calls")
         if rest is not None:
@@ -449,7 +452,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "serve":
         return _serve(config)
     if args.command == "rest":
-        from .rest import run_rest
+        from .rest import RestLimits, run_rest
         from .tls import ServerTls, channel_credentials
 
         check_transport(config)
@@ -457,7 +460,8 @@ def run(argv: Sequence[str]) -> int:
         if config.tls_ca:
             credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         run_rest(args.grpc_target, config.host, config.http_port,
-                 tls=ServerTls.from_config(config), channel_credentials=credentials)
+                 tls=ServerTls.from_config(config), channel_credentials=credentials,
+                 limits=RestLimits.from_config(config))
         return 0
     if args.command == "scopes":
         catalog = ScopeCatalog.load(config.scopes_file)

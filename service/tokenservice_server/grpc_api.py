@@ -28,6 +28,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from tokenservice_client import parse_bearer
 
+from . import peers
 from .errors import (
     CALLER_UNAUTHENTICATED,
     TOKEN_RATE_LIMITED,
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .logs import rpc_log
 from .metrics import RpcMetrics
+from .peers import TrustedProxies
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
 from .values import UPDATABLE, AuditEvent, Principal, RateLimit, TokenInfo, TokenState
@@ -54,6 +56,12 @@ ERROR_DOMAIN = "tokenservice.dev"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
 _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
+# The caller's address, worked out on the event loop's thread before a method runs
+# on a worker: a grpc.aio call's context is not for other threads, and once the
+# call has ended (a deadline passed) touching it there can crash the process.
+_client_address: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "client_address", default=None
+)
 
 _CODES: dict[type[DomainError], tuple[int, grpc.StatusCode]] = {
     InvalidArgument: (code_pb2.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT),
@@ -71,7 +79,7 @@ def status_for(error: DomainError) -> grpc.Status:
     """A grpc.Status with the google.rpc details AIP-193 asks for."""
     code = _CODES[type(error)][0]
     status = status_pb2.Status(code=code, message=error.message)
-    if isinstance(error, InvalidArgument):
+    if isinstance(error, InvalidArgument) and error.violations:
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
@@ -89,22 +97,13 @@ def status_for(error: DomainError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str]) -> str:
+def client_address(context: grpc.ServicerContext, trusted: TrustedProxies) -> str:
     """The caller's address; a trusted proxy (the REST shim) may name the real client."""
-    peer = context.peer()
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        host = rest.rsplit(":", 1)[0]
-    elif kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]")
-    else:
-        host = peer
-    # "unix:" is the in-process REST shim's private socket (server.py, local_socket).
-    if host in trusted_proxies or kind == "unix":
-        for key, value in context.invocation_metadata():
-            if key == "x-forwarded-for" and value:
-                return value.split(",")[0].strip()
-    return host
+    forwarded = None
+    for key, value in context.invocation_metadata():
+        if key == "x-forwarded-for":
+            forwarded = value
+    return peers.client_address(context.peer(), forwarded, trusted)
 
 
 def bearer_token(context: grpc.ServicerContext) -> str | None:
@@ -112,6 +111,33 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
         if key == "authorization":
             return parse_bearer(value)
     return None
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse as the method's message."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's request parser, answering MALFORMED instead of raising.
+
+    grpc.aio parses the request before any interceptor code runs, and a parser
+    error there becomes UNKNOWN with the exception's text and an ERROR log line,
+    unthrottled. Parsing to a sentinel hands the bad request to the wrapped
+    handler, which refuses it like any other bad call.
+    """
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError; whatever else a parser may raise on hostile bytes
+            return MALFORMED
+
+    return parse
 
 
 AUTHENTICATE = _PREFIX + "Authenticate"
@@ -144,7 +170,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._metrics = metrics
         self._connection = connection
-        self._trusted = frozenset(trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
         self._blocking = blocking
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -160,7 +186,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
-        wrapped = handler._replace(unary_unary=self._wrap(method, handler.unary_unary))
+        wrapped = handler._replace(
+            unary_unary=self._wrap(method, handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -173,7 +202,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
 
-        def run_blocking(request: Any, context: Any, raw: str | None) -> Any:
+        def run_blocking(request: Any, context: Any, raw: str | None, address: str) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
             with connection():
                 if needs_caller:
@@ -181,9 +210,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                         if raw is None:
                             raise Unauthenticated(CALLER_UNAUTHENTICATED)
                         # A management call's caller: not counted against its rate limit.
-                        caller = service.authenticate(
-                            raw, lambda: client_address(context, trusted), limited=False
-                        )
+                        caller = service.authenticate(raw, address, limited=False)
                     except Unauthenticated:
                         raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
                     _token_id.set(caller.token_id)
@@ -196,16 +223,20 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             outcome = "ok"
             token_ctx = _token_id.set(None)
             try:
+                if request is MALFORMED:
+                    service.refuse_malformed(lambda: client_address(context, trusted))
                 if not ours or is_async:
                     # Health, reflection and Authenticate: coroutines that manage
                     # their own (short) database use.
                     return await behavior(request, context)
                 raw = bearer_token(context) if needs_caller else None
+                address = client_address(context, trusted)
                 ctx = contextvars.copy_context()
+                ctx.run(_client_address.set, address)
                 loop = asyncio.get_running_loop()
                 try:
                     return await loop.run_in_executor(
-                        blocking, ctx.run, run_blocking, request, context, raw
+                        blocking, ctx.run, run_blocking, request, context, raw, address
                     )
                 finally:
                     _token_id.set(ctx.get(_token_id))
@@ -215,7 +246,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if error.__cause__ is not None:
                     log.warning("database error",
                                 extra={"method": method, "error": _describe(error.__cause__)})
-                if tarpit and isinstance(error, RateLimited) and error.client_throttled:
+                if (
+                    (tarpit or request is MALFORMED)
+                    and isinstance(error, RateLimited)
+                    and error.client_throttled
+                ):
                     # A tarpit: a throttled client's refusal waits (costing the loop
                     # nothing), and the wait does not count as refill time for it.
                     hold = min(error.retry_after, TARPIT_MAX_SECONDS)
@@ -342,10 +377,14 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
 
     def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
         self._service = service
-        self._trusted = frozenset(trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
 
     def _client(self, context: Any) -> Any:
-        """The caller's address, for the audit log (computed when an event needs it)."""
+        """The caller's address, for the audit log: as the interceptor worked it out
+        for a method on a worker thread, else computed when an event needs it."""
+        address = _client_address.get()
+        if address is not None:
+            return address
         trusted = self._trusted
         return lambda: client_address(context, trusted)
 

@@ -11,10 +11,12 @@
   a client certificate.
 - `find_tokens` / `is_token` / `TOKEN_REGEX`: recognise tokens in text by pattern
   and checksum, for secret scanners (`python -m tokenservice_client.scanning`).
+- `peer_address`: the IP address in a gRPC peer string, IPv6 and IPv4-mapped included.
 """
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
 
+from .addresses import ip_address, peer_address
 from .aio import AsyncTokenServiceClient
 from .channel import (
     DEFAULT_RETRY,
@@ -77,7 +79,9 @@ __all__ = [
     "current_principal",
     "find_tokens",
     "is_token",
+    "ip_address",
     "parse_bearer",
+    "peer_address",
     "requires_scopes",
     "rotating_token_credentials",
     "service_config",

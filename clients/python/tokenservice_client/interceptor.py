@@ -71,6 +71,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from .addresses import peer_address
 from .aio import AsyncTokenServiceClient
 from .client import TokenServiceClient
 from .credentials import parse_bearer
@@ -360,13 +361,8 @@ def _check_scopes(principal: Principal, required: frozenset[str] | None) -> None
 
 
 def _peer_ip(context: Any) -> str | None:
-    """The caller's IP from `context.peer()` ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
-    kind, _, rest = (context.peer() or "").partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return None
+    """The caller's IP from `context.peer()` ("ipv4:1.2.3.4:5", "ipv6:%5B::1%5D:5")."""
+    return peer_address(context.peer() or "")
 
 
 def _forwarded(context: Any, forward: bool) -> tuple[tuple[str, str], ...]:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from tokenservice_client import parse_bearer
@@ -190,6 +190,8 @@ class RestApp:
             response = await self._dispatch(request)
         except ApiError as error:
             response = error_response(error)
+        except ClientDisconnect:
+            return  # gone before its body arrived (or closed for being too slow)
         except Exception:
             # Logged without the request: it may carry a token.
             log.exception("unexpected failure in the REST shim")
