@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import platform
 import random
@@ -640,8 +641,11 @@ def ratios(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[d
         return results[name][r]["p99_ms"]
 
     def per_cpu(a: str, b: str, r: int) -> float:
-        """Calls per server CPU-second of a ÷ of b: what a busy neighbour's share cannot move."""
-        return results[b][r]["server_cpu_ms_per_call"] / results[a][r]["server_cpu_ms_per_call"]
+        """Calls per server CPU-second of a ÷ of b: what a busy neighbour's share cannot move.
+
+        NaN when a round read no CPU time for a (/proc unreadable for a moment)."""
+        cost = results[a][r]["server_cpu_ms_per_call"]
+        return results[b][r]["server_cpu_ms_per_call"] / cost if cost else math.nan
 
     add("health Check ÷ bare", "", None, lambda r: rate("health", r) / rate("bare", r),
         "health", "bare")
