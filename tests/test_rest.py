@@ -100,6 +100,9 @@ def test_unset_timestamps_are_null_and_repeated_fields_present(rest: Rest, manag
         "orgId": "acme",
         "scopes": ["pass:read"],
         "expiresAt": None,
+        # The service default, 600 per minute (int64: a JSON string, as proto3 has it).
+        "rateLimit": {"limit": "600", "remaining": "599",
+                      "resetTime": who.json()["rateLimit"]["resetTime"]},
     }
 
 

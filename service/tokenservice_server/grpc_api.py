@@ -209,7 +209,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         if raw is None:
                             raise Unauthenticated(CALLER_UNAUTHENTICATED)
-                        caller = service.authenticate(raw, address)
+                        # A management call's caller: not counted against its rate limit.
+                        caller = service.authenticate(raw, address, limited=False)
                     except Unauthenticated:
                         raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
                     _token_id.set(caller.token_id)
@@ -487,6 +488,14 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
             scopes=principal.scopes,
         )
         _ts(response.expires_at, principal.expires_at)
+        if principal.rate_limit is not None:
+            limit = principal.rate_limit
+            status = response.rate_limit
+            status.limit = limit.limit
+            status.remaining = limit.remaining
+            # Seconds and nanos from micros: FromDatetime costs several times more.
+            status.reset_time.seconds, micros = divmod(limit.reset_at_us, 1_000_000)
+            status.reset_time.nanos = micros * 1000
         return response
 
     def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:

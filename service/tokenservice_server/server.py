@@ -115,7 +115,12 @@ class TokenServer:
         self._loop_thread.start()
         self._stopped = threading.Event()
         self.health = health.HealthServicer()
-        self.probe = HealthProbe(self.health, self.store, config.health_probe_seconds, self._loop)
+        # Redis (rate limits and throttles shared by every replica) is listed as a
+        # dependency: without it the service keeps serving on per-process counters.
+        dependencies = {"redis": self.service.limits.probe} if config.redis_url else None
+        self.probe = HealthProbe(
+            self.health, self.store, config.health_probe_seconds, self._loop, dependencies
+        )
         self._server = self._call(self._build())
         self.port = 0
 

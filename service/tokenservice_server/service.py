@@ -25,6 +25,7 @@ from .config import Config
 from .crypto import SecretHasher, VerifiedCache
 from .errors import (
     AUTH_FAILED,
+    TOKEN_RATE_LIMITED,
     AlreadyExists,
     Conflict,
     FailedPrecondition,
@@ -37,6 +38,7 @@ from .errors import (
     shown,
 )
 from .fairshare import Claimant
+from .ratelimit import Decision, LimitStore, RateLimiter, open_store
 from .scopes import ADMIN, MANAGE, ScopeCatalog, why_not_canonical
 from .store import Store
 from .throttle import FailureBuckets, client_keys
@@ -56,6 +58,7 @@ from .values import (
     NewToken,
     Principal,
     RateLimit,
+    RateLimitStatus,
     RotatedToken,
     TokenInfo,
     TokenPage,
@@ -145,6 +148,13 @@ def now_micros() -> int:
     return time.time_ns() // 1000
 
 
+# Namespaces of the one LimitStore: per-token limits, failure throttles per
+# client address and per lookup id. Redis keys carry them (tokenservice:rl:<ns>:).
+TOKEN_LIMITS = "token"
+CLIENT_FAILURES = "auth-client"
+LOOKUP_FAILURES = "auth-lookup"
+
+
 @dataclass(frozen=True, slots=True)
 class _PendingCheck:
     """A token found, its secret not yet verified: one hash check is owed."""
@@ -154,6 +164,16 @@ class _PendingCheck:
     row: AuthRow
     digest: bytes
     claimant: Claimant  # whom the check is for: the hasher shares its threads by it
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    """A token found and good, its call still to count against its rate limit."""
+
+    row: AuthRow
+    now: int
+    requests: int
+    period_s: float
 
 
 def validate_name(name: str) -> tuple[str | None, str | None]:
@@ -233,6 +253,11 @@ class TokenService:
     The synchronous methods run inside a connection their caller holds
     (`store.connection()`: one per RPC, or per command); `aauthenticate` manages
     its own, because it decides itself what runs on the event loop.
+
+    Per-token rate limits and the failed-authentication throttles keep their
+    counters in one LimitStore (`limits`): Redis when the config names one, so
+    every replica and worker process draws on the same budgets, else this
+    process's own counters.
     """
 
     def __init__(
@@ -245,6 +270,7 @@ class TokenService:
         clock: Callable[[], int] = now_micros,
         blocking: Executor | None = None,
         auth_store: Store | None = None,
+        limits: LimitStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -259,12 +285,23 @@ class TokenService:
         # Where aauthenticate runs a store read that may not block the loop.
         self.blocking = blocking
         self.verified = VerifiedCache(config.verified_cache_size)
+        self._owns_limits = limits is None
+        self.limits = limits if limits is not None else open_store(
+            config.redis_url, config.redis_timeout_seconds
+        )
+        # aauthenticate counts a call against a remote store in batches, on `blocking`.
+        self.limiter = RateLimiter(self.limits, TOKEN_LIMITS, blocking)
         self.client_failures = FailureBuckets(
-            config.auth_failure_burst, config.auth_failure_refill_per_second
+            config.auth_failure_burst, config.auth_failure_refill_per_second,
+            store=self.limits, namespace=CLIENT_FAILURES,
         )
         self.lookup_failures = FailureBuckets(
-            config.lookup_failure_burst, config.lookup_failure_refill_per_second
+            config.lookup_failure_burst, config.lookup_failure_refill_per_second,
+            store=self.limits, namespace=LOOKUP_FAILURES,
         )
+        # A remote limit store is a network round trip: aauthenticate keeps every
+        # call to it off the event loop's thread.
+        self._inline_limits = not self.limits.remote
         # Token ids whose reuse after rotation this process recorded lately: the
         # store's conditional write decides across replicas; this spares it the
         # write when one client keeps presenting an old secret.
@@ -276,101 +313,155 @@ class TokenService:
 
     def close(self) -> None:
         self.hasher.close()
+        if self._owns_limits:
+            self.limits.close()
 
     # Authenticate: the hot path.
 
-    def authenticate(self, raw_token: str, client: Client = "") -> Principal:
+    def authenticate(self, raw_token: str, client: Client = "", *, limited: bool = True
+                     ) -> Principal:
         """Verifies a raw token. Every failure raises Unauthenticated(AUTH_FAILED).
 
         Cost: a checksum, one indexed read of token and user, and either a
         cache hit or exactly one hash check. Revocation, expiry and the user's
-        state come from that read, so they hold on every call.
+        state come from that read, so they hold on every call. With `limited`
+        (the Authenticate RPC) the call counts against the token's rate limit;
+        a management call's own caller does not.
         """
         try:
-            step = self._begin(raw_token, client)
+            step = self._begin(raw_token, client, limited)
             if isinstance(step, _PendingCheck):
                 ok = self.hasher.verify(step.secret, step.row.secret_hash, step.claimant)
-                return self._finish(step, ok, client)
+                step = self._finish(step, ok, client, limited)
+            assert not isinstance(step, _Granted)
             return step
         except _ReusedAfterRotation as reuse:
             # The caller holds a connection: record within it.
             self._record_reuse(reuse.row, client)
             raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
 
-    async def aauthenticate(self, raw_token: str, client: Client = "") -> Principal:
-        """authenticate() for an event loop.
+    async def aauthenticate(self, raw_token: str, client: Client = "", *,
+                            limited: bool = True) -> Principal:
+        """authenticate() for an event loop; nothing that waits runs on the loop's thread.
 
         The one read runs on the loop's thread when the store answers it from
-        memory (SQLite), else on `blocking`; the hash check runs on the
-        hasher's threads. No connection is held across an await: peewee's
-        connection state is per thread, and other calls run on the loop meanwhile.
+        memory (SQLite), else on `blocking`. With limits in this process the
+        rest is CPU and runs there too. With a remote limit store (Redis) the
+        warm path (a known token whose secret was verified before) counts the
+        call through the limiter's batches, which go to Redis off the loop's
+        thread; the failure throttles (an unknown token, a secret still to
+        check) run on `blocking`. The hash check runs on the hasher's threads.
+        No connection is held across an await: peewee's connection state is
+        per thread, and other calls run on the loop meanwhile.
         """
 
-        def read() -> Principal | _PendingCheck | _ReusedAfterRotation:
+        def read() -> tuple[tokens.ParsedToken | None, AuthRow | None]:
             with self.auth_store.connection():
-                try:
-                    return self._begin(raw_token, client, self.auth_store)
-                except _ReusedAfterRotation as reuse:
-                    return reuse
+                return self._read(raw_token, self.auth_store)
 
         loop = asyncio.get_running_loop()
         if self.auth_store.inline_reads:
-            step = read()
+            parsed, row = read()
+        else:
+            parsed, row = await loop.run_in_executor(
+                self.blocking, contextvars.copy_context().run, read
+            )
+        try:
+            return await self._after_read(parsed, row, client, limited)
+        except _ReusedAfterRotation as reuse:
+            # A write, rare (once a minute per token at most): never on the loop.
+            address, found = _client(client), reuse.row
+
+            def record() -> None:
+                with self.store.connection():
+                    self._record_reuse(found, address)
+
+            await loop.run_in_executor(self.blocking, contextvars.copy_context().run, record)
+            raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
+
+    async def _after_read(self, parsed: tokens.ParsedToken | None, row: AuthRow | None,
+                          client: Client, limited: bool) -> Principal:
+        """aauthenticate() past its read: throttles, the hash check, the state, the limit."""
+        loop = asyncio.get_running_loop()
+        if self._inline_limits:
+            step = self._decide(parsed, row, client, limited)
+        elif parsed is not None and row is not None and self.verified.is_verified(
+            self.verified.digest(parsed.lookup_id, parsed.secret), row.secret_hash
+        ):
+            step = self._grant(row, limited, defer=True)  # no throttle to ask: no I/O
         else:
             # Worked out here, on the loop: where it comes from (an RPC's context)
             # may not be touched from the executor's thread.
             client = _client(client)
             step = await loop.run_in_executor(
-                self.blocking, contextvars.copy_context().run, read
+                self.blocking, contextvars.copy_context().run,
+                self._decide, parsed, row, client, limited, True,
             )
-        try:
-            if isinstance(step, _ReusedAfterRotation):
-                raise step
-            if isinstance(step, _PendingCheck):
-                try:
-                    ok = await self.hasher.averify(
-                        step.secret, step.row.secret_hash, step.claimant
-                    )
-                except RateLimited as busy:
-                    # A client that has failed lately, refused a place in the hash
-                    # queue: held back like any throttled refusal, or it would spin.
-                    busy.client_throttled = step.claimant.failing
-                    raise
-                return self._finish(step, ok, client)
-            return step
-        except _ReusedAfterRotation as reuse:
-            # A write, rare (once a minute per token at most): never on the loop.
-            address, row = _client(client), reuse.row
+        if isinstance(step, _PendingCheck):
+            try:
+                ok = await self.hasher.averify(
+                    step.secret, step.row.secret_hash, step.claimant
+                )
+            except RateLimited as busy:
+                # A client that has failed lately, refused a place in the hash
+                # queue: held back like any throttled refusal, or it would spin.
+                busy.client_throttled = step.claimant.failing
+                raise
+            if self._inline_limits:
+                step = self._finish(step, ok, client, limited)
+            else:
+                client = _client(client)
+                step = await loop.run_in_executor(
+                    self.blocking, contextvars.copy_context().run,
+                    self._finish, step, ok, client, limited, True,
+                )
+        if isinstance(step, _Granted):
+            return await self._acount(step)
+        return step
 
-            def record() -> None:
-                with self.store.connection():
-                    self._record_reuse(row, address)
-
-            await loop.run_in_executor(self.blocking, contextvars.copy_context().run, record)
-            raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
-
-    def _begin(
-        self, raw_token: str, client: Client, store: Store | None = None
-    ) -> Principal | _PendingCheck:
+    def _begin(self, raw_token: str, client: Client, limited: bool = True
+               ) -> Principal | _PendingCheck:
         """The store part: a Principal, or the hash check still owed."""
+        parsed, row = self._read(raw_token)
+        step = self._decide(parsed, row, client, limited)
+        assert not isinstance(step, _Granted)
+        return step
+
+    def _read(self, raw_token: str, store: Store | None = None
+              ) -> tuple[tokens.ParsedToken | None, AuthRow | None]:
+        """The one database read: the token and its user (none for a malformed token)."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
         row = (store or self.store).find_for_auth(parsed.lookup_id) if parsed else None
+        return parsed, row
+
+    def _decide(
+        self,
+        parsed: tokens.ParsedToken | None,
+        row: AuthRow | None,
+        client: Client,
+        limited: bool,
+        defer: bool = False,
+    ) -> Principal | _PendingCheck | _Granted:
+        """After the read (no database access): a refusal, a grant, or a hash check owed."""
         if parsed is None or row is None:
             self._fail(client, None)
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
         if not self.verified.is_verified(digest, row.secret_hash):
             claimant = self._may_try_secret(client, parsed.lookup_id, row.org_id)
             return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest, claimant)
-        return self._grant(row)
+        return self._grant(row, limited, defer)
 
-    def _finish(self, step: _PendingCheck, ok: bool, client: Client) -> Principal:
-        """After the hash check: no store access."""
+    def _finish(self, step: _PendingCheck, ok: bool, client: Client, limited: bool = True,
+                defer: bool = False) -> Principal | _Granted:
+        """After the hash check: no database access (limits and throttles only)."""
         if not ok:
             self._fail(client, step.lookup_id)
         self.verified.add(step.digest, step.row.secret_hash)
-        return self._grant(step.row)
+        return self._grant(step.row, limited, defer)
 
-    def _grant(self, row: AuthRow) -> Principal:
+    def _grant(self, row: AuthRow, limited: bool = True, defer: bool = False
+               ) -> Principal | _Granted:
+        """The token's state, then its rate limit; `defer`: leave the count to _acount."""
         now = self.clock()
         # The secret was right, so none of these is guessing: nothing to throttle.
         reason = None
@@ -386,6 +477,48 @@ class TokenService:
             raise Unauthenticated(AUTH_FAILED, reason)
         if self.usage is not None:
             self.usage.record(row.token_id, now)
+        limit = self._limit_of(row) if limited else None
+        if limit is None:
+            return self._principal(row, None)
+        if defer:
+            return _Granted(row, now, *limit)
+        decision = self.limiter.check(row.token_id, *limit)
+        return self._principal(row, self._status(decision, now))
+
+    async def _acount(self, granted: _Granted) -> Principal:
+        """Counts a granted call against its limit through the limiter's batches."""
+        decision = await self.limiter.acheck(
+            granted.row.token_id, granted.requests, granted.period_s
+        )
+        return self._principal(granted.row, self._status(decision, granted.now))
+
+    def _limit_of(self, row: AuthRow) -> tuple[int, float] | None:
+        """(requests, period in seconds): the token's own limit, else the default; None: none."""
+        requests, period_us = row.rate_limit_requests, row.rate_limit_period_us
+        if requests is not None and period_us is not None and 1 <= requests <= period_us:
+            return requests, period_us / 1_000_000
+        default = self.config.rate_limit
+        return None if default is None else (default.requests, default.period_s)
+
+    @staticmethod
+    def _status(decision: Decision, now: int) -> RateLimitStatus:
+        """An allowed call's standing; a refused one raises RateLimited(TOKEN_RATE_LIMITED).
+
+        That refusal is no failed authentication (the secret was right): no
+        throttle is charged and no tarpit waits.
+        """
+        if not decision.allowed:
+            raise RateLimited(
+                "this token is over its rate limit; retry later",
+                decision.retry_after_s,
+                reason=TOKEN_RATE_LIMITED,
+            )
+        return RateLimitStatus(
+            decision.limit, decision.remaining, now + round(decision.reset_after_s * 1_000_000)
+        )
+
+    @staticmethod
+    def _principal(row: AuthRow, status: RateLimitStatus | None) -> Principal:
         permissions = set(row.permissions)
         return Principal(
             token_id=row.token_id,
@@ -394,6 +527,7 @@ class TokenService:
             org_id=row.org_id,
             scopes=tuple(s for s in row.scopes if s in permissions),
             expires_at=None if row.expires_at is None else from_micros(row.expires_at),
+            rate_limit=status,
         )
 
     def _fail(self, client: Client, lookup_id: str | None) -> None:

@@ -68,6 +68,8 @@ class Store:
                 User.permissions,
                 User.disabled,
                 ApiToken.replaced_by_id,
+                ApiToken.rate_limit_requests,
+                ApiToken.rate_limit_period_us,
             )
             .join(User)
             .where(ApiToken.lookup_id == "?")
@@ -94,7 +96,7 @@ class Store:
         if row is None:
             return None
         tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled, \
-            replaced_by = row
+            replaced_by, limit_requests, limit_period_us = row
         return AuthRow(
             token_id=_uuid_str(tid),
             secret_hash=secret_hash,
@@ -107,6 +109,8 @@ class Store:
             permissions=json.loads(perms),
             disabled=bool(disabled),
             replaced_by_id=None if replaced_by is None else _uuid_str(replaced_by),
+            rate_limit_requests=limit_requests,
+            rate_limit_period_us=limit_period_us,
         )
 
     def write_last_used(self, last_used: Mapping[str, int]) -> None:

@@ -3,7 +3,8 @@
 - `TokenServiceClient` / `AsyncTokenServiceClient`: typed clients with deadlines,
   gRPC-native retries on UNAVAILABLE and typed exceptions.
 - `AuthInterceptor` / `AsyncAuthInterceptor`: protect a consumer gRPC service with
-  tokenservice tokens; handlers read the caller through `current_principal()`.
+  tokenservice tokens; handlers read the caller through `current_principal()`, and
+  callers get the token's rate limit standing as `ratelimit-*` metadata.
 - `token_credentials`: the call credentials a client uses to present its token;
   `parse_bearer` reads one back from an `authorization` value.
 - `tls_channel_credentials`: TLS to tokenservice with your own CA and, for mTLS,
@@ -27,6 +28,7 @@ from .channel import (
 from .client import TokenServiceClient
 from .credentials import parse_bearer, rotating_token_credentials, token_credentials
 from .errors import (
+    TOKEN_RATE_LIMITED,
     DeadlineExceeded,
     ErrorInfo,
     FailedPrecondition,
@@ -46,11 +48,12 @@ from .interceptor import (
     PrincipalCache,
     requires_scopes,
 )
-from .principal import Principal, current_principal
+from .principal import Principal, RateLimitStatus, current_principal
 from .scanning import TOKEN_REGEX, find_tokens, is_token
 
 __all__ = [
     "DEFAULT_PUBLIC_METHODS",
+    "TOKEN_RATE_LIMITED",
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
     "AsyncAuthInterceptor",
@@ -66,6 +69,7 @@ __all__ = [
     "PermissionDenied",
     "Principal",
     "PrincipalCache",
+    "RateLimitStatus",
     "RateLimited",
     "RetryPolicy",
     "TokenServiceClient",

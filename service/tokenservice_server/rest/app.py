@@ -27,6 +27,7 @@ from ..health import DEPENDENCIES, DEPENDENCY_PREFIX
 from ..tls import SUBJECT_METADATA
 from . import apidocs
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
+from .headers import RESPONSE_HEADERS
 from .openapi import build_openapi
 from .routes import Route, build_routes
 from .transcode import build_request, parse_json, render_response
@@ -309,7 +310,9 @@ class RestApp:
         except grpc.aio.AioRpcError as err:
             body_field = route.body if route.body != "*" else ""
             raise from_rpc_error(err, route.method.input_type, body_field) from None
-        return json_response(route.success_status, render_response(route, reply))
+        headers = RESPONSE_HEADERS.get(reply.DESCRIPTOR.full_name)
+        return json_response(route.success_status, render_response(route, reply),
+                             headers(reply) if headers else None)
 
     async def _health(self) -> Response:
         """200 while the service serves; the body names each dependency's state."""
