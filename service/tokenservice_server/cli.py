@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-import peewee
-
 from . import logs
 from .config import (
     ENV_PREFIX,
@@ -28,7 +26,7 @@ from .config import (
     to_environ,
 )
 from .crypto import hasher_for
-from .db import DatabaseURLError, open_database
+from .db import DB_ERRORS, DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
 from .migrations import migrate, open_migrated
 from .scopes import ScopeCatalog
@@ -549,9 +547,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except (ConfigError, DatabaseURLError, ValueError) as e:
         print(f"tokenservice: {e}", file=sys.stderr)
         code = 1
-    except peewee.DatabaseError as e:
-        print(f"tokenservice: database error: {type(e).__name__}: {str(e).splitlines()[0]}",
-              file=sys.stderr)
+    except DB_ERRORS as e:
+        first = (str(e).splitlines() or [""])[0]
+        print(f"tokenservice: database error: {type(e).__name__}: {first}", file=sys.stderr)
         code = 1
     except OSError as e:
         print(f"tokenservice: {e}", file=sys.stderr)
