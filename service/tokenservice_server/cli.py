@@ -14,11 +14,12 @@ from typing import NoReturn
 
 import peewee
 
-from . import logs
+from . import logs, narrowing
 from .config import Config, ConfigError, grpc_address, load_config
 from .crypto import hasher_for
 from .db import DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
+from .fanout import settle_blocking
 from .migrations import migrate, open_migrated
 from .scopes import ScopeCatalog
 from .service import TokenService
@@ -297,23 +298,39 @@ def run(argv: Sequence[str]) -> int:
               + (f" (applied {', '.join(map(str, applied))})" if applied else ""))
         return 0
     service = _service(config)
+    # A command that narrows tokens returns only once every consumer caching
+    # Authenticate's answers, on every replica, has dropped them (narrowing.py).
+    narrowed: list = []
+    collecting = narrowing.collect(narrowed)
+    try:
+        lines = _run_command(args, service)
+    finally:
+        narrowing.stop(collecting)
+    settle_blocking(service.store, narrowed)
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _run_command(args: argparse.Namespace, service: TokenService) -> list[str]:
+    """Runs a user or token command; returns what to print once it has settled."""
     with service.store.connection():
         if args.command == "user" and args.user_command == "add":
             service.add_user(args.email, args.org, _split(args.permissions))
-            print(f"user {args.email.strip().lower()} added to org {args.org.strip()}")
-        elif args.command == "user" and args.user_command == "disable":
+            return [f"user {args.email.strip().lower()} added to org {args.org.strip()}"]
+        if args.command == "user" and args.user_command == "disable":
             service.disable_user(args.email)
-            print(f"user {args.email.strip().lower()} disabled; their tokens no longer work")
-        elif args.command == "token":
-            expires = _parse_time(args.expires_at) if args.expires_at else None
-            created = service.mint_for_email(args.email, args.name, _split(args.scopes), expires)
-            info = created.info
-            print(f"created token {info.name!r} id={info.id} prefix={info.token_prefix}"
-                  f" scopes={','.join(info.scopes)}"
-                  f" expires={info.expires_at.isoformat() if info.expires_at else 'never'}")
-            print("store it now, it will not be shown again:")
-            print(created.raw)
-    return 0
+            return [f"user {args.email.strip().lower()} disabled; their tokens no longer work"]
+        expires = _parse_time(args.expires_at) if args.expires_at else None
+        created = service.mint_for_email(args.email, args.name, _split(args.scopes), expires)
+        info = created.info
+        return [
+            f"created token {info.name!r} id={info.id} prefix={info.token_prefix}"
+            f" scopes={','.join(info.scopes)}"
+            f" expires={info.expires_at.isoformat() if info.expires_at else 'never'}",
+            "store it now, it will not be shown again:",
+            created.raw,
+        ]
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -12,7 +12,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager
 from datetime import UTC
@@ -28,6 +28,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from tokenservice_client import parse_bearer
 
+from . import narrowing
 from .errors import (
     CALLER_UNAUTHENTICATED,
     TOKEN_RATE_LIMITED,
@@ -40,11 +41,12 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .leases import Event, Invalidation, LeaseHub, Subscriber
 from .logs import rpc_log
 from .metrics import RpcMetrics
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
-from .values import Principal, TokenInfo
+from .values import CachedUse, Narrowed, Principal, TokenInfo, to_micros
 
 log = logging.getLogger("tokenservice.rpc")
 
@@ -53,6 +55,9 @@ ERROR_DOMAIN = "tokenservice.dev"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
 _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
+# A stream's caller token as presented: the stream checks it again after an
+# Invalidate that names it.
+_raw_caller: contextvars.ContextVar[str] = contextvars.ContextVar("raw_caller")
 
 _CODES: dict[type[DomainError], tuple[int, grpc.StatusCode]] = {
     InvalidArgument: (code_pb2.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT),
@@ -135,8 +140,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         trusted_proxies: tuple[str, ...],
         blocking: futures.Executor | None = None,
         metrics: RpcMetrics | None = None,
+        settle: Callable[[Sequence[Narrowed]], Awaitable[None]] | None = None,
     ) -> None:
         self._service = service
+        # Awaited after a call's rules have returned and before it answers, with
+        # the narrowing changes the call committed (narrowing.py).
+        self._settle = settle
         self._metrics = metrics
         self._connection = connection
         self._trusted = frozenset(trusted_proxies)
@@ -153,7 +162,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return handler
+        if handler.stream_stream is not None and method.startswith(_PREFIX):
+            wrapped = handler._replace(
+                stream_stream=self._wrap_stream(method, handler.stream_stream)
+            )
+            self._wrapped[method] = wrapped
+            return wrapped
+        if handler.unary_unary is None:
             return handler
         wrapped = handler._replace(unary_unary=self._wrap(method, handler.unary_unary))
         self._wrapped[method] = wrapped
@@ -167,9 +184,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         is_async = inspect.iscoroutinefunction(behavior)
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
+        settle = self._settle
 
-        def run_blocking(request: Any, context: Any, raw: str | None) -> Any:
+        def run_blocking(
+            request: Any, context: Any, raw: str | None, narrowed: list[Narrowed]
+        ) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
+            narrowing.collect(narrowed)
             with connection():
                 if needs_caller:
                     try:
@@ -197,12 +218,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 raw = bearer_token(context) if needs_caller else None
                 ctx = contextvars.copy_context()
                 loop = asyncio.get_running_loop()
+                narrowed: list[Narrowed] = []
                 try:
                     return await loop.run_in_executor(
-                        blocking, ctx.run, run_blocking, request, context, raw
+                        blocking, ctx.run, run_blocking, request, context, raw, narrowed
                     )
                 finally:
                     _token_id.set(ctx.get(_token_id))
+                    if narrowed and settle is not None:
+                        # Committed: no consumer may use a cached answer for these
+                        # tokens once this call has answered.
+                        await settle(narrowed)
             except DomainError as error:
                 code = _CODES[type(error)][1]
                 outcome = _outcome(error)
@@ -236,6 +262,58 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     metrics.rpc(method, code.name, elapsed)
                     if tarpit and code is not grpc.StatusCode.CANCELLED:
                         metrics.authentication(outcome)
+                if rpc_log.enabled():
+                    rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), _token_id.get())
+                _token_id.reset(token_ctx)
+
+        return handle
+
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """A streaming method of ours: the caller authenticated once, when the stream opens."""
+        needs_caller = caller_for(method) is not Caller.ANONYMOUS
+        service, trusted, metrics = self._service, self._trusted, self._metrics
+
+        async def handle(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            token_ctx = _token_id.set(None)
+            try:
+                if needs_caller:
+                    raw = bearer_token(context)
+                    try:
+                        if raw is None:
+                            raise Unauthenticated(CALLER_UNAUTHENTICATED)
+                        caller = await service.aauthenticate(
+                            raw, lambda: client_address(context, trusted)
+                        )
+                    except Unauthenticated:
+                        raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
+                    _token_id.set(caller.token_id)
+                    _caller.set(caller)
+                    _raw_caller.set(raw)
+                async for response in behavior(requests, context):
+                    yield response
+            except DomainError as error:
+                code = _CODES[type(error)][1]
+                status = status_for(error)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.error("unexpected error", exc_info=True, extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                elapsed = time.perf_counter() - start
+                if metrics is not None:
+                    metrics.rpc(method, code.name, elapsed)
                 if rpc_log.enabled():
                     rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), _token_id.get())
                 _token_id.reset(token_ctx)
@@ -282,9 +360,15 @@ def token_pb(info: TokenInfo) -> pb.ApiToken:
 class TokenServiceServicer(pb_grpc.TokenServiceServicer):
     """Protos in, service calls, protos out. Nothing else lives here."""
 
-    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        service: TokenService,
+        trusted_proxies: tuple[str, ...],
+        hub: LeaseHub | None = None,
+    ) -> None:
         self._service = service
         self._trusted = frozenset(trusted_proxies)
+        self._hub = hub
 
     def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenResponse:
         expires_at = None
@@ -338,3 +422,90 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                 for s in self._service.catalog
             ]
         )
+
+    async def WatchTokenEvents(
+        self, requests: AsyncIterator[pb.WatchTokenEventsRequest], context: Any
+    ) -> AsyncIterator[pb.TokenEvent]:
+        caller = _caller.get()
+        self._service.require_verify(caller)
+        if self._hub is None:
+            raise Unavailable("this server does not stream token events")
+        hub = self._hub
+        sub = hub.subscribe()
+        # Set when an Invalidate named the caller's own token or user: its
+        # token is checked again at the next Renew, and the stream ends if it
+        # no longer may watch.
+        recheck = asyncio.Event()
+        failure: list[DomainError] = []
+        reader = asyncio.create_task(
+            self._read_watch(requests, sub, caller, _raw_caller.get(), recheck, failure)
+        )
+        try:
+            while (event := await sub.next_event()) is not None:
+                if isinstance(event, Invalidation) and (
+                    caller.token_id in event.token_ids or caller.user_id in event.user_ids
+                ):
+                    recheck.set()
+                yield _event_pb(event)
+            if failure:
+                raise failure[0]
+        finally:
+            reader.cancel()
+            hub.unsubscribe(sub)
+
+    async def _read_watch(
+        self,
+        requests: AsyncIterator[pb.WatchTokenEventsRequest],
+        sub: Subscriber,
+        caller: Principal,
+        raw: str,
+        recheck: asyncio.Event,
+        failure: list[DomainError],
+    ) -> None:
+        """Applies the consumer's Renew, Ack and UsageReport messages; ends the stream after."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "renew":
+                    if recheck.is_set():
+                        recheck.clear()
+                        again = await self._service.aauthenticate(raw)
+                        self._service.require_verify(again)
+                    sub.renew(request.renew.id)
+                elif kind == "ack":
+                    sub.ack(request.ack.sequence)
+                elif kind == "usage":
+                    now = self._service.clock()
+                    self._service.record_cached_uses(
+                        [CachedUse(u.token_id, u.count, _micros_or(u, now))
+                         for u in request.usage.uses]
+                    )
+        except DomainError as error:
+            if isinstance(error, Unauthenticated):
+                error = Unauthenticated(CALLER_UNAUTHENTICATED)
+            failure.append(error)
+        except grpc.RpcError:
+            pass  # the stream broke: the writer side ends too
+        finally:
+            # The consumer closed its side, or failed: end ours.
+            sub.outbox.put_nowait(None)
+
+
+def _micros_or(use: pb.TokenUse, default: int) -> int:
+    if not use.HasField("last_used_at"):
+        return default
+    try:
+        return to_micros(use.last_used_at.ToDatetime(tzinfo=UTC))
+    except (ValueError, OverflowError):
+        return default
+
+
+def _event_pb(event: Event) -> pb.TokenEvent:
+    if isinstance(event, Invalidation):
+        return pb.TokenEvent(
+            sequence=event.sequence,
+            invalidate=pb.Invalidate(token_ids=event.token_ids, user_ids=event.user_ids),
+        )
+    lease = pb.Lease(renew_id=event.renew_id)
+    lease.duration.FromNanoseconds(int(event.duration * 1e9))
+    return pb.TokenEvent(sequence=event.sequence, lease=lease)

@@ -20,8 +20,10 @@ from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
+from .fanout import Fanout
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
+from .leases import LeaseHub
 from .logs import rpc_log
 from .migrations import open_migrated
 from .policy import SERVICE_NAME
@@ -62,6 +64,10 @@ class TokenServer:
             self.usage,
             blocking=self._blocking,
         )
+        # Consumers watching token events, and the narrowing changes of every
+        # process and replica brought to them (leases.py, fanout.py).
+        self.hub = LeaseHub(config.lease_seconds, needs_grant=lambda: self.fanout.wake())
+        self.fanout = Fanout(self.store, self.hub, config.lease_seconds, self._blocking)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._run_loop, name="grpc-loop", daemon=True
@@ -95,6 +101,7 @@ class TokenServer:
                     config.trusted_proxies,
                     self._blocking,
                     metrics.RpcMetrics(),
+                    settle=self.fanout.settle,
                 )
             ],
             # Refuse to share a port with another process by accident; only the
@@ -102,7 +109,7 @@ class TokenServer:
             options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
-            TokenServiceServicer(self.service, config.trusted_proxies), server
+            TokenServiceServicer(self.service, config.trusted_proxies, self.hub), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -124,6 +131,7 @@ class TokenServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
         self._call(self._server.start())
+        self._call(self.fanout.start())
         self.usage.start()
         self.probe.start()
         log.info("serving gRPC", extra={"address": grpc_address(self.config.host, self.port)})
@@ -135,7 +143,15 @@ class TokenServer:
             return
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         self.probe.stop()
+
+        async def end_streams() -> None:
+            # Watch streams never end by themselves: end them so the drain does
+            # not wait for them (their consumers reconnect to another replica).
+            self.hub.close_all()
+
+        self._call(end_streams())
         self._call(self._server.stop(grace))
+        self._call(self.fanout.stop())
         self._blocking.shutdown(wait=True)
         self.service.close()
         self.usage.close()

@@ -28,12 +28,13 @@ from .errors import (
     RateLimited,
     Unauthenticated,
 )
-from .scopes import ADMIN, MANAGE, ScopeCatalog, normalise
+from .scopes import ADMIN, MANAGE, VERIFY, ScopeCatalog, normalise
 from .store import Store
 from .throttle import FailureBuckets
 from .usage import UsageRecorder
 from .values import (
     AuthRow,
+    CachedUse,
     CreatedToken,
     Cursor,
     NewToken,
@@ -47,6 +48,7 @@ from .values import (
 log = logging.getLogger("tokenservice.service")
 
 DEFAULT_PAGE_SIZE = 50
+MAX_USES_PER_REPORT = 10_000
 MAX_PAGE_SIZE = 1000
 MAX_NAME_LENGTH = 200
 BIDI_FORMATTING = frozenset(
@@ -145,6 +147,10 @@ class TokenService:
         self.lookup_failures = FailureBuckets(
             config.lookup_failure_burst, config.lookup_failure_refill_per_second
         )
+        # Called with each use a consumer answered from its cache: where the
+        # per-token rate limiter charges them (cost=count), as Authenticate
+        # charges its own calls.
+        self.cached_use_hook: Callable[[CachedUse], None] | None = None
 
     def close(self) -> None:
         self.hasher.close()
@@ -382,6 +388,34 @@ class TokenService:
             token = self._in_reach(caller, self.store.revoke(token.id, self.clock()))
             log.info("token revoked", extra={"token_id": token.id})
         return token
+
+    # Consumers that cache Authenticate's answers (WatchTokenEvents).
+
+    def require_verify(self, caller: Principal) -> None:
+        """Watching token events needs api_token:verify: the events name tokens of every org."""
+        if VERIFY not in caller.scopes:
+            raise PermissionDenied(f"this call needs the scope {VERIFY}")
+
+    def record_cached_uses(self, uses: Sequence[CachedUse]) -> None:
+        """Uses a consumer answered from its cache count as Authenticate calls do.
+
+        last_used_at moves to the reported time (never past now); the
+        cached-use hook sees each use. Entries naming no token id are dropped.
+        """
+        if len(uses) > MAX_USES_PER_REPORT:
+            raise InvalidArgument([("uses", f"at most {MAX_USES_PER_REPORT} per report")])
+        now = self.clock()
+        for use in uses:
+            try:
+                token_id = str(uuid.UUID(use.token_id))
+            except ValueError:
+                continue
+            if use.count <= 0:
+                continue
+            if self.usage is not None:
+                self.usage.record(token_id, min(use.last_used_at, now))
+            if self.cached_use_hook is not None:
+                self.cached_use_hook(use)
 
     # Users, for the command line.
 
