@@ -4,6 +4,8 @@
   gRPC-native retries on UNAVAILABLE and typed exceptions.
 - `AuthInterceptor` / `AsyncAuthInterceptor`: protect a consumer gRPC service with
   tokenservice tokens; handlers read the caller through `current_principal()`.
+- `LeaseCache` / `AsyncLeaseCache`: the interceptors' opt-in cache of Authenticate's
+  answers, kept safe by a lease: revocation stays immediate.
 - `token_credentials`: the call credentials a client uses to present its token;
   `parse_bearer` reads one back from an `authorization` value.
 """
@@ -33,6 +35,7 @@ from .interceptor import (
     PrincipalCache,
     requires_scopes,
 )
+from .lease import AsyncLeaseCache, CacheStats, LeaseCache
 from .principal import Principal, current_principal
 
 __all__ = [
@@ -40,12 +43,15 @@ __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
     "AsyncAuthInterceptor",
+    "AsyncLeaseCache",
     "AsyncTokenServiceClient",
     "AuthInterceptor",
+    "CacheStats",
     "DeadlineExceeded",
     "ErrorInfo",
     "FieldViolation",
     "InvalidArgument",
+    "LeaseCache",
     "NotFound",
     "PermissionDenied",
     "Principal",

@@ -19,11 +19,15 @@ Methods with no declared scopes are refused (fail closed) unless `default_scopes
 otherwise; `public` methods (by default the health and reflection services) are let
 through without a token.
 
-Caching: `cache_ttl=0` (the default) asks tokenservice on every call, so a revoked
-token stops working at once. A positive `cache_ttl` remembers successful
-authentications for that many seconds: it saves a round trip per call but DELAYS
-REVOCATION (and user disabling, and scope changes) BY UP TO `cache_ttl` SECONDS for
-this process. Failures are never cached.
+Caching: by default the interceptor asks tokenservice on every call, so a revoked
+token stops working at once. `cache=LeaseCache(target, token=VERIFY_TOKEN)`
+(`AsyncLeaseCache` for the asyncio interceptor) answers repeated tokens from
+memory and keeps revocation immediate: the cache holds a lease from tokenservice,
+and every revocation returns only once this process has dropped the token (see
+lease.py). A positive `cache_ttl` instead remembers successful authentications for
+that many seconds with no lease: it DELAYS REVOCATION (and user disabling, and
+scope changes) BY UP TO `cache_ttl` SECONDS for this process. Failures are never
+cached.
 
 Throttling: tokenservice throttles failed authentications per client address. With
 `forward_client_address=True` (the default) the interceptor names its own caller in
@@ -55,6 +59,7 @@ from .aio import AsyncTokenServiceClient
 from .client import TokenServiceClient
 from .credentials import parse_bearer
 from .errors import InvalidArgument, RateLimited, TokenServiceError, Unauthenticated
+from .lease import AsyncLeaseCache, LeaseCache
 from .principal import _CURRENT, Principal
 
 __all__ = [
@@ -131,7 +136,11 @@ class PrincipalCache:
             self._entries.move_to_end(key)
             return principal
 
-    def put(self, token: str, principal: Principal) -> None:
+    def ticket(self) -> int:
+        """For the interceptor, which asks every cache for one before Authenticate."""
+        return 0
+
+    def put(self, token: str, principal: Principal, ticket: int | None = None) -> None:
         key = self._digest(token)
         deadline = self._clock() + self._ttl
         with self._lock:
@@ -307,10 +316,11 @@ class _BaseAuthInterceptor(Generic[ClientT]):
         public: Iterable[str] = DEFAULT_PUBLIC_METHODS,
         default_scopes: Iterable[str] | None = None,
         cache_ttl: float = 0.0,
-        cache: PrincipalCache | None = None,
+        cache: PrincipalCache | LeaseCache | AsyncLeaseCache | None = None,
         forward_client_address: bool = True,
     ) -> None:
         self._forward = forward_client_address
+        self._given_cache = cache
         self._target = tokenservice if isinstance(tokenservice, str) else None
         self._client = self._connect(tokenservice)
         self._policy = _Policy(scopes or {}, public, default_scopes)
@@ -343,6 +353,10 @@ class _BaseAuthInterceptor(Generic[ClientT]):
     def _cached(self, token: str) -> Principal | None:
         return self._cache.get(token) if self._cache is not None else None
 
+    def _ticket(self) -> int | None:
+        """Taken before Authenticate: a LeaseCache keeps the answer only if nothing changed."""
+        return self._cache.ticket() if self._cache is not None else None
+
     def _call_options(self, client: ClientT, context: Any) -> dict[str, Any]:
         """Authenticate's deadline (within the caller's) and forwarded address."""
         return {
@@ -350,10 +364,10 @@ class _BaseAuthInterceptor(Generic[ClientT]):
             "metadata": _forwarded(context, self._forward),
         }
 
-    def _principal(self, token: str, response: Any) -> Principal:
+    def _principal(self, token: str, response: Any, ticket: int | None) -> Principal:
         principal = Principal.from_response(response)
         if self._cache is not None:
-            self._cache.put(token, principal)
+            self._cache.put(token, principal, ticket)
         return principal
 
 
@@ -363,6 +377,8 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
     _client: TokenServiceClient
 
     def _connect(self, tokenservice: TokenServiceClient | str) -> TokenServiceClient:
+        if isinstance(self._given_cache, AsyncLeaseCache):
+            raise TypeError("AuthInterceptor takes a LeaseCache; AsyncLeaseCache is for asyncio")
         return TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, context: Any) -> Principal:
@@ -370,13 +386,14 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
         token = self._token(metadata)
         if (hit := self._cached(token)) is not None:
             return hit
+        ticket = self._ticket()
         try:
             response = self._client.authenticate(
                 token, **self._call_options(self._client, context)
             )
         except TokenServiceError as err:
             raise _deny_for(err) from None
-        return self._principal(token, response)
+        return self._principal(token, response, ticket)
 
     def intercept_service(
         self,
@@ -431,6 +448,8 @@ class AsyncAuthInterceptor(
     def _connect(
         self, tokenservice: AsyncTokenServiceClient | str
     ) -> AsyncTokenServiceClient | None:
+        if isinstance(self._given_cache, LeaseCache):
+            raise TypeError("AsyncAuthInterceptor takes an AsyncLeaseCache, not a LeaseCache")
         return None if isinstance(tokenservice, str) else tokenservice
 
     def _tokenservice(self) -> AsyncTokenServiceClient:
@@ -446,12 +465,15 @@ class AsyncAuthInterceptor(
         token = self._token(metadata)
         if (hit := self._cached(token)) is not None:
             return hit
+        if isinstance(self._cache, AsyncLeaseCache):
+            self._cache.start()  # on the server's loop, at the first call
         client = self._tokenservice()
+        ticket = self._ticket()
         try:
             response = await client.authenticate(token, **self._call_options(client, context))
         except TokenServiceError as err:
             raise _deny_for(err) from None
-        return self._principal(token, response)
+        return self._principal(token, response, ticket)
 
     async def close(self) -> None:
         """Closes the tokenservice channel if this interceptor opened it."""
