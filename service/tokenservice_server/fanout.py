@@ -47,6 +47,8 @@ log = logging.getLogger("tokenservice.fanout")
 
 T = TypeVar("T")
 
+# How often a process with watching consumers records how long its leases may
+# hold: at most a quarter of a lease, so a renewal always finds room to grant.
 HEARTBEAT_SECONDS = 0.5
 # SQLite is only polled; PostgreSQL wakes us with NOTIFY, and polling catches
 # what a lost LISTEN connection missed.
@@ -75,6 +77,7 @@ class Fanout:
         self.hub = hub
         self.replica_id = str(uuid.uuid4())
         self._lease_seconds = lease_seconds
+        self._heartbeat = min(HEARTBEAT_SECONDS, lease_seconds / 4)
         self._blocking = blocking
         self._poll = POLL_SECONDS_SQLITE if store.inline_reads else POLL_SECONDS_POSTGRES
         # The store calls of the loop below, on one thread with one connection.
@@ -201,7 +204,8 @@ class Fanout:
             except Exception:
                 log.error("token events loop failed", exc_info=True)
                 failures += 1
-            delay = self._poll if failures == 0 else min(1.0, self._poll * 2**failures)
+            poll = min(self._poll, self._heartbeat)
+            delay = poll if failures == 0 else min(1.0, poll * 2**failures)
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
@@ -229,7 +233,7 @@ class Fanout:
         # must let its leases run out.
         now = loop.time()
         if self.hub.subscribers and (
-            now - self._granted_from >= HEARTBEAT_SECONDS or self.hub.wants_grant
+            now - self._granted_from >= self._heartbeat or self.hub.wants_grant
         ):
             started = loop.time()
             lease_us = int(self._lease_seconds * 1_000_000)
