@@ -1,4 +1,4 @@
-"""The lease hub on its own (pure asyncio, no server): who an invalidation waits for, and how long."""
+"""The lease hub alone (pure asyncio, no server): whom an invalidation waits for, how long."""
 
 from __future__ import annotations
 
