@@ -1,4 +1,4 @@
-"""Cached answers across processes: replicas on PostgreSQL, `serve --workers`, kill -9, store restarts.
+"""Cached answers across processes: PostgreSQL replicas, `serve --workers`, kill -9, restarts.
 
 The consumer watches one server process; the change is made through another
 (or the command line), so the invalidation has to cross the store.

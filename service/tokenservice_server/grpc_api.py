@@ -279,7 +279,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         ) -> AsyncIterator[Any]:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
-            token_ctx = _token_id.set(None)
+            # Not a context variable: a stream may be finished from another task.
+            token_id: str | None = None
             try:
                 if needs_caller:
                     raw = bearer_token(context)
@@ -291,7 +292,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                         )
                     except Unauthenticated:
                         raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
-                    _token_id.set(caller.token_id)
+                    token_id = caller.token_id
                     _caller.set(caller)
                     _raw_caller.set(raw)
                 async for response in behavior(requests, context):
@@ -315,8 +316,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if metrics is not None:
                     metrics.rpc(method, code.name, elapsed)
                 if rpc_log.enabled():
-                    rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), _token_id.get())
-                _token_id.reset(token_ctx)
+                    rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), token_id)
 
         return handle
 

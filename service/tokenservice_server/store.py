@@ -188,12 +188,13 @@ class Store:
     def set_user_disabled(self, email: str, disabled: bool) -> bool:
         """Whether a user with that email exists (and now has that state)."""
         with self.db.atomic():
-            user = User.select(User.id).where(User.email == email).first()
-            if user is None:
+            # The write first: on SQLite a transaction that read before it writes
+            # fails at once ("database is locked") if another write committed meanwhile.
+            if User.update(disabled=disabled).where(User.email == email).execute() == 0:
                 return False
-            User.update(disabled=disabled).where(User.id == user.id).execute()
             if disabled:
-                self.narrowed(user_ids=[str(user.id)])
+                user_id = User.select(User.id).where(User.email == email).scalar()
+                self.narrowed(user_ids=[_uuid_str(user_id)])
             return True
 
     # Token events: what consumers caching Authenticate's answers must hear of.
@@ -202,8 +203,10 @@ class Store:
         """Writes the event for a change that narrows these tokens, or every token of these users.
 
         Call it inside the transaction making the change, as its last statement
-        (on PostgreSQL it takes a lock held until commit): the event commits or
-        rolls back with the change. It also records the event for the call's
+        (on PostgreSQL it takes a lock held until commit), after the change's
+        own writes (on SQLite a transaction that reads first cannot write once
+        another write has committed): the event commits or rolls back with the
+        change. It also records the event for the call's
         collector (narrowing.py), whose runner waits for the consumers.
         """
         tokens, users = tuple(token_ids), tuple(user_ids)
@@ -304,7 +307,8 @@ class Store:
     def prune_events(self, older_than_us: int, batch: int) -> int:
         """Deletes up to `batch` old events (never the newest) with their acks; returns how many."""
         p = self._param
-        with self.db.atomic():
+        # IMMEDIATE on SQLite: this transaction reads before it writes.
+        with self.db.atomic("IMMEDIATE") if dbmod.is_sqlite(self.db) else self.db.atomic():
             newest = self.last_event_id()
             rows = self.db.execute_sql(
                 f"SELECT id FROM token_events WHERE created_at < {p} AND id < {p}"
