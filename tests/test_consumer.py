@@ -25,12 +25,19 @@ def database_url(sqlite_database_url: str) -> str:
     return sqlite_database_url
 
 
-@pytest.fixture(params=["sync", "aio"])
+@pytest.fixture(params=["sync", "aio", "sync-lease-cache", "aio-lease-cache"])
 def consumer(request: pytest.FixtureRequest, ts) -> Iterator[str]:
-    """`python examples/consumer/server.py` on a free port; yields its target."""
+    """`python examples/consumer/server.py` on a free port; yields its target.
+
+    The lease-cache variants answer repeated tokens from memory: the test's
+    revocation must still be refused by the very next call."""
     args = [sys.executable, str(EXAMPLE / "server.py"), "--tokenservice", ts.target, "--port", "0"]
-    if request.param == "aio":
+    if request.param.startswith("aio"):
         args.append("--aio")
+    if request.param.endswith("lease-cache"):
+        watcher = f"watcher-{uuid.uuid4().hex[:8]}@example.com"
+        ts.add_user(watcher, "acme", ["api_token:verify"])
+        args += ["--lease-cache-token", ts.mint(watcher, ["api_token:verify"])]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         stdin=subprocess.DEVNULL,
