@@ -437,8 +437,10 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         # no longer may watch.
         recheck = asyncio.Event()
         failure: list[DomainError] = []
+        # Set when the consumer ended its side: it has dropped its cache.
+        said_goodbye = asyncio.Event()
         reader = asyncio.create_task(
-            self._read_watch(requests, sub, caller, _raw_caller.get(), recheck, failure)
+            self._read_watch(requests, sub, _raw_caller.get(), recheck, failure, said_goodbye)
         )
         try:
             while (event := await sub.next_event()) is not None:
@@ -451,16 +453,16 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                 raise failure[0]
         finally:
             reader.cancel()
-            hub.unsubscribe(sub)
+            hub.unsubscribe(sub, dropped=said_goodbye.is_set())
 
     async def _read_watch(
         self,
         requests: AsyncIterator[pb.WatchTokenEventsRequest],
         sub: Subscriber,
-        caller: Principal,
         raw: str,
         recheck: asyncio.Event,
         failure: list[DomainError],
+        said_goodbye: asyncio.Event,
     ) -> None:
         """Applies the consumer's Renew, Ack and UsageReport messages; ends the stream after."""
         try:
@@ -480,6 +482,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                         [CachedUse(u.token_id, u.count, _micros_or(u, now))
                          for u in request.usage.uses]
                     )
+            said_goodbye.set()
         except DomainError as error:
             if isinstance(error, Unauthenticated):
                 error = Unauthenticated(CALLER_UNAUTHENTICATED)

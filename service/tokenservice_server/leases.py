@@ -160,14 +160,20 @@ class LeaseHub:
         self._subs.add(sub)
         return sub
 
-    def unsubscribe(self, sub: Subscriber) -> None:
-        """The stream ended; its lease still holds until its bound."""
+    def unsubscribe(self, sub: Subscriber, dropped: bool = False) -> None:
+        """The stream ended. Its lease still holds until its bound, unless the
+        consumer ended it itself (`dropped`): it does so only after dropping
+        its cache, so nothing need wait for it any more."""
         if sub.closed:
             return
         sub.closed = True
         self._subs.discard(sub)
         self._waiting_grant.pop(sub, None)
-        if sub.bound > self._now():
+        if dropped:
+            for _, barrier in sub._barriers:
+                barrier.release(sub)
+            sub._barriers = []
+        elif sub.bound > self._now():
             self._lingering.append(sub)
 
     def close_all(self) -> None:

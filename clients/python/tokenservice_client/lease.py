@@ -310,6 +310,7 @@ class LeaseCache(_LeaseState):
         )
         self._closed = threading.Event()
         self._call: Any = None
+        self._outgoing: queue.SimpleQueue[pb.WatchTokenEventsRequest | None] | None = None
         self._thread = threading.Thread(target=self._run, name="tokenservice-lease", daemon=True)
         self._thread.start()
 
@@ -339,10 +340,18 @@ class LeaseCache(_LeaseState):
             call.cancel()
 
     def close(self) -> None:
+        """Drops the cache, then ends the stream from this side: the server stops waiting
+        for this consumer at once (it would wait out the lease after a mere disconnect)."""
         self._closed.set()
         self._thawed.set()
-        self.disconnect()
-        self._thread.join(timeout=10)
+        self._lost()
+        outgoing = self._outgoing
+        if outgoing is not None:
+            outgoing.put(None)  # the end of what we send: the server ends the stream
+        self._thread.join(timeout=2)
+        if self._thread.is_alive():
+            self.disconnect()
+            self._thread.join(timeout=10)
         if self._owns_client:
             self._client.close()
 
@@ -350,6 +359,7 @@ class LeaseCache(_LeaseState):
         backoff = 0.0
         while not self._closed.is_set():
             outgoing: queue.SimpleQueue[pb.WatchTokenEventsRequest | None] = queue.SimpleQueue()
+            self._outgoing = outgoing
             try:
                 self._call = self._client.watch_token_events(self._requests(outgoing))
                 for event in self._call:
@@ -365,8 +375,8 @@ class LeaseCache(_LeaseState):
                 if not self._closed.is_set():
                     log.info("token events stream lost: %s", _code(err))
             finally:
+                self._lost()  # before our side ends: see close()
                 outgoing.put(None)
-                self._lost()
                 if self._call is not None:
                     self._call.cancel()
                 self._call = None
@@ -471,8 +481,19 @@ class AsyncLeaseCache(_LeaseState):
             call.cancel()
 
     async def close(self) -> None:
+        """Drops the cache, ends the stream from this side (see LeaseCache.close), stops."""
         self._closed = True
         self._thawed.set()
+        self._lost()
+        call = self._call
+        if call is not None and self._task is not None:
+            try:
+                await asyncio.wait_for(call.done_writing(), 1)
+                await asyncio.wait_for(asyncio.shield(self._task), 2)
+            except (TimeoutError, grpc.RpcError, asyncio.CancelledError):
+                pass
+            except Exception:  # noqa: BLE001 - the stream may already be gone
+                pass
         if self._task is not None:
             self._task.cancel()
             try:

@@ -189,8 +189,9 @@ class TokenServiceServicer:
         (after every change that narrows a token). A cached answer may be used
         only while the consumer's lease holds; every narrowing change returns
         only after each watching consumer has acknowledged its Invalidate or its
-        lease has run out. Needs the scope `api_token:verify`. A stream has no
-        REST face.
+        lease has run out. A consumer that ends its side of the stream must have
+        dropped its cache first: nothing waits for it after that. Needs the scope
+        `api_token:verify`. A stream has no REST face.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
