@@ -512,8 +512,9 @@ class AsyncLeaseCache(_LeaseState):
         backoff = 0.0
         while not self._closed:
             call = self._call = self._client.watch_token_events()
-            outgoing: asyncio.Queue[pb.WatchTokenEventsRequest] = asyncio.Queue()
-            writer = asyncio.create_task(self._write(call, outgoing))
+            # One writer at a time on a call: acks from here, the rest from _tick.
+            writing = asyncio.Lock()
+            ticker = asyncio.create_task(self._tick(call, writing))
             try:
                 while True:
                     event = await call.read()
@@ -522,7 +523,8 @@ class AsyncLeaseCache(_LeaseState):
                     await self._frozen()
                     ack = self._apply(event)
                     if ack is not None:
-                        outgoing.put_nowait(ack)
+                        async with writing:
+                            await call.write(ack)
                     if event.HasField("lease"):
                         backoff = 0.0
             except asyncio.CancelledError:
@@ -533,43 +535,36 @@ class AsyncLeaseCache(_LeaseState):
             except grpc.RpcError as err:
                 if not self._closed:
                     log.info("token events stream lost: %s", _code(err))
+            except Exception:  # noqa: BLE001 - a write on a call that ended
+                pass
             finally:
-                writer.cancel()
+                ticker.cancel()
                 self._lost()
                 call.cancel()
                 self._call = None
             backoff = _backoff(backoff)
             await asyncio.sleep(backoff)
 
-    async def _write(
-        self, call: Any, outgoing: asyncio.Queue[pb.WatchTokenEventsRequest]
-    ) -> None:
-        """Renews on time, Acks as they come, usage every second."""
+    async def _tick(self, call: Any, writing: asyncio.Lock) -> None:
+        """Renews on time and reports usage every second."""
         loop = asyncio.get_running_loop()
         next_renew = 0.0
         next_usage = loop.time() + USAGE_REPORT_SECONDS
         try:
             while True:
-                wait = max(0.0, min(next_renew, next_usage) - loop.time())
-                try:
-                    if wait > 0:
-                        item = await asyncio.wait_for(outgoing.get(), wait)
-                    else:
-                        item = outgoing.get_nowait()
-                except (TimeoutError, asyncio.QueueEmpty):
-                    await self._frozen()
-                    now = loop.time()
-                    if now >= next_renew:
-                        next_renew = now + self._renew_every()
-                        await call.write(self._renew())
-                    if now >= next_usage:
-                        next_usage = now + USAGE_REPORT_SECONDS
-                        usage = self._usage()
-                        if usage is not None:
-                            await call.write(usage)
-                    continue
+                await asyncio.sleep(max(0.0, min(next_renew, next_usage) - loop.time()))
                 await self._frozen()
-                await call.write(item)
+                now = loop.time()
+                if now >= next_renew:
+                    next_renew = now + self._renew_every()
+                    async with writing:
+                        await call.write(self._renew())
+                if now >= next_usage:
+                    next_usage = now + USAGE_REPORT_SECONDS
+                    usage = self._usage()
+                    if usage is not None:
+                        async with writing:
+                            await call.write(usage)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - any failure to write ends this stream
