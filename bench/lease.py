@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             log("throughput: the example consumer with and without the cache")
             result: dict[str, Any] = {
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": {"cores": len(cores), "python": sys.version.split()[0]},
+                "machine": {"cores": len(cores), "python": sys.version.split()[0],
+                            # Other work on the machine shows here: read figures with it.
+                            "load_average_at_start": os.getloadavg()},
                 "settings": {k: v for k, v in vars(args).items() if k != "out"},
             }
             result["throughput"] = throughput(args, workdir, target, token, verify,
@@ -358,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             result["revoke"] = revokes(args, server, url, manage, verify, consumer_cpus)
         finally:
             server.stop()
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     out = args.out or ROOT / "bench" / "results" / (
         datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S") + "-lease.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -270,13 +270,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
 
     def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        """A streaming method of ours: the caller authenticated once, when the stream opens."""
+        """A streaming method of ours (a coroutine writing with context.write()): the caller
+        authenticated once, when the stream opens."""
         needs_caller = caller_for(method) is not Caller.ANONYMOUS
         service, trusted, metrics = self._service, self._trusted, self._metrics
 
-        async def handle(
-            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def handle(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             # Not a context variable: a stream may be finished from another task.
@@ -295,8 +294,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     token_id = caller.token_id
                     _caller.set(caller)
                     _raw_caller.set(raw)
-                async for response in behavior(requests, context):
-                    yield response
+                await behavior(requests, context)  # it writes with context.write()
             except DomainError as error:
                 code = _CODES[type(error)][1]
                 status = status_for(error)
@@ -425,7 +423,9 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
 
     async def WatchTokenEvents(
         self, requests: AsyncIterator[pb.WatchTokenEventsRequest], context: Any
-    ) -> AsyncIterator[pb.TokenEvent]:
+    ) -> None:
+        # context.write() rather than yield: with a thousand streams, one
+        # async-generator hop less per event is a measurable share of the fan-out.
         caller = _caller.get()
         self._service.require_verify(caller)
         if self._hub is None:
@@ -448,7 +448,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                     caller.token_id in event.token_ids or caller.user_id in event.user_ids
                 ):
                     recheck.set()
-                yield _event_pb(event)
+                await context.write(_event_pb(event))
             if failure:
                 raise failure[0]
         finally:
