@@ -31,6 +31,7 @@ from .values import AuthRow, Cursor, Narrowed, NewToken, TokenInfo, UserInfo
 # transactions may commit in another).
 EVENTS_LOCK = 7401284
 EVENTS_CHANNEL = "tokenservice_token_events"
+_PG_NOW = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
 ACKS_CHANNEL = "tokenservice_token_event_acks"
 
 
@@ -237,9 +238,7 @@ class Store:
         """Now on the store's clock: PostgreSQL's for every replica alike, else this machine's."""
         if dbmod.is_sqlite(self.db):
             return time.time_ns() // 1000
-        row = self.db.execute_sql(
-            "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
-        ).fetchone()
+        row = self.db.execute_sql(f"SELECT {_PG_NOW}").fetchone()
         return int(row[0])
 
     def last_event_id(self) -> int:
@@ -292,15 +291,18 @@ class Store:
         if not event_ids:
             return set()
         p = self._param
-        now = self.clock_micros()
+        if dbmod.is_sqlite(self.db):
+            now, params = p, (self.clock_micros(),)
+        else:  # the store's clock, in the same round trip
+            now, params = _PG_NOW, ()
         marks = ", ".join([p] * len(event_ids))
         rows = self.db.execute_sql(
             "SELECT DISTINCT e.id FROM token_events e"
             " JOIN lease_replicas r ON r.lease_until > e.created_at"
-            f"  AND r.lease_until > {p} AND r.watch_from < e.id AND r.replica_id <> {p}"
+            f"  AND r.lease_until > {now} AND r.watch_from < e.id AND r.replica_id <> {p}"
             " LEFT JOIN token_event_acks a ON a.event_id = e.id AND a.replica_id = r.replica_id"
             f" WHERE e.id IN ({marks}) AND a.event_id IS NULL",
-            (now, exclude_replica or "", *event_ids),
+            (*params, exclude_replica or "", *event_ids),
         ).fetchall()
         return {int(r[0]) for r in rows}
 
