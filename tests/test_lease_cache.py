@@ -9,6 +9,7 @@ after X returned: no sleeping in between.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ def test_expiry_is_honoured_from_the_cache(world: World, cache: LeaseCache) -> N
     deadline = datetime.now(UTC) + timedelta(seconds=10)
     while datetime.now(UTC) < datetime.fromtimestamp(soon.api_token.expires_at.seconds + 1, UTC):
         assert datetime.now(UTC) < deadline
-        asyncio.run(asyncio.sleep(0.05))
+        time.sleep(0.05)
     assert refused(cache, soon.token)
 
 
@@ -200,7 +201,7 @@ def _last_used(world: World, token_id: str, after: datetime | None) -> datetime:
             when = got.last_used_at.ToDatetime(tzinfo=UTC)
             if after is None or when > after:
                 return when
-        asyncio.run(asyncio.sleep(0.05))
+        time.sleep(0.05)
     raise AssertionError("last_used_at never moved")
 
 
@@ -230,9 +231,9 @@ def test_a_consumer_whose_verify_token_is_revoked_loses_its_lease(world: World) 
         for _ in range(int(WITHIN / 0.05)):
             if not cache.leased:
                 break
-            asyncio.run(asyncio.sleep(0.05))
+            time.sleep(0.05)
         assert not cache.leased
-        asyncio.run(asyncio.sleep(LEASE * 2))
+        time.sleep(LEASE * 2)
         assert not cache.leased
     finally:
         cache.close()
@@ -261,3 +262,27 @@ def test_a_server_restart_never_lets_a_cached_answer_outlive_a_change(
     finally:
         restarted.channel.close()
         restarted.server.stop(grace=1)
+
+
+def _watchers() -> float:
+    from tokenservice_server import metrics
+
+    page, _ = metrics.render()
+    for line in page.decode().splitlines():
+        if line.startswith("tokenservice_token_watchers "):
+            return float(line.split()[1])
+    raise AssertionError("no tokenservice_token_watchers on /metrics")
+
+
+def test_metrics_count_the_watching_consumers(world: World, cache: LeaseCache) -> None:
+    assert _watchers() == 1
+    second = LeaseCache(world.ts.target, world.verify)
+    try:
+        assert second.wait_leased(WITHIN)
+        assert _watchers() == 2
+    finally:
+        second.close()
+    deadline = datetime.now(UTC) + timedelta(seconds=WITHIN)
+    while _watchers() != 1:
+        assert datetime.now(UTC) < deadline, "a closed stream still counted"
+        time.sleep(0.02)

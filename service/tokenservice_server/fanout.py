@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from . import metrics
 from .config import MAX_LEASE_SECONDS
 from .errors import Unavailable
 from .leases import LeaseHub
@@ -162,6 +163,7 @@ class Fanout:
             if loop.time() >= deadline:
                 log.warning("gave up waiting for replicas to acknowledge token events",
                             extra={"events": sorted(pending)})
+                metrics.narrowing_wait_capped()
                 return
             seen = self._acks_seen
             assert seen is not None

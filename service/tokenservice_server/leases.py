@@ -132,10 +132,14 @@ class LeaseHub:
     """Every subscriber of this process; used from the event loop's thread only."""
 
     def __init__(
-        self, lease_seconds: float, needs_grant: Callable[[], None] | None = None
+        self,
+        lease_seconds: float,
+        needs_grant: Callable[[], None] | None = None,
+        on_count: Callable[[int], None] | None = None,
     ) -> None:
         self.lease_seconds = lease_seconds
         self._needs_grant = needs_grant
+        self._on_count = on_count  # told the number of subscribers when it changes
         self._subs: set[Subscriber] = set()
         # Ended streams whose last lease may not have run out yet.
         self._lingering: list[Subscriber] = []
@@ -158,6 +162,8 @@ class LeaseHub:
     def subscribe(self) -> Subscriber:
         sub = Subscriber(self)
         self._subs.add(sub)
+        if self._on_count is not None:
+            self._on_count(len(self._subs))
         return sub
 
     def unsubscribe(self, sub: Subscriber, dropped: bool = False) -> None:
@@ -169,6 +175,8 @@ class LeaseHub:
         sub.closed = True
         self._subs.discard(sub)
         self._waiting_grant.pop(sub, None)
+        if self._on_count is not None:
+            self._on_count(len(self._subs))
         if dropped:
             for _, barrier in sub._barriers:
                 barrier.release(sub)

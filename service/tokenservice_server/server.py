@@ -66,7 +66,11 @@ class TokenServer:
         )
         # Consumers watching token events, and the narrowing changes of every
         # process and replica brought to them (leases.py, fanout.py).
-        self.hub = LeaseHub(config.lease_seconds, needs_grant=lambda: self.fanout.wake())
+        self.hub = LeaseHub(
+            config.lease_seconds,
+            needs_grant=lambda: self.fanout.wake(),
+            on_count=metrics.set_token_watchers,
+        )
         self.fanout = Fanout(self.store, self.hub, config.lease_seconds, self._blocking)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
