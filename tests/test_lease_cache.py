@@ -29,7 +29,9 @@ from tokenservice_client import (
 )
 from tokenservice_server.config import Config
 
-LEASE = 0.5
+# Short enough for tests that wait one out, long enough that a loaded machine
+# does not let leases lapse between renewals (which costs hits, never safety).
+LEASE = 1.0
 # A bounded wait for anything that should take at most about one lease.
 WITHIN = LEASE * 4 + 5
 PERMISSIONS = ["api_token:manage", "api_token:verify", "pass:read"]
@@ -73,11 +75,18 @@ def cache(world: World) -> Iterator[LeaseCache]:
 
 
 def warm(cache: LeaseCache, raw: str) -> None:
-    """Caches `raw` and proves the cache answers it from memory."""
-    cache.authenticate(raw)
-    hits = cache.stats().hits
-    assert cache.authenticate(raw).token_id
-    assert cache.stats().hits == hits + 1, "the consumer did not answer from its cache"
+    """Caches `raw` and proves the cache answers it from memory.
+
+    A few tries: a lease that lapsed in between (a stalled machine) drops the
+    cache, which is the cache being safe, not the test failing."""
+    for _ in range(5):
+        cache.authenticate(raw)
+        hits = cache.stats().hits
+        assert cache.authenticate(raw).token_id
+        if cache.stats().hits == hits + 1:
+            return
+        assert cache.wait_leased(WITHIN)
+    raise AssertionError("the consumer did not answer from its cache")
 
 
 def refused(cache: LeaseCache, raw: str) -> bool:
@@ -96,9 +105,8 @@ def test_a_warm_consumer_refuses_a_token_once_revoke_returns(world: World, cache
     world.manager.revoke_token(doomed.api_token.id, timeout=WITHIN)
     assert refused(cache, doomed.token)
     # Only the revoked token was dropped: the other is still answered from memory.
-    hits = cache.stats().hits
-    assert cache.authenticate(kept.token).token_id == kept.api_token.id
-    assert cache.stats().hits == hits + 1
+    assert len(cache) == 1, "the Invalidate dropped more than the revoked token"
+    warm(cache, kept.token)
 
 
 def test_an_asyncio_consumer_refuses_a_token_once_revoke_returns(world: World) -> None:
@@ -109,9 +117,13 @@ def test_an_asyncio_consumer_refuses_a_token_once_revoke_returns(world: World) -
         cache = AsyncLeaseCache(world.ts.target, world.verify)
         try:
             assert await cache.wait_leased(WITHIN)
-            await cache.authenticate(doomed.token)
-            await cache.authenticate(doomed.token)
-            assert cache.stats().hits == 1
+            for _ in range(5):  # as warm(): a lapse in between drops the cache
+                await cache.authenticate(doomed.token)
+                await cache.authenticate(doomed.token)
+                if cache.stats().hits:
+                    break
+                assert await cache.wait_leased(WITHIN)
+            assert cache.stats().hits
             async with AsyncTokenServiceClient(world.ts.target, manager_token) as mgr:
                 await mgr.revoke_token(doomed.api_token.id, timeout=WITHIN)
             with pytest.raises(Unauthenticated):

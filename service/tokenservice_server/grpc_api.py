@@ -182,6 +182,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         needs_caller = ours and caller_for(method) is not Caller.ANONYMOUS
         tarpit = method == AUTHENTICATE
         is_async = inspect.iscoroutinefunction(behavior)
+        # Authenticate never narrows anything: its hot path skips the collector.
+        collects = ours and is_async and not tarpit
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
         settle = self._settle
@@ -214,7 +216,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if not ours or is_async:
                     # Health, reflection and Authenticate: coroutines that manage
                     # their own (short) database use.
-                    return await behavior(request, context)
+                    if not collects:
+                        return await behavior(request, context)
+                    # A coroutine method of ours that may narrow tokens: its store
+                    # calls run in copies of this context (as aauthenticate's do),
+                    # so their events land here.
+                    narrowed_async: list[Narrowed] = []
+                    collecting = narrowing.collect(narrowed_async)
+                    try:
+                        return await behavior(request, context)
+                    finally:
+                        narrowing.stop(collecting)
+                        if narrowed_async and settle is not None:
+                            await settle(narrowed_async)
                 raw = bearer_token(context) if needs_caller else None
                 ctx = contextvars.copy_context()
                 loop = asyncio.get_running_loop()

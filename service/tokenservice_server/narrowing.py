@@ -20,7 +20,11 @@ How a narrowing path uses it:
 
 So a new RPC or command that narrows tokens needs nothing beyond step 1 in
 its store method: the gRPC interceptor already collects and settles for
-every unary RPC.
+every unary RPC of the service (run on a worker thread, or a coroutine whose
+store calls run in `contextvars.copy_context().run`, as `aauthenticate`
+does), and the command line for every user and token command. Only a new
+entry point of another kind (a new command runner, a background job) must
+collect and settle itself, as cli.py's `run()` does.
 """
 
 from __future__ import annotations
