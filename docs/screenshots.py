@@ -1,4 +1,4 @@
-"""Makes the README's console screenshots: docs/console-list.png and docs/console-create.png.
+"""Makes the README's console screenshots: docs/console-{list,create,rotate}.png.
 
     .venv/bin/python docs/screenshots.py [--out DIR]
 
@@ -50,20 +50,25 @@ def seed(server: TokenServer, base: str) -> str:
     with server.store.connection():
         server.service.add_user("you@example.com", "acme", PERMISSIONS)
         console = server.service.mint_for_email("you@example.com", "Console", PERMISSIONS, None).raw
+    per_minute = {"requests": 600, "period": "60s"}
     keys = [
-        ("CI/CD Pipeline", ["pass:read"], None),
-        ("Nightly invoice export", ["invoice.view"], day(90)),
-        ("Sync Service", ["pass:read", "loyalty:manage"], None),
-        ("POS Integration", ["pass:read", "pass:create", "loyalty:manage"], day(365)),
+        ("CI/CD Pipeline", ["pass:read"], None, None),
+        ("Nightly invoice export", ["invoice.view"], day(90), {"requests": 10, "period": "3600s"}),
+        ("Sync Service", ["pass:read", "loyalty:manage"], None, per_minute),
+        ("POS Integration", ["pass:read", "pass:create", "loyalty:manage"], day(365), None),
     ]
     created = {}
-    for name, scopes, expires in keys:
-        body = {"name": name, "scopes": scopes, **({"expiresAt": expires} if expires else {})}
+    for name, scopes, expires, limit in keys:
+        body = {"name": name, "scopes": scopes, **({"expiresAt": expires} if expires else {}),
+                **({"rateLimit": limit} if limit else {})}
         created[name] = call(base, "POST", "/api/v1/api-tokens", console, body)
     for name in ("POS Integration", "Sync Service"):  # in use: sets lastUsedAt
         call(base, "POST", "/api/v1/authenticate", None, {"token": created[name]["token"]})
     revoked = created["CI/CD Pipeline"]["apiToken"]["id"]
     call(base, "DELETE", f"/api/v1/api-tokens/{revoked}", console)
+    # Rotated with a day's grace: the old and the new key are both listed, linked.
+    rotated = created["Sync Service"]["apiToken"]["id"]
+    call(base, "POST", f"/api/v1/api-tokens/{rotated}:rotate", console, {"gracePeriod": "86400s"})
     return console
 
 
@@ -75,7 +80,7 @@ def photograph(base: str, token: str, out: Path) -> None:
             page.goto("/console/")
             page.get_by_label("API token").fill(token)
             page.get_by_role("button", name="Sign in").click()
-            page.locator("#tokens-body tr").nth(4).wait_for()
+            page.locator("#tokens-body tr").nth(5).wait_for()
             page.evaluate("document.getElementById('status').textContent = ''")
             page.mouse.move(0, 0)
             page.screenshot(path=str(out / "console-list.png"))
@@ -88,8 +93,17 @@ def photograph(base: str, token: str, out: Path) -> None:
             dialog.get_by_label("loyalty:manage").check()
             expires = (datetime.now(UTC) + timedelta(days=180)).date().isoformat()
             dialog.get_by_label("Expires on").fill(expires)
+            dialog.get_by_label("Requests allowed").fill("1000")
+            dialog.get_by_label("Period").select_option("3600s")
             dialog.get_by_label("Name").focus()
             page.screenshot(path=str(out / "console-create.png"))
+            dialog.get_by_role("button", name="Cancel").click()
+
+            page.set_viewport_size({"width": 1280, "height": 640})
+            page.get_by_role("button", name="Rotate POS Integration").click()
+            rotate = page.get_by_role("dialog", name="Rotate API key")
+            rotate.get_by_label("1 day").focus()
+            page.screenshot(path=str(out / "console-rotate.png"))
         finally:
             browser.close()
 
@@ -116,7 +130,8 @@ def main() -> None:
         finally:
             rest.stop(grace=1)
             server.stop(grace=1)
-    print(f"wrote {args.out / 'console-list.png'} and {args.out / 'console-create.png'}")
+    pictures = (args.out / f"console-{name}.png" for name in ("list", "create", "rotate"))
+    print("wrote", ", ".join(map(str, pictures)))
 
 
 if __name__ == "__main__":

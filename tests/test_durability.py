@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import bearer, cli
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
@@ -144,3 +146,73 @@ def test_no_raw_token_or_secret_in_the_database_or_the_log(url, spawn, tmp_path:
         for text in (raw, secret):
             assert text.encode() not in db_bytes
             assert text not in log
+
+
+def _churn(target: str, boot: str, stop: threading.Event) -> None:
+    """Creates, renames, rotates and revokes tokens until the server dies under it."""
+    channel, stub = stub_for(target)
+    meta = bearer(boot)
+    i = 0
+    try:
+        while not stop.is_set():
+            i += 1
+            made = stub.CreateToken(pb.CreateTokenRequest(name=f"c{i}", scopes=["pass:read"]),
+                                    metadata=meta, timeout=5).api_token
+            stub.UpdateToken(pb.UpdateTokenRequest(
+                api_token=pb.ApiToken(id=made.id, name=f"c{i}-renamed"),
+                update_mask=FieldMask(paths=["name"])), metadata=meta, timeout=5)
+            if i % 2:
+                stub.RotateToken(pb.RotateTokenRequest(id=made.id), metadata=meta, timeout=5)
+            else:
+                stub.RevokeToken(pb.RevokeTokenRequest(id=made.id), metadata=meta, timeout=5)
+    except grpc.RpcError:
+        return  # the server was killed
+    finally:
+        channel.close()
+
+
+def test_kill_9_never_leaves_a_change_without_its_audit_event(url, spawn) -> None:
+    """Changes and their events commit together: after any crash, each implies the other."""
+    import random
+    import sqlite3
+
+    boot = bootstrap(url)
+    for _ in range(4):
+        server = spawn(url)
+        stop = threading.Event()
+        workers = [threading.Thread(target=_churn, args=(server.target, boot, stop))
+                   for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        time.sleep(random.uniform(0.3, 1.0))
+        assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        tokens = {row[0]: row[1:] for row in db.execute(
+            "SELECT id, name, revoked_at, replaced_by_id, rotated_from_id FROM api_tokens")}
+        events: dict[tuple[str, str], list[dict]] = {}
+        for action, token_id, details in db.execute(
+                "SELECT action, token_id, details FROM audit_events ORDER BY time"):
+            events.setdefault((action, token_id.replace("-", "")), []).append(json.loads(details))
+    assert len(tokens) > 10, "the churn made changes before each kill"
+    for token_id, (name, revoked_at, replaced_by, rotated_from) in tokens.items():
+        assert ("token.create", token_id) in events, f"{name} exists without its event"
+        if revoked_at is not None and replaced_by is None:
+            assert ("token.revoke", token_id) in events, f"{name} revoked without its event"
+        if replaced_by is not None:
+            assert ("token.rotate", token_id) in events, f"{name} rotated without its event"
+        if name.endswith("-renamed") and rotated_from is None:  # a replacement inherits it
+            assert events[("token.update", token_id)][-1]["name"] == name
+    for (action, token_id), _ in events.items():
+        if not action.startswith("token."):
+            continue
+        assert token_id in tokens, f"{action} recorded for a token that was never stored"
+        if action == "token.revoke":
+            assert tokens[token_id][1] is not None, "revocation recorded but not made"
+        if action == "token.rotate":
+            assert tokens[token_id][2] is not None, "rotation recorded but not made"
+        if action == "token.update":
+            assert tokens[token_id][0].endswith("-renamed"), "update recorded but not made"

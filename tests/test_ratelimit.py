@@ -212,7 +212,7 @@ def test_serve_workers_are_given_the_supervisors_limit_and_redis() -> None:
     for flags in ({"rate_limit": "100/10s", "redis_url": "redis://cache:6380/1"},
                   {"rate_limit": "off"}, {}):
         config = load_config(flags, {"TOKENSERVICE_REDIS_TIMEOUT_SECONDS": "0.05"})
-        argv = cli._worker_command(config, 50051)
+        argv = cli._worker_command(config, 50051, None)
         serve = argv[argv.index("serve"):]
         worker = load_config(vars(cli._parser().parse_args(serve)), {})
         assert (worker.rate_limit, worker.redis_url) == (config.rate_limit, config.redis_url)

@@ -351,8 +351,12 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
     paths = doc["paths"]
     assert set(paths["/api/v1/api-tokens"]) == {"get", "post"}
     assert set(paths["/api/v1/api-keys"]) == {"get", "post"}
-    assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete"}
-    assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete"}
+    assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete", "patch"}
+    assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete", "patch"}
+    assert set(paths["/api/v1/api-tokens/{id}:rotate"]) == {"post"}
+    assert set(paths["/api/v1/audit-events"]) == {"get"}
+    assert set(paths["/api/v1/leaked-tokens"]) == {"post"}
+    assert paths["/api/v1/leaked-tokens"]["post"]["security"] == [{}, {"bearerAuth": []}]
     assert set(paths["/api/v1/authenticate"]) == {"post"}
     assert set(paths["/api/v1/scopes"]) == {"get"}
     create = paths["/api/v1/api-tokens"]["post"]
@@ -362,6 +366,8 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
         assert schema == {"$ref": "#/components/schemas/Error"}
     params = {p["name"]: p for p in paths["/api/v1/api-tokens"]["get"]["parameters"]}
     assert set(params) == {"pageSize", "pageToken", "state", "notUsedSince"}
+    assert params["state"]["schema"]["enum"] == [
+        "STATE_UNSPECIFIED", "ACTIVE", "EXPIRED", "REVOKED"]
     assert params["pageSize"]["schema"]["type"] == "integer"
     assert paths["/api/v1/api-tokens/{id}"]["get"]["parameters"][0]["in"] == "path"
     schemas = doc["components"]["schemas"]

@@ -242,10 +242,13 @@ class _FakeError(grpc.RpcError):
 def test_status_mapping_hides_internals_and_carries_retry_after() -> None:
     leak = "Exception calling application: Traceback (most recent call last) at /srv/x.py"
     for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED):
+                 grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED):
         error = from_rpc_error(_FakeError(code, leak), None)
         assert (error.status, error.code) == (500, "internal_error")
         assert "Traceback" not in error.message and "/srv" not in error.message
+    # A refused state change is the caller's to act on: 409 with the server's reason.
+    error = from_rpc_error(_FakeError(grpc.StatusCode.FAILED_PRECONDITION, "already rotated"), None)
+    assert (error.status, error.code, error.message) == (409, "conflict", "already rotated")
     rich = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="slow down")
     rich.details.add().Pack(
         error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2, nanos=5))

@@ -10,6 +10,8 @@
 # The bootstrap token needs api_token:manage and the scopes in SCOPES (default
 # pass:read). Prints each request and its status; exits 1 at the first mismatch.
 # Needs curl, and jq or python3 to read JSON (JSON_TOOL=python3 skips jq).
+# Over https with your own CA: TOKENSERVICE_CA_FILE=ca.crt; for mTLS also
+# TOKENSERVICE_CERT_FILE and TOKENSERVICE_KEY_FILE (the client certificate and key).
 set -euo pipefail
 
 BASE_URL="${1:-${TOKENSERVICE_URL:-http://localhost:8080}}"
@@ -40,6 +42,9 @@ PY
 call() {
   local expected="$1" method="$2" path="$3" token="${4:-}" body="${5:-}" status
   local args=(-sS -o "$WORK/body" -D "$WORK/headers" -w '%{http_code}' -X "$method")
+  [ -n "${TOKENSERVICE_CA_FILE:-}" ] && args+=(--cacert "$TOKENSERVICE_CA_FILE")
+  [ -n "${TOKENSERVICE_CERT_FILE:-}" ] && args+=(--cert "$TOKENSERVICE_CERT_FILE")
+  [ -n "${TOKENSERVICE_KEY_FILE:-}" ] && args+=(--key "$TOKENSERVICE_KEY_FILE")
   [ -n "$token" ] && args+=(-H "Authorization: Bearer $token")
   [ -n "$body" ] && args+=(-H "Content-Type: application/json" --data "$body")
   status="$(curl "${args[@]}" "$BASE_URL$path")" || status="curl-failed"

@@ -9,6 +9,9 @@
 // Python package already in the project's .venv (found automatically) or from the
 // directory named by GOOGLEAPIS_PROTO_DIR (any checkout of googleapis works).
 //
+// TLS with your own CA: TOKENSERVICE_CA_FILE=ca.crt (PEM); for mTLS also
+// TOKENSERVICE_CERT_FILE and TOKENSERVICE_KEY_FILE, the client certificate and its key.
+//
 // Prints one JSON line describing what happened (never the raw token) and exits 0;
 // on a gRPC error prints "CODE: message" on stderr and exits 1.
 "use strict";
@@ -51,7 +54,9 @@ function loadService(target, token) {
     defaults: true,
   });
   const { TokenService } = grpc.loadPackageDefinition(definition).tokenservice.v1;
-  if (isLocal(target)) {
+  const { TOKENSERVICE_CA_FILE: ca, TOKENSERVICE_CERT_FILE: cert, TOKENSERVICE_KEY_FILE: key } =
+    process.env;
+  if (isLocal(target) && !ca) {
     // grpc-js has no local credentials, and refuses call credentials on an insecure
     // channel; on loopback we attach the header per call instead (see call() below).
     return { client: new TokenService(target, grpc.credentials.createInsecure()), perCall: true };
@@ -62,8 +67,9 @@ function loadService(target, token) {
     md.set("authorization", `Bearer ${token}`);
     callback(null, md);
   });
+  const read = (file) => (file ? fs.readFileSync(file) : null);
   const creds = grpc.credentials.combineChannelCredentials(
-    grpc.credentials.createSsl(),
+    grpc.credentials.createSsl(read(ca), read(key), read(cert)),
     callCreds
   );
   return { client: new TokenService(target, creds), perCall: false };

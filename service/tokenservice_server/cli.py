@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import NoReturn
 
 import peewee
 
 from . import logs, narrowing
-from .config import Config, ConfigError, grpc_address, load_config
+from .config import Config, ConfigError, check_transport, grpc_address, load_config
 from .crypto import hasher_for
 from .db import DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
@@ -44,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     def db_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--database-url", help="sqlite:///path.db or postgresql://user:pass@host/db")
 
+    def tls_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate (PEM)")
+        p.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
+        p.add_argument("--tls-client-ca", metavar="F",
+                       help="require client certificates signed by this CA (mTLS)")
+        p.add_argument("--plaintext", action="store_const", const=True,
+                       help="allow a non-loopback host without TLS (a mesh terminates TLS)")
+
     serve = sub.add_parser("serve", help="run the gRPC server and the REST shim")
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
@@ -64,11 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     # Set by `serve --workers N` on the processes it starts; not for people.
     serve.add_argument("--reuse-port", dest="reuse_port", action="store_const", const=True,
                        help=argparse.SUPPRESS)
+    serve.add_argument("--local-socket", help=argparse.SUPPRESS)
+    tls_flags(serve)
 
     rest = sub.add_parser("rest", help="run the REST shim alone, in front of a gRPC server")
     rest.add_argument("--grpc-target", default="127.0.0.1:50051", help="HOST:PORT")
     rest.add_argument("--host")
     rest.add_argument("--http-port", type=int)
+    tls_flags(rest)
+    rest.add_argument("--tls-ca", metavar="F",
+                      help="dial gRPC over TLS, trusting this CA; with mTLS the shim presents"
+                      " --tls-cert/--tls-key as its client certificate")
 
     mig = sub.add_parser("migrate", help="create or upgrade the schema")
     db_flag(mig)
@@ -126,32 +142,77 @@ def _service(config: Config) -> TokenService:
     )
 
 
+class _Hangup:
+    """SIGHUP re-reads the certificates; one that arrives while they are first read waits."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.reload: Callable[[], object] | None = None
+
+    def __call__(self, *_: object) -> None:
+        if self.reload is None:
+            self.pending = True
+        else:
+            self.reload()
+
+    def ready(self, reload: Callable[[], object]) -> None:
+        self.reload = reload
+        if self.pending:
+            self.pending = False
+            reload()
+
+
+def _private_socket_folder(config: Config) -> tempfile.TemporaryDirectory[str] | None:
+    """Where the in-process REST shim reaches gRPC: a folder only this user may enter.
+
+    The shim dials gRPC over a Unix socket there, in plaintext, rather than through
+    the public port: it then needs no certificate of its own (with mTLS, it would
+    need one the client CA signed), gRPC can believe the client address and
+    certificate subject it forwards (no other process can reach the socket), and
+    nothing extra listens on the network.
+    """
+    return tempfile.TemporaryDirectory(prefix="tokenservice-") if config.rest_enabled else None
+
+
 def _serve(config: Config) -> int:
     from .server import TokenServer
 
+    check_transport(config)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    hangup = _Hangup()
+    if config.tls_cert:
+        signal.signal(signal.SIGHUP, hangup)
     if config.workers > 1:
-        return _supervise(config, stop)
+        return _supervise(config, stop, hangup)
+    # The folder also goes at exit (TemporaryDirectory's finalizer) if start-up fails.
+    folder = _private_socket_folder(config) if not config.local_socket else None
+    if folder is not None:
+        config = dataclasses.replace(config, local_socket=os.path.join(folder.name, "grpc.sock"))
     server = TokenServer(config)
+    if server.tls is not None:
+        hangup.ready(server.tls.reload)
     server.start()
     _serve_metrics(config)
     rest = None
     if config.rest_enabled:
         from .rest import RestServer
 
-        rest = RestServer(_local_target(config.host, server.port), config.host, config.http_port)
+        rest = RestServer(f"unix:{config.local_socket}", config.host, config.http_port,
+                          tls=server.tls)
         rest.start(server.loop)
     stop.wait()
     log.info("stopping: draining in-flight calls")
     if rest is not None:
         rest.stop(config.shutdown_grace_seconds)
     server.stop()
+    if folder is not None:
+        folder.cleanup()
     return 0
 
 
-def _worker_command(config: Config, port: int) -> list[str]:
+def _worker_command(config: Config, port: int, local_socket: str | None) -> list[str]:
     command = [
         sys.executable, "-c", "from tokenservice_server.cli import main; main()", "serve",
         "--host", config.host, "--grpc-port", str(port), "--database-url", config.database_url,
@@ -164,10 +225,18 @@ def _worker_command(config: Config, port: int) -> list[str]:
     command += ["--rate-limit", str(config.rate_limit or "off")]
     if config.redis_url:
         command += ["--redis-url", config.redis_url]
+    if local_socket:
+        command += ["--local-socket", local_socket]
+    if config.tls_cert and config.tls_key:
+        command += ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key]
+    if config.tls_client_ca:
+        command += ["--tls-client-ca", config.tls_client_ca]
+    if config.plaintext:
+        command.append("--plaintext")
     return command
 
 
-def _supervise(config: Config, stop: threading.Event) -> int:
+def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
     """`serve --workers N`: N gRPC processes on one port (SO_REUSEPORT), the REST shim here.
 
     A Python process runs Python on one core at a time (the GIL), so one
@@ -175,13 +244,17 @@ def _supervise(config: Config, stop: threading.Event) -> int:
     the database: each has its own verified-secret cache and throttle buckets,
     and reads revocation from the database on every call as before. SIGTERM or
     SIGINT drains the shim, then every worker (each flushes its last_used_at).
+    SIGHUP re-reads the shim's certificates and is passed on to every worker.
+    The shim reaches the workers through a Unix socket each, round robin.
     """
     import subprocess
     import tempfile
     import time
 
     from . import metrics
+    from .tls import ServerTls
 
+    tls = ServerTls.from_config(config)  # a bad certificate stops us before any worker starts
     # Every worker writes its metrics under one directory; /metrics here sums them.
     metrics_dir = None
     if not os.environ.get(metrics.MULTIPROC_ENV):
@@ -195,17 +268,32 @@ def _supervise(config: Config, stop: threading.Event) -> int:
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
             s.bind((config.host, 0))
             port = s.getsockname()[1]
-    command = _worker_command(config, port)
-    workers = [subprocess.Popen(command) for _ in range(config.workers)]
+    folder = _private_socket_folder(config)
+    sockets = (
+        [os.path.join(folder.name, f"worker-{i}.sock") for i in range(config.workers)]
+        if folder is not None else [None] * config.workers
+    )
+    commands = [_worker_command(config, port, path) for path in sockets]
+    workers = [subprocess.Popen(command) for command in commands]
     log.info("supervising gRPC workers",
              extra={"workers": len(workers), "port": port, "pids": [w.pid for w in workers]})
+
+    def forward_hangup() -> None:
+        if tls is not None:
+            tls.reload()
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGHUP)
+
+    hangup.ready(forward_hangup)
     rest = None
     try:
-        _wait_listening(config.host, port, workers, stop)
+        _wait_listening(config.host, port, workers, stop, [p for p in sockets if p])
         if config.rest_enabled and not stop.is_set():
             from .rest import RestServer
 
-            rest = RestServer(_local_target(config.host, port), config.host, config.http_port)
+            target = "unix:" + ",".join(p for p in sockets if p)
+            rest = RestServer(target, config.host, config.http_port, tls=tls)
             rest.start()
         _serve_metrics(config)
         while not stop.wait(1.0):
@@ -215,7 +303,7 @@ def _supervise(config: Config, stop: threading.Event) -> int:
                                 extra={"pid": worker.pid, "exit_code": worker.returncode})
                     metrics.worker_exited(worker.pid)
                     time.sleep(1.0)
-                    workers[i] = subprocess.Popen(command)
+                    workers[i] = subprocess.Popen(commands[i])
     finally:
         log.info("stopping: draining in-flight calls")
         if rest is not None:
@@ -230,6 +318,8 @@ def _supervise(config: Config, stop: threading.Event) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 codes.append(worker.wait())
+        if folder is not None:
+            folder.cleanup()
         if metrics_dir is not None:
             metrics_dir.cleanup()
     return 0 if all(code == 0 for code in codes) else 1
@@ -245,8 +335,11 @@ def _serve_metrics(config: Config) -> None:
     log.info("serving metrics", extra={"port": port})
 
 
-def _wait_listening(host: str, port: int, workers: list, stop: threading.Event) -> None:
-    """Until the port answers; a worker that dies on start (port taken) fails the serve."""
+def _wait_listening(
+    host: str, port: int, workers: list, stop: threading.Event, sockets: list[str]
+) -> None:
+    """Until the port answers and every worker's Unix socket is there; a worker that dies
+    on start (port taken) fails the serve."""
     import socket
 
     deadline = threading.Event()
@@ -259,18 +352,16 @@ def _wait_listening(host: str, port: int, workers: list, stop: threading.Event) 
                 raise OSError(f"cannot serve on {address}: a worker exited on start")
             try:
                 with socket.create_connection((host, port), timeout=1):
+                    pass
+                if all(os.path.exists(path) for path in sockets):
                     return
             except OSError:
-                if deadline.is_set():
-                    raise OSError(f"no gRPC worker listens on {grpc_address(host, port)}") from None
-                stop.wait(0.1)
+                pass
+            if deadline.is_set():
+                raise OSError(f"no gRPC worker listens on {grpc_address(host, port)}")
+            stop.wait(0.1)
     finally:
         timer.cancel()
-
-
-def _local_target(host: str, port: int) -> str:
-    """Where the REST shim dials the gRPC server bound on host:port: loopback for a wildcard."""
-    return grpc_address("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
 
 
 def run(argv: Sequence[str]) -> int:
@@ -282,8 +373,14 @@ def run(argv: Sequence[str]) -> int:
         return _serve(config)
     if args.command == "rest":
         from .rest import run_rest
+        from .tls import ServerTls, channel_credentials
 
-        run_rest(args.grpc_target, config.host, config.http_port)
+        check_transport(config)
+        credentials = None
+        if config.tls_ca:
+            credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+        run_rest(args.grpc_target, config.host, config.http_port,
+                 tls=ServerTls.from_config(config), channel_credentials=credentials)
         return 0
     if args.command == "scopes":
         catalog = ScopeCatalog.load(config.scopes_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -123,6 +124,23 @@ class Config:
     metrics_port: int | None = None
     # Set by `serve --workers` for its worker processes only: share the port on purpose.
     reuse_port: bool = False
+    # TLS: the certificate and key both faces serve; with a client CA, both require a
+    # client certificate it signed (mTLS). Re-read on SIGHUP.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # `tokenservice rest`: the CA that signs the gRPC server's certificate (dial TLS).
+    tls_ca: str | None = None
+    # Serve without TLS on a non-loopback host: the network (a mesh, a sidecar) does TLS.
+    plaintext: bool = False
+    # A Unix socket the gRPC server also listens on, in a folder only this user can
+    # enter, for the REST shim on this machine; set by `serve`, not by people.
+    local_socket: str | None = None
+    # Audit events older than this many days are deleted (0: kept forever),
+    # checked every audit_prune_seconds, audit_prune_batch rows a transaction.
+    audit_retention_days: int = 400
+    audit_prune_seconds: float = 600.0
+    audit_prune_batch: int = 500
 
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Config) if f.type in ("int", "int | None")}
@@ -196,6 +214,17 @@ def validate(config: Config) -> None:
     if not 0 < config.redis_timeout_seconds <= 10:
         raise ConfigError("the Redis timeout must be in (0, 10] seconds")
 
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS first")
+    if config.plaintext and config.tls_cert:
+        raise ConfigError("--plaintext contradicts --tls-cert: choose one")
+    if config.audit_retention_days < 0:
+        raise ConfigError("the audit retention must be 0 (keep forever) or a number of days")
+    if config.audit_prune_seconds <= 0 or config.audit_prune_batch < 1:
+        raise ConfigError("the audit prune interval and batch must be positive")
+
 
 def check_redis_url(url: str) -> None:
     """redis://host:port/db (rediss:// for TLS), refused early rather than at the first call."""
@@ -209,6 +238,26 @@ def check_redis_url(url: str) -> None:
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
         raise ConfigError(f"Redis URL: the database must be a number, got {db!r}")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: addresses no other machine can reach."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(config: Config) -> None:
+    """Refuses to serve a non-loopback host in plaintext unless told the network does TLS."""
+    if config.tls_cert or config.plaintext or is_loopback(config.host):
+        return
+    raise ConfigError(
+        f"refusing to serve {config.host} without TLS: give --tls-cert and --tls-key,"
+        " or --plaintext if a mesh or sidecar terminates TLS"
+    )
 
 
 def grpc_address(host: str, port: int) -> str:

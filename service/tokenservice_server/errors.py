@@ -39,6 +39,10 @@ class AlreadyExists(DomainError):
     pass
 
 
+class FailedPrecondition(DomainError):
+    """The request is well formed but the token's state forbids it (rotating a revoked one)."""
+
+
 # ErrorInfo reasons of RateLimited: a caller may act on which it is.
 RATE_LIMITED = "RATE_LIMITED"  # too many failures, or the service is busy verifying
 TOKEN_RATE_LIMITED = "TOKEN_RATE_LIMITED"  # a valid token over its own rate limit

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -34,6 +34,7 @@ from .errors import (
     TOKEN_RATE_LIMITED,
     AlreadyExists,
     DomainError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -46,7 +47,16 @@ from .logs import rpc_log
 from .metrics import RpcMetrics
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
-from .values import CachedUse, Narrowed, Principal, TokenInfo, to_micros
+from .values import (
+    AuditEvent,
+    CachedUse,
+    Narrowed,
+    Principal,
+    RateLimit,
+    TokenInfo,
+    TokenState,
+    to_micros,
+)
 
 log = logging.getLogger("tokenservice.rpc")
 
@@ -65,6 +75,7 @@ _CODES: dict[type[DomainError], tuple[int, grpc.StatusCode]] = {
     PermissionDenied: (code_pb2.PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED),
     NotFound: (code_pb2.NOT_FOUND, grpc.StatusCode.NOT_FOUND),
     AlreadyExists: (code_pb2.ALREADY_EXISTS, grpc.StatusCode.ALREADY_EXISTS),
+    FailedPrecondition: (code_pb2.FAILED_PRECONDITION, grpc.StatusCode.FAILED_PRECONDITION),
     RateLimited: (code_pb2.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED),
     Unavailable: (code_pb2.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
 }
@@ -102,7 +113,8 @@ def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str
         host = rest.rsplit(":", 1)[0].strip("[]")
     else:
         host = peer
-    if host in trusted_proxies:
+    # "unix:" is the in-process REST shim's private socket (server.py, local_socket).
+    if host in trusted_proxies or kind == "unix":
         for key, value in context.invocation_metadata():
             if key == "x-forwarded-for" and value:
                 return value.split(",")[0].strip()
@@ -117,6 +129,8 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
 
 
 AUTHENTICATE = _PREFIX + "Authenticate"
+# Anonymous methods whose throttled callers are tarpitted.
+TARPITTED = frozenset({AUTHENTICATE, _PREFIX + "ReportLeakedTokens"})
 # A throttled client's refusal is held back this long at most: a flooder with a
 # fixed number of calls in flight then sends only a few calls a second, and a
 # waiting call costs the event loop nothing.
@@ -180,10 +194,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         ours = method.startswith(_PREFIX)
         # A method of ours missing from the policy table needs a caller: the safe default.
         needs_caller = ours and caller_for(method) is not Caller.ANONYMOUS
-        tarpit = method == AUTHENTICATE
+        tarpit = method in TARPITTED
         is_async = inspect.iscoroutinefunction(behavior)
         # Authenticate never narrows anything: its hot path skips the collector.
-        collects = ours and is_async and not tarpit
+        collects = ours and is_async and method != AUTHENTICATE
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
         settle = self._settle
@@ -263,6 +277,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
+            except NotImplementedError:
+                code = grpc.StatusCode.UNIMPLEMENTED
+                await context.abort(code, "this method is not implemented by this server")
             except Exception as error:
                 if isinstance(error, grpc.RpcError):
                     code = context.code() or grpc.StatusCode.UNKNOWN
@@ -353,6 +370,15 @@ def _ts(message: Any, value: Any) -> None:
         message.FromDatetime(value)
 
 
+_STATES = {
+    TokenState.ACTIVE: pb.ApiToken.ACTIVE,
+    TokenState.EXPIRED: pb.ApiToken.EXPIRED,
+    TokenState.REVOKED: pb.ApiToken.REVOKED,
+}
+_STATE_FILTERS = {number: state for state, number in _STATES.items()}
+_UPDATABLE = ("name", "scopes", "expires_at", "rate_limit")
+
+
 def token_pb(info: TokenInfo) -> pb.ApiToken:
     message = pb.ApiToken(
         id=info.id,
@@ -361,12 +387,53 @@ def token_pb(info: TokenInfo) -> pb.ApiToken:
         scopes=info.scopes,
         created_by_email=info.created_by_email,
         org_id=info.org_id,
+        state=_STATES[info.state],
+        rotated_from_id=info.rotated_from_id or "",
+        replaced_by_id=info.replaced_by_id or "",
+        parent_id=info.parent_id or "",
     )
     _ts(message.expires_at, info.expires_at)
     _ts(message.last_used_at, info.last_used_at)
     _ts(message.revoked_at, info.revoked_at)
     _ts(message.created_at, info.created_at)
+    if info.rate_limit is not None:
+        message.rate_limit.requests = info.rate_limit.requests
+        message.rate_limit.period.FromMicroseconds(info.rate_limit.period_us)
     return message
+
+
+def audit_event_pb(event: AuditEvent) -> pb.AuditEvent:
+    message = pb.AuditEvent(
+        id=event.id,
+        action=event.action,
+        org_id=event.org_id,
+        actor_user_id=event.actor_user_id,
+        actor_email=event.actor_email,
+        actor_token_id=event.actor_token_id,
+        token_id=event.token_id,
+        client_address=event.client_address,
+    )
+    message.time.FromDatetime(event.time)
+    json_format.ParseDict(event.details, message.details)
+    return message
+
+
+def _timestamp(message: Any, field: str) -> Any:
+    """A request's Timestamp field as an aware datetime, None when unset."""
+    if not message.HasField(field):
+        return None
+    try:
+        return getattr(message, field).ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument([(field, "is not a valid timestamp")]) from None
+
+
+def _rate_limit(message: Any) -> RateLimit | None:
+    """A request's RateLimit, None when unset; an unset period is zero (refused)."""
+    if not message.HasField("rate_limit"):
+        return None
+    limit = message.rate_limit
+    return RateLimit(limit.requests, limit.period.ToMicroseconds())
 
 
 class TokenServiceServicer(pb_grpc.TokenServiceServicer):
@@ -382,23 +449,24 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         self._trusted = frozenset(trusted_proxies)
         self._hub = hub
 
+    def _client(self, context: Any) -> Any:
+        """The caller's address, for the audit log (computed when an event needs it)."""
+        trusted = self._trusted
+        return lambda: client_address(context, trusted)
+
     def CreateToken(self, request: pb.CreateTokenRequest, context: Any) -> pb.CreateTokenResponse:
-        expires_at = None
-        if request.HasField("expires_at"):
-            try:
-                expires_at = request.expires_at.ToDatetime(tzinfo=UTC)
-            except (ValueError, OverflowError):
-                raise InvalidArgument(
-                    [("expires_at", "is not a valid timestamp")]
-                ) from None
         created = self._service.create_token(
-            _caller.get(), request.name, list(request.scopes), expires_at
+            _caller.get(), request.name, list(request.scopes),
+            _timestamp(request, "expires_at"), _rate_limit(request), self._client(context),
         )
         _token_id.set(created.info.id)
         return pb.CreateTokenResponse(token=created.raw, api_token=token_pb(created.info))
 
     def ListTokens(self, request: pb.ListTokensRequest, context: Any) -> pb.ListTokensResponse:
-        page = self._service.list_tokens(_caller.get(), request.page_size, request.page_token)
+        page = self._service.list_tokens(
+            _caller.get(), request.page_size, request.page_token,
+            _STATE_FILTERS.get(request.state), _timestamp(request, "not_used_since"),
+        )
         return pb.ListTokensResponse(
             tokens=[token_pb(t) for t in page.tokens], next_page_token=page.next_page_token
         )
@@ -407,7 +475,68 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         return token_pb(self._service.get_token(_caller.get(), request.id))
 
     def RevokeToken(self, request: pb.RevokeTokenRequest, context: Any) -> pb.ApiToken:
-        return token_pb(self._service.revoke_token(_caller.get(), request.id))
+        return token_pb(self._service.revoke_token(
+            _caller.get(), request.id, request.revoke_children, self._client(context)
+        ))
+
+    def RotateToken(self, request: pb.RotateTokenRequest, context: Any) -> pb.RotateTokenResponse:
+        rotated = self._service.rotate_token(
+            _caller.get(), request.id, request.grace_period.ToMicroseconds(),
+            self._client(context),
+        )
+        _token_id.set(rotated.info.id)
+        return pb.RotateTokenResponse(
+            token=rotated.raw,
+            api_token=token_pb(rotated.info),
+            previous=token_pb(rotated.previous),
+        )
+
+    def UpdateToken(self, request: pb.UpdateTokenRequest, context: Any) -> pb.ApiToken:
+        token = request.api_token
+        paths = list(request.update_mask.paths)
+        if not paths:
+            # AIP-134: no mask means every field the request sets (output-only
+            # and identifying fields are not changes).
+            paths = [f.name for f, _ in token.ListFields() if f.name in _UPDATABLE]
+        elif "*" in paths:
+            paths = list(_UPDATABLE)
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path == "name":
+                changes[path] = token.name
+            elif path == "scopes":
+                changes[path] = list(token.scopes)
+            elif path == "expires_at":
+                changes[path] = _timestamp(token, "expires_at")
+            elif path == "rate_limit":
+                changes[path] = _rate_limit(token)
+            else:
+                changes[path] = None  # the rules refuse it, naming it
+        return token_pb(self._service.update_token(
+            _caller.get(), token.id, changes, self._client(context)
+        ))
+
+    def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: Any
+    ) -> pb.ListAuditEventsResponse:
+        page = self._service.list_audit_events(
+            _caller.get(), request.page_size, request.page_token, request.token_id,
+            request.action,
+        )
+        return pb.ListAuditEventsResponse(
+            events=[audit_event_pb(e) for e in page.events],
+            next_page_token=page.next_page_token,
+        )
+
+    def ReportLeakedTokens(
+        self, request: pb.ReportLeakedTokensRequest, context: Any
+    ) -> pb.ReportLeakedTokensResponse:
+        results = self._service.report_leaked_tokens(
+            list(request.tokens), request.source, self._client(context)
+        )
+        return pb.ReportLeakedTokensResponse(results=[
+            pb.LeakResult(token_prefix=r.token_prefix, revoked=r.revoked) for r in results
+        ])
 
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext

@@ -20,6 +20,7 @@ from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
+from .db import is_sqlite
 from .fanout import Fanout
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
@@ -27,9 +28,11 @@ from .leases import LeaseHub
 from .logs import rpc_log
 from .migrations import open_migrated
 from .policy import SERVICE_NAME
+from .retention import AuditPruner
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
+from .tls import ServerTls
 from .usage import UsageRecorder
 
 log = logging.getLogger("tokenservice.server")
@@ -44,6 +47,8 @@ class TokenServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Read first: a bad certificate should stop the start before anything opens.
+        self.tls = ServerTls.from_config(config)
         self.catalog = ScopeCatalog.load(config.scopes_file)
         # Connections: one per worker thread (management calls, and Authenticate's
         # read on PostgreSQL), the event loop's thread and the health probe.
@@ -72,6 +77,10 @@ class TokenServer:
             on_count=metrics.set_token_watchers,
         )
         self.fanout = Fanout(self.store, self.hub, config.lease_seconds, self._blocking)
+        self.pruner = AuditPruner(
+            self.prune_audit, config.audit_prune_seconds, config.audit_prune_batch,
+            on_exit=self._close_thread_connection,
+        )
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._run_loop, name="grpc-loop", daemon=True
@@ -125,20 +134,45 @@ class TokenServer:
         with self.store.connection():
             self.store.write_last_used(batch)
 
+    def _close_thread_connection(self) -> None:
+        """SQLite keeps a connection per thread: a thread that ends closes its own."""
+        if is_sqlite(self.store.db) and not self.store.db.is_closed():
+            self.store.db.close()
+
+    def prune_audit(self) -> int:
+        """One batch of audit retention, in a connection of its own."""
+        if not self.config.audit_retention_days:
+            return 0
+        with self.store.connection():
+            return self.service.prune_audit(
+                self.config.audit_retention_days, self.config.audit_prune_batch
+            )
+
     def start(self) -> int:
         """Binds and starts serving; returns the real port (the config may say 0)."""
         address = grpc_address(self.config.host, self.config.grpc_port)
         try:
-            self.port = self._server.add_insecure_port(address)
+            if self.tls is not None:
+                self.port = self._server.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError:  # grpcio raises this when the port is taken
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: address in use or not available")
+        if self.config.local_socket:
+            # Plaintext, for the REST shim of this machine: the socket's folder is
+            # private to this user, so the port above is the only way in from outside.
+            self._server.add_insecure_port("unix:" + self.config.local_socket)
         self._call(self._server.start())
         self._call(self.fanout.start())
         self.usage.start()
+        self.pruner.start()
         self.probe.start()
-        log.info("serving gRPC", extra={"address": grpc_address(self.config.host, self.port)})
+        log.info("serving gRPC", extra={
+            "address": grpc_address(self.config.host, self.port),
+            "tls": "off" if self.tls is None else "mutual" if self.tls.mutual else "on",
+        })
         return self.port
 
     def stop(self, grace: float | None = None) -> None:
@@ -160,6 +194,7 @@ class TokenServer:
         self.service.close()
         self.usage.close()
         rpc_log.flush()
+        self.pruner.close()
 
         async def close_loop_connection() -> None:
             # SQLite keeps a connection per thread: the loop's thread has one too.

@@ -6,14 +6,18 @@ import asyncio
 import base64
 import binascii
 import contextvars
+import hashlib
 import logging
+import threading
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from . import tokens
 from .config import Config
@@ -22,25 +26,38 @@ from .errors import (
     AUTH_FAILED,
     AlreadyExists,
     Conflict,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     RateLimited,
     Unauthenticated,
+    Unavailable,
 )
 from .scopes import ADMIN, MANAGE, VERIFY, ScopeCatalog, normalise
-from .store import Store
+from .store import UPDATABLE, Store
 from .throttle import FailureBuckets
 from .usage import UsageRecorder
 from .values import (
+    CLI_ACTOR,
+    DAY_MICROS,
+    Actor,
+    AuditEntry,
+    AuditEvent,
+    AuditPage,
     AuthRow,
     CachedUse,
     CreatedToken,
     Cursor,
+    LeakResult,
     NewToken,
     Principal,
+    RateLimit,
+    RotatedToken,
     TokenInfo,
     TokenPage,
+    TokenState,
+    UserInfo,
     from_micros,
     to_micros,
 )
@@ -57,6 +74,56 @@ BIDI_FORMATTING = frozenset(
 # A client address, or a function giving it: only the failure paths need it,
 # so the gRPC layer passes it lazily.
 Client = str | Callable[[], str]
+
+# Rotation: how long the old token may keep working.
+MAX_GRACE_US = 7 * DAY_MICROS
+# A rotated token's old secret presented again is recorded at most this often.
+REUSE_REPORT_EVERY_US = 60_000_000
+MAX_LEAK_REPORT = 100
+MAX_SOURCE_LENGTH = 2048
+MAX_RATE_LIMIT_PERIOD_US = 366 * DAY_MICROS
+MAX_RATE_LIMIT_REQUESTS = 2**31 - 1
+
+# Every action the audit log records.
+AUDIT_ACTIONS = (
+    "token.create",
+    "token.update",
+    "token.rotate",
+    "token.revoke",
+    "token.leak_reported",
+    "token.reuse_after_rotation",
+    "user.add",
+    "user.update",
+    "user.disable",
+    "user.enable",
+)
+
+
+class _ReusedAfterRotation(Exception):
+    """A rotated token's right secret after its grace: refused, and worth recording."""
+
+    def __init__(self, row: AuthRow, reason: str) -> None:
+        super().__init__("reused after rotation")
+        self.row = row
+        self.reason = reason  # revoked or expired, for the outcome metric
+
+
+def _client(client: Client) -> str:
+    return client() if callable(client) else client
+
+
+def _actor(caller: Principal, client: Client) -> Actor:
+    return Actor(caller.user_id, caller.email, caller.token_id, _client(client))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def _limit_details(limit: RateLimit | None) -> dict[str, Any] | None:
+    if limit is None:
+        return None
+    return {"requests": limit.requests, "period_seconds": limit.period_us / 1e6}
 
 
 def _throttled(wait: float) -> RateLimited:
@@ -95,23 +162,38 @@ def validate_name(name: str) -> tuple[str | None, str | None]:
     return clean, None
 
 
-def encode_page_token(cursor: Cursor) -> str:
-    raw = f"1:{cursor.created_at}:{uuid.UUID(cursor.id).hex}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _fingerprint(filters: str) -> str:
+    """What a page token remembers of its filters: enough to tell them apart."""
+    return hashlib.sha256(filters.encode()).hexdigest()[:16] if filters else ""
 
 
-def decode_page_token(page_token: str) -> Cursor:
+def encode_page_token(cursor: Cursor, filters: str = "") -> str:
+    """An opaque cursor, bound to `filters` (a canonical string of the list's filters)."""
+    text = f"1:{cursor.created_at}:{uuid.UUID(cursor.id).hex}"
+    if filters:
+        text += ":" + _fingerprint(filters)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_page_token(page_token: str, filters: str = "") -> Cursor:
+    """The cursor of a page token issued with the same `filters`; InvalidArgument else."""
     bad = InvalidArgument([("page_token", "is not a page token this service issued")])
     try:
         padded = page_token + "=" * (-len(page_token) % 4)
-        version, created, token_hex = (
+        version, created, token_hex, *bound = (
             base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii").split(":")
         )
-        if version != "1":
+        if version != "1" or len(bound) > 1:
             raise bad
-        return Cursor(int(created), str(uuid.UUID(hex=token_hex)))
+        cursor = Cursor(int(created), str(uuid.UUID(hex=token_hex)))
     except (ValueError, UnicodeError, binascii.Error):
         raise bad from None
+    if (bound[0] if bound else "") != _fingerprint(filters):
+        raise InvalidArgument([(
+            "page_token",
+            "was issued for other filters: repeat the filters of the first page, or start over",
+        )])
+    return cursor
 
 
 class TokenService:
@@ -151,6 +233,11 @@ class TokenService:
         # per-token rate limiter charges them (cost=count), as Authenticate
         # charges its own calls.
         self.cached_use_hook: Callable[[CachedUse], None] | None = None
+        # Token ids whose reuse after rotation this process recorded lately: the
+        # store's conditional write decides across replicas; this spares it the
+        # write when one client keeps presenting an old secret.
+        self._reuse_seen: OrderedDict[str, int] = OrderedDict()
+        self._reuse_lock = threading.Lock()
 
     def close(self) -> None:
         self.hasher.close()
@@ -164,11 +251,16 @@ class TokenService:
         cache hit or exactly one hash check. Revocation, expiry and the user's
         state come from that read, so they hold on every call.
         """
-        step = self._begin(raw_token, client)
-        if isinstance(step, _PendingCheck):
-            ok = self.hasher.verify(step.secret, step.row.secret_hash)
-            return self._finish(step, ok, client)
-        return step
+        try:
+            step = self._begin(raw_token, client)
+            if isinstance(step, _PendingCheck):
+                ok = self.hasher.verify(step.secret, step.row.secret_hash)
+                return self._finish(step, ok, client)
+            return step
+        except _ReusedAfterRotation as reuse:
+            # The caller holds a connection: record within it.
+            self._record_reuse(reuse.row, client)
+            raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
 
     async def aauthenticate(self, raw_token: str, client: Client = "") -> Principal:
         """authenticate() for an event loop.
@@ -179,20 +271,37 @@ class TokenService:
         connection state is per thread, and other calls run on the loop meanwhile.
         """
 
-        def read() -> Principal | _PendingCheck:
+        def read() -> Principal | _PendingCheck | _ReusedAfterRotation:
             with self.store.connection():
-                return self._begin(raw_token, client)
+                try:
+                    return self._begin(raw_token, client)
+                except _ReusedAfterRotation as reuse:
+                    return reuse
 
+        loop = asyncio.get_running_loop()
         if self.store.inline_reads:
             step = read()
         else:
-            step = await asyncio.get_running_loop().run_in_executor(
+            step = await loop.run_in_executor(
                 self.blocking, contextvars.copy_context().run, read
             )
-        if isinstance(step, _PendingCheck):
-            ok = await self.hasher.averify(step.secret, step.row.secret_hash)
-            return self._finish(step, ok, client)
-        return step
+        try:
+            if isinstance(step, _ReusedAfterRotation):
+                raise step
+            if isinstance(step, _PendingCheck):
+                ok = await self.hasher.averify(step.secret, step.row.secret_hash)
+                return self._finish(step, ok, client)
+            return step
+        except _ReusedAfterRotation as reuse:
+            # A write, rare (once a minute per token at most): never on the loop.
+            address, row = _client(client), reuse.row
+
+            def record() -> None:
+                with self.store.connection():
+                    self._record_reuse(row, address)
+
+            await loop.run_in_executor(self.blocking, contextvars.copy_context().run, record)
+            raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
 
     def _begin(self, raw_token: str, client: Client) -> Principal | _PendingCheck:
         """The store part: a Principal, or the hash check still owed."""
@@ -216,12 +325,17 @@ class TokenService:
     def _grant(self, row: AuthRow) -> Principal:
         now = self.clock()
         # The secret was right, so none of these is guessing: nothing to throttle.
+        reason = None
         if row.revoked_at is not None:
-            raise Unauthenticated(AUTH_FAILED, "revoked")
-        if row.expires_at is not None and row.expires_at <= now:
-            raise Unauthenticated(AUTH_FAILED, "expired")
-        if row.disabled:
-            raise Unauthenticated(AUTH_FAILED, "disabled")
+            reason = "revoked"
+        elif row.expires_at is not None and row.expires_at <= now:
+            reason = "expired"
+        elif row.disabled:
+            reason = "disabled"
+        if reason is not None:
+            if row.replaced_by_id is not None and not row.disabled:
+                raise _ReusedAfterRotation(row, reason)
+            raise Unauthenticated(AUTH_FAILED, reason)
         if self.usage is not None:
             self.usage.record(row.token_id, now)
         permissions = set(row.permissions)
@@ -256,11 +370,40 @@ class TokenService:
             if wait > 0:
                 raise _throttled(wait)
 
+    def _record_reuse(self, row: AuthRow, client: Client) -> None:
+        """Writes token.reuse_after_rotation, at most once a minute per token.
+
+        Runs inside the caller's connection. A store failure is logged, not
+        raised: the caller is refused either way.
+        """
+        now = self.clock()
+        with self._reuse_lock:
+            seen = self._reuse_seen.get(row.token_id)
+            if seen is not None and now - seen < REUSE_REPORT_EVERY_US:
+                return
+            self._reuse_seen[row.token_id] = now
+            self._reuse_seen.move_to_end(row.token_id)
+            while len(self._reuse_seen) > 10_000:
+                self._reuse_seen.popitem(last=False)
+        entry = AuditEntry(
+            "token.reuse_after_rotation",
+            row.org_id,
+            Actor(client_address=_client(client)),
+            row.token_id,
+            {"replaced_by_id": row.replaced_by_id},
+        )
+        try:
+            self.store.record_reuse(row.token_id, now, REUSE_REPORT_EVERY_US, entry)
+        except Unavailable:
+            log.warning("could not record a rotated token's reuse",
+                        extra={"token_id": row.token_id})
+
     def tarpitted(self, client: Client, seconds: float) -> None:
         """A throttled client was kept waiting: its wait does not refill its bucket."""
         self.client_failures.hold(client() if callable(client) else client, seconds)
 
-    # Management: the caller is a Principal from authenticate().
+    # Management: the caller is a Principal from authenticate(). `client` is
+    # the caller's address, for the audit log.
 
     def _require_manage(self, caller: Principal) -> None:
         if MANAGE not in caller.scopes:
@@ -281,9 +424,15 @@ class TokenService:
         name: str,
         scopes: Sequence[str],
         expires_at: datetime | None,
+        rate_limit: RateLimit | None = None,
+        client: Client = "",
     ) -> CreatedToken:
+        """A token for the caller's user, minted by the caller's token (its parent)."""
         self._require_manage(caller)
-        return self.mint(caller.user_id, caller.org_id, caller.scopes, name, scopes, expires_at)
+        return self.mint(
+            caller.user_id, caller.org_id, caller.scopes, name, scopes, expires_at,
+            rate_limit=rate_limit, parent=caller, actor=_actor(caller, client),
+        )
 
     def mint(
         self,
@@ -293,8 +442,16 @@ class TokenService:
         name: str,
         scopes: Sequence[str],
         expires_at: datetime | None,
+        *,
+        rate_limit: RateLimit | None = None,
+        parent: Principal | None = None,
+        actor: Actor = CLI_ACTOR,
     ) -> CreatedToken:
-        """Creates a token under the create rules; `held` is what the caller may grant."""
+        """Creates a token under the create rules; `held` is what the caller may grant.
+
+        `parent` is the calling token, when there is one: the new token records
+        it and may not outlive it.
+        """
         violations: list[tuple[str, str]] = []
         clean_name, why = validate_name(name)
         if why:
@@ -306,34 +463,83 @@ class TokenService:
             expires = to_micros(expires_at)
             if expires <= now:
                 violations.append(("expires_at", "must be in the future"))
+        self._check_within_parent(
+            expires, parent.expires_at if parent else None, "the calling token", "expires_at",
+            violations,
+        )
+        self._check_rate_limit(rate_limit, "rate_limit", violations)
         if violations:
             raise InvalidArgument(violations)
+        parent_id = parent.token_id if parent else None
+        audit = AuditEntry("token.create", org_id, actor, details={
+            "name": clean_name, "scopes": chosen, "expires_at": _iso(expires_at),
+            "rate_limit": _limit_details(rate_limit), "parent_id": parent_id,
+        })
         for attempt in range(3):
-            raw, parts = tokens.new_token(self.config.token_prefix)
-            new = NewToken(
-                lookup_id=parts.lookup_id,
-                token_prefix=tokens.display_prefix(raw),
-                secret_hash=self.hasher.hash(parts.secret),
-                name=clean_name or "",
-                scopes=tuple(chosen),
-                expires_at=expires,
-                created_at=now,
-                user_id=user_id,
-                org_id=org_id,
+            raw, new = self._new_secret(
+                name=clean_name or "", scopes=tuple(chosen), expires_at=expires,
+                created_at=now, user_id=user_id, org_id=org_id, parent_id=parent_id,
+                rate_limit=rate_limit,
             )
             try:
-                return CreatedToken(raw=raw, info=self.store.insert_token(new))
+                return CreatedToken(raw=raw, info=self.store.insert_token(new, [audit], now))
             except Conflict:
                 # A lookup id collision (about 2**-71): draw another.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
+    def _new_secret(self, **fields: Any) -> tuple[str, NewToken]:
+        """A fresh raw token and the row that stores its hash (bcrypt: the slow part)."""
+        raw, parts = tokens.new_token(self.config.token_prefix)
+        return raw, NewToken(
+            lookup_id=parts.lookup_id,
+            token_prefix=tokens.display_prefix(raw),
+            secret_hash=self.hasher.hash(parts.secret),
+            **fields,
+        )
+
+    @staticmethod
+    def _check_within_parent(
+        expires: int | None,
+        parent_expires: datetime | None,
+        parent_name: str,
+        field: str,
+        violations: list[tuple[str, str]],
+    ) -> None:
+        """The token tree's rule: a token never expires later than its parent."""
+        if parent_expires is None:
+            return
+        limit = _iso(parent_expires)
+        if expires is None:
+            violations.append((
+                field,
+                f"is required: {parent_name} expires at {limit}, and a token under it may"
+                " not outlive it",
+            ))
+        elif expires > to_micros(parent_expires):
+            violations.append((field, f"must not be later than {parent_name}'s expiry, {limit}"))
+
+    @staticmethod
+    def _check_rate_limit(
+        limit: RateLimit | None, field: str, violations: list[tuple[str, str]]
+    ) -> None:
+        if limit is None:
+            return
+        if not 0 < limit.requests <= MAX_RATE_LIMIT_REQUESTS:
+            violations.append((f"{field}.requests", "must be more than zero"))
+        if not 0 < limit.period_us <= MAX_RATE_LIMIT_PERIOD_US:
+            violations.append((f"{field}.period", "must be more than zero and at most 366 days"))
+
     def _check_scopes(
-        self, scopes: Sequence[str], held: Sequence[str], violations: list[tuple[str, str]]
+        self,
+        scopes: Sequence[str],
+        held: Sequence[str],
+        violations: list[tuple[str, str]],
+        field: str = "scopes",
     ) -> list[str]:
         if not scopes:
-            violations.append(("scopes", "at least one scope is required"))
+            violations.append((field, "at least one scope is required"))
             return []
         held_set = {normalise(s) for s in held}
         chosen: list[str] = []
@@ -342,52 +548,352 @@ class TokenService:
             scope = self.catalog.get(requested)
             key = normalise(requested)
             if scope is None:
-                violations.append(("scopes", f"{requested!r} is not a known scope"))
+                violations.append((field, f"{requested!r} is not a known scope"))
             elif key in seen:
-                violations.append(("scopes", f"{scope.name!r} is listed more than once"))
+                violations.append((field, f"{scope.name!r} is listed more than once"))
             elif key not in held_set:
                 violations.append(
-                    ("scopes", f"{scope.name!r} is not held by the caller, so it cannot be granted")
+                    (field, f"{scope.name!r} is not held by the caller, so it cannot be granted")
                 )
             else:
                 chosen.append(scope.name)
             seen.add(key)
         return chosen
 
-    def list_tokens(self, caller: Principal, page_size: int, page_token: str) -> TokenPage:
-        self._require_manage(caller)
+    @staticmethod
+    def _page_size(page_size: int) -> int:
         if page_size < 0:
             raise InvalidArgument([("page_size", "must not be negative")])
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = decode_page_token(page_token) if page_token else None
+        return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+    def list_tokens(
+        self,
+        caller: Principal,
+        page_size: int,
+        page_token: str,
+        state: TokenState | None = None,
+        not_used_since: datetime | None = None,
+    ) -> TokenPage:
+        """Newest first; `state` and `not_used_since` filter, and bind the page token."""
+        self._require_manage(caller)
+        size = self._page_size(page_size)
+        unused = None if not_used_since is None else to_micros(not_used_since)
+        filters = "" if state is None and unused is None else (
+            f"tokens|{state.value if state else ''}|{'' if unused is None else unused}"
+        )
+        after = decode_page_token(page_token, filters) if page_token else None
+        now = self.clock()
         rows = self.store.list_tokens(
             org_id=caller.org_id,
             user_id=None if ADMIN in caller.scopes else caller.user_id,
             after=after,
             limit=size + 1,
+            now=now,
+            state=state,
+            not_used_since=unused,
         )
         page = rows[:size]
         next_token = ""
         if len(rows) > size:
             last = page[-1]
-            next_token = encode_page_token(Cursor(to_micros(last.created_at), last.id))
+            next_token = encode_page_token(
+                Cursor(to_micros(last.created_at), last.id), filters
+            )
         return TokenPage(tuple(page), next_token)
 
     def get_token(self, caller: Principal, token_id: str) -> TokenInfo:
         self._require_manage(caller)
         if not token_id:
             raise InvalidArgument([("id", "is required")])
-        return self._in_reach(caller, self.store.get_token(token_id))
+        return self._in_reach(caller, self.store.get_token(token_id, self.clock()))
 
-    def revoke_token(self, caller: Principal, token_id: str) -> TokenInfo:
+    def revoke_token(
+        self,
+        caller: Principal,
+        token_id: str,
+        revoke_children: bool = False,
+        client: Client = "",
+    ) -> TokenInfo:
+        """Revokes one token, or with `revoke_children` the subtree it minted, at once."""
         self._require_manage(caller)
         if not token_id:
             raise InvalidArgument([("id", "is required")])
-        token = self._in_reach(caller, self.store.get_token(token_id))
-        if token.revoked_at is None:
-            token = self._in_reach(caller, self.store.revoke(token.id, self.clock()))
-            log.info("token revoked", extra={"token_id": token.id})
-        return token
+        token = self._in_reach(caller, self.store.get_token(token_id, self.clock()))
+        return self._revoke(token, revoke_children, _actor(caller, client))
+
+    def _revoke(self, token: TokenInfo, revoke_children: bool, actor: Actor) -> TokenInfo:
+        if token.revoked_at is not None and not revoke_children:
+            return token
+        entry = AuditEntry("token.revoke", token.org_id, actor, token.id,
+                           {"revoke_children": revoke_children})
+        children = AuditEntry("token.revoke", token.org_id, actor,
+                              details={"revoked_with": token.id}) if revoke_children else None
+        revoked = self.store.revoke(token.id, self.clock(), entry, children=children)
+        if revoked is None:
+            raise NotFound("no such token")
+        log.info("token revoked", extra={"token_id": token.id, "children": revoke_children})
+        return revoked
+
+    def count_children(self, caller: Principal, token_id: str) -> int:
+        """How many live tokens a token minted, transitively (what revoke_children takes)."""
+        self.get_token(caller, token_id)
+        return self.store.count_children(token_id)
+
+    def rotate_token(
+        self, caller: Principal, token_id: str, grace_us: int, client: Client = ""
+    ) -> RotatedToken:
+        """A new token in the old one's place; the old one works for `grace_us` more."""
+        self._require_manage(caller)
+        violations: list[tuple[str, str]] = []
+        if not token_id:
+            violations.append(("id", "is required"))
+        if not 0 <= grace_us <= MAX_GRACE_US:
+            violations.append(("grace_period", "must be between 0 and 7 days"))
+        if violations:
+            raise InvalidArgument(violations)
+        now = self.clock()
+        old = self._in_reach(caller, self.store.get_token(token_id, now))
+        self._require_rotatable(old)
+        actor = _actor(caller, client)
+        old_expires = None if old.expires_at is None else to_micros(old.expires_at)
+        grace_end = now + grace_us
+        # The grace never lengthens a life: a token due to expire sooner still does.
+        ends = grace_end if old_expires is None else min(old_expires, grace_end)
+        for attempt in range(3):
+            new_id = str(uuid.uuid4())
+            raw, new = self._new_secret(
+                name=old.name, scopes=old.scopes, expires_at=old_expires, created_at=now,
+                user_id=old.user_id, org_id=old.org_id, parent_id=old.parent_id,
+                rotated_from_id=old.id, rate_limit=old.rate_limit,
+            )
+            audit = [
+                AuditEntry("token.rotate", old.org_id, actor, old.id, {
+                    "replaced_by_id": new_id,
+                    "grace_period_seconds": grace_us / 1e6,
+                    "old_expires_at": None if grace_us == 0 else _iso(from_micros(ends)),
+                }),
+                AuditEntry("token.create", old.org_id, actor, new_id, {
+                    "name": old.name, "scopes": list(old.scopes),
+                    "expires_at": _iso(old.expires_at),
+                    "rate_limit": _limit_details(old.rate_limit),
+                    "parent_id": old.parent_id, "rotated_from_id": old.id,
+                }),
+            ]
+            try:
+                done = self.store.rotate(old.id, new_id, new, ends, grace_us == 0, now, audit)
+            except Conflict:
+                if attempt == 2:
+                    raise
+                continue
+            if done is None:
+                # Rotated, revoked or expired by someone else since we read it.
+                fresh = self.store.get_token(old.id, self.clock())
+                self._require_rotatable(fresh or old)
+                raise FailedPrecondition("the token changed while rotating it; try again")
+            info, previous = done
+            return RotatedToken(raw=raw, info=info, previous=previous)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _require_rotatable(token: TokenInfo) -> None:
+        if token.state is not TokenState.ACTIVE:
+            raise FailedPrecondition(
+                f"only an active token can be rotated; this one is {token.state.value.lower()}"
+            )
+        if token.replaced_by_id is not None:
+            raise FailedPrecondition(
+                f"this token was already rotated; rotate its replacement {token.replaced_by_id}"
+            )
+
+    def update_token(
+        self,
+        caller: Principal,
+        token_id: str,
+        changes: Mapping[str, Any],
+        client: Client = "",
+    ) -> TokenInfo:
+        """Changes some of name, scopes, expires_at, rate_limit, each under Create's rules.
+
+        `changes` maps each field of the update mask to its new value (None
+        clears expires_at or rate_limit). Field paths in errors are the
+        request's: `api_token.<field>`.
+        """
+        self._require_manage(caller)
+        violations: list[tuple[str, str]] = []
+        if not token_id:
+            violations.append(("api_token.id", "is required"))
+        if not changes:
+            violations.append(("update_mask", "names no field to change"))
+        for name in changes:
+            if name not in UPDATABLE:
+                violations.append((
+                    "update_mask",
+                    f"{name!r} cannot be changed; the fields that can are "
+                    + ", ".join(sorted(UPDATABLE)),
+                ))
+        if violations:
+            raise InvalidArgument(violations)
+        now = self.clock()
+        token = self._in_reach(caller, self.store.get_token(token_id, now))
+        if token.state is TokenState.REVOKED:
+            raise FailedPrecondition("a revoked token cannot be changed")
+        if token.replaced_by_id is not None:
+            raise FailedPrecondition(
+                f"this token was rotated; change its replacement {token.replaced_by_id}"
+            )
+        values: dict[str, Any] = {}
+        details: dict[str, Any] = {}
+        clamp = None
+        if "name" in changes:
+            clean, why = validate_name(changes["name"] or "")
+            if why:
+                violations.append(("api_token.name", why))
+            values["name"] = details["name"] = clean
+        if "scopes" in changes:
+            chosen = self._check_scopes(
+                list(changes["scopes"] or ()), caller.scopes, violations, "api_token.scopes"
+            )
+            values["scopes"] = tuple(chosen)
+            details["scopes"] = chosen
+        if "expires_at" in changes:
+            expires_at: datetime | None = changes["expires_at"]
+            expires = None if expires_at is None else to_micros(expires_at)
+            if expires is not None and expires <= now:
+                violations.append(("api_token.expires_at", "must be in the future"))
+            self._check_within_parent(
+                expires, caller.expires_at, "the calling token", "api_token.expires_at",
+                violations,
+            )
+            parent = None
+            if token.parent_id and token.parent_id != caller.token_id:
+                parent = self.store.get_token(token.parent_id, now)
+            if parent is not None:
+                self._check_within_parent(
+                    expires, parent.expires_at, "its parent token", "api_token.expires_at",
+                    violations,
+                )
+            values["expires_at"] = expires
+            details["expires_at"] = _iso(expires_at)
+            old = None if token.expires_at is None else to_micros(token.expires_at)
+            if expires is not None and (old is None or expires < old):
+                clamp = expires  # no child may outlive the shorter life
+        if "rate_limit" in changes:
+            limit: RateLimit | None = changes["rate_limit"]
+            self._check_rate_limit(limit, "api_token.rate_limit", violations)
+            values["rate_limit"] = limit
+            details["rate_limit"] = _limit_details(limit)
+        if violations:
+            raise InvalidArgument(violations)
+        entry = AuditEntry("token.update", token.org_id, _actor(caller, client), token.id,
+                           details)
+        updated = self.store.update_token(token.id, values, now, entry, clamp_children_to=clamp)
+        if updated is None:
+            raise FailedPrecondition("a revoked token cannot be changed")
+        return updated
+
+    # The audit log.
+
+    def list_audit_events(
+        self,
+        caller: Principal,
+        page_size: int,
+        page_token: str,
+        token_id: str = "",
+        action: str = "",
+    ) -> AuditPage:
+        """The caller's org's events, newest first; needs api_token:admin."""
+        if ADMIN not in caller.scopes:
+            raise PermissionDenied(f"this call needs the scope {ADMIN}")
+        size = self._page_size(page_size)
+        violations: list[tuple[str, str]] = []
+        if token_id:
+            try:
+                token_id = str(uuid.UUID(token_id))
+            except ValueError:
+                violations.append(("token_id", "is not a token id"))
+        if action and action not in AUDIT_ACTIONS:
+            violations.append(("action", "must be one of " + ", ".join(AUDIT_ACTIONS)))
+        if violations:
+            raise InvalidArgument(violations)
+        filters = f"audit|{token_id}|{action}"
+        after = decode_page_token(page_token, filters) if page_token else None
+        rows = self.store.list_audit_events(
+            org_id=caller.org_id, after=after, limit=size + 1, token_id=token_id, action=action
+        )
+        page = rows[:size]
+        next_token = ""
+        if len(rows) > size:
+            last = page[-1]
+            next_token = encode_page_token(Cursor(to_micros(last.time), last.id), filters)
+        return AuditPage(tuple(page), next_token)
+
+    def prune_audit(self, retention_days: int, batch: int = 500) -> int:
+        """Deletes one batch of events older than the retention; returns how many."""
+        return self.store.prune_audit(self.clock() - retention_days * DAY_MICROS, batch)
+
+    # Leaked tokens.
+
+    def report_leaked_tokens(
+        self, raw_tokens: Sequence[str], source: str, client: Client = ""
+    ) -> list[LeakResult]:
+        """Revokes every reported token that verifies, with its subtree.
+
+        A look-alike is dropped by its checksum before any database read; a
+        token that fails to verify counts against the client like a failed
+        Authenticate, and a throttled client is refused as there.
+        """
+        violations: list[tuple[str, str]] = []
+        if not raw_tokens:
+            violations.append(("tokens", "at least one token is required"))
+        if len(raw_tokens) > MAX_LEAK_REPORT:
+            violations.append(("tokens", f"at most {MAX_LEAK_REPORT} tokens a call"))
+        if len(source) > MAX_SOURCE_LENGTH:
+            violations.append(("source", f"must be at most {MAX_SOURCE_LENGTH} characters"))
+        elif any(unicodedata.category(ch) == "Cc" for ch in source):
+            violations.append(("source", "must not contain control characters"))
+        if violations:
+            raise InvalidArgument(violations)
+        address = _client(client)
+        wait = self.client_failures.retry_after(address)
+        if wait > 0:
+            raise _throttled(wait)
+        actor = Actor(client_address=address)
+        results = []
+        for raw in raw_tokens:
+            prefix = tokens.display_prefix(raw)
+            parsed = tokens.parse(raw, self.config.token_prefix)
+            if parsed is None:  # the checksum: no database read for a look-alike
+                results.append(LeakResult(prefix, False))
+                continue
+            row = self.store.find_for_auth(parsed.lookup_id)
+            if row is None:
+                self.client_failures.fail(address)
+                results.append(LeakResult(prefix, False))
+                continue
+            digest = self.verified.digest(parsed.lookup_id, parsed.secret)
+            if not self.verified.is_verified(digest, row.secret_hash):
+                self._may_try_secret(address, parsed.lookup_id)
+                if not self.hasher.verify(parsed.secret, row.secret_hash):
+                    self.client_failures.fail(address)
+                    self.lookup_failures.fail(parsed.lookup_id)
+                    results.append(LeakResult(prefix, False))
+                    continue
+                self.verified.add(digest, row.secret_hash)
+            self._revoke_leaked(row, source, actor)
+            results.append(LeakResult(prefix, True))
+        return results
+
+    def _revoke_leaked(self, row: AuthRow, source: str, actor: Actor) -> None:
+        now = self.clock()
+        entry = AuditEntry("token.leak_reported", row.org_id, actor, row.token_id,
+                           {"source": source})
+        children = AuditEntry("token.revoke", row.org_id, actor,
+                              details={"revoked_with": row.token_id, "reason": "leak_reported"})
+        self.store.revoke(row.token_id, now, entry, children=children)
+        if row.revoked_at is not None:
+            # Revoked before: nothing changed, but the owner learns where it was found.
+            self.store.append_audit([entry], now)
+        log.warning("leaked token revoked", extra={"token_id": row.token_id})
 
     # Consumers that cache Authenticate's answers (WatchTokenEvents).
 
@@ -417,7 +923,7 @@ class TokenService:
             if self.cached_use_hook is not None:
                 self.cached_use_hook(use)
 
-    # Users, for the command line.
+    # Users, for the command line (actor "cli").
 
     def add_user(self, email: str, org_id: str, permissions: Sequence[str]) -> None:
         violations: list[tuple[str, str]] = []
@@ -426,6 +932,19 @@ class TokenService:
             violations.append(("email", "must be an email address"))
         if not org_id.strip():
             violations.append(("org", "is required"))
+        chosen = self._check_permissions(permissions, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        audit = AuditEntry("user.add", org_id.strip(), CLI_ACTOR,
+                           details={"email": email, "permissions": chosen})
+        try:
+            self.store.add_user(email, org_id.strip(), chosen, self.clock(), audit)
+        except Conflict:
+            raise AlreadyExists(f"a user with email {email} already exists") from None
+
+    def _check_permissions(
+        self, permissions: Sequence[str], violations: list[tuple[str, str]]
+    ) -> list[str]:
         chosen: list[str] = []
         for p in permissions:
             scope = self.catalog.get(p)
@@ -433,24 +952,70 @@ class TokenService:
                 violations.append(("permissions", f"{p!r} is not a known scope"))
             elif scope.name not in chosen:
                 chosen.append(scope.name)
-        if violations:
-            raise InvalidArgument(violations)
-        try:
-            self.store.add_user(email, org_id.strip(), chosen, self.clock())
-        except Conflict:
-            raise AlreadyExists(f"a user with email {email} already exists") from None
+        return chosen
+
+    def _user(self, email: str) -> UserInfo:
+        user = self.store.find_user(email.strip().lower())
+        if user is None:
+            raise NotFound(f"no user with email {email.strip().lower()}")
+        return user
 
     def disable_user(self, email: str) -> None:
-        if not self.store.set_user_disabled(email.strip().lower(), True):
-            raise NotFound(f"no user with email {email.strip().lower()}")
+        self._set_disabled(email, True)
+
+    def enable_user(self, email: str) -> None:
+        self._set_disabled(email, False)
+
+    def _set_disabled(self, email: str, disabled: bool) -> None:
+        user = self._user(email)
+        audit = AuditEntry("user.disable" if disabled else "user.enable", user.org_id,
+                           CLI_ACTOR, details={"email": user.email})
+        self.store.set_user_disabled(user.email, disabled, self.clock(), audit)
+
+    def set_permissions(self, email: str, permissions: Sequence[str]) -> UserInfo:
+        """Replaces a user's permissions; a narrowed one narrows every token at its next use."""
+        violations: list[tuple[str, str]] = []
+        chosen = self._check_permissions(permissions, violations)
+        if not permissions:
+            violations.append(("permissions", "at least one permission is required"))
+        if violations:
+            raise InvalidArgument(violations)
+        user = self._user(email)
+        audit = AuditEntry("user.update", user.org_id, CLI_ACTOR, details={
+            "email": user.email,
+            "permissions": chosen,
+            "removed": [p for p in user.permissions if p not in chosen],
+            "added": [p for p in chosen if p not in user.permissions],
+        })
+        self.store.set_user_permissions(user.email, chosen, self.clock(), audit)
+        return self._user(email)
+
+    def list_users(self, org_id: str | None = None) -> list[UserInfo]:
+        return self.store.list_users(org_id.strip() if org_id else None)
+
+    def tokens_for_email(self, email: str) -> list[TokenInfo]:
+        return self.store.tokens_of_user(self._user(email).id, self.clock())
+
+    def revoke_by_id(self, token_id: str, revoke_children: bool = False) -> TokenInfo:
+        """The command line's revoke: any token, by id, as "cli"."""
+        token = self.store.get_token(token_id.strip(), self.clock())
+        if token is None:
+            raise NotFound(f"no token with id {token_id.strip()}")
+        return self._revoke(token, revoke_children, CLI_ACTOR)
+
+    def audit_events(self, org_id: str | None, token_id: str, limit: int) -> list[AuditEvent]:
+        """The newest `limit` events, of one org or all (the command line's `audit`)."""
+        if limit <= 0:
+            raise InvalidArgument([("limit", "must be more than zero")])
+        return self.store.list_audit_events(
+            org_id=org_id, after=None, limit=limit, token_id=token_id.strip()
+        )
 
     def mint_for_email(
         self, email: str, name: str, scopes: Sequence[str], expires_at: datetime | None
     ) -> CreatedToken:
         """The command line's bootstrap path: the user's permissions are what may be granted."""
-        user = self.store.find_user(email.strip().lower())
-        if user is None:
-            raise NotFound(f"no user with email {email.strip().lower()}")
+        user = self._user(email)
         if user.disabled:
             raise PermissionDenied(f"user {user.email} is disabled")
         return self.mint(user.id, user.org_id, user.permissions, name, scopes, expires_at)

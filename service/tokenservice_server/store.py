@@ -9,6 +9,7 @@ whatever this module and the models become.
 from __future__ import annotations
 
 import json
+import logging
 import select
 import time
 import uuid
@@ -22,8 +23,22 @@ from peewee import Tuple
 from . import db as dbmod
 from . import narrowing
 from .errors import Conflict, Unavailable
-from .models import ApiToken, LeaseReplica, TokenEventAck, User
-from .values import AuthRow, Cursor, Narrowed, NewToken, TokenInfo, UserInfo
+from .models import ApiToken, AuditEvent, LeaseReplica, TokenEventAck, User
+from .values import (
+    DAY_MICROS,
+    AuditEntry,
+    AuthRow,
+    Cursor,
+    Narrowed,
+    NewToken,
+    RateLimit,
+    TokenInfo,
+    TokenState,
+    UserInfo,
+    from_micros,
+    token_state,
+)
+from .values import AuditEvent as AuditEventValue
 
 # PostgreSQL: narrowing transactions take this advisory lock just before they
 # write their event, so events commit in id order and "every event after the
@@ -33,6 +48,17 @@ EVENTS_LOCK = 7401284
 EVENTS_CHANNEL = "tokenservice_token_events"
 _PG_NOW = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
 ACKS_CHANNEL = "tokenservice_token_event_acks"
+
+# Every audit event is also one JSON log line on this logger, written once its
+# transaction has committed, for a log shipper to forward.
+audit_log = logging.getLogger("tokenservice.audit")
+
+# Keys a change may set through update_token(), each a column or two.
+UPDATABLE = frozenset({"name", "scopes", "expires_at", "rate_limit"})
+
+
+class _Refused(Exception):
+    """Rolls a transaction back when a conditional write found the row changed."""
 
 
 class Store:
@@ -56,6 +82,7 @@ class Store:
                 User.org_id,
                 User.permissions,
                 User.disabled,
+                ApiToken.replaced_by_id,
             )
             .join(User)
             .where(ApiToken.lookup_id == "?")
@@ -81,7 +108,8 @@ class Store:
         row = self.db.execute_sql(self._auth_sql, (lookup_id,)).fetchone()
         if row is None:
             return None
-        tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled = row
+        tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled, \
+            replaced_by = row
         return AuthRow(
             token_id=_uuid_str(tid),
             secret_hash=secret_hash,
@@ -93,14 +121,19 @@ class Store:
             org_id=org,
             permissions=json.loads(perms),
             disabled=bool(disabled),
+            replaced_by_id=None if replaced_by is None else _uuid_str(replaced_by),
         )
 
     def write_last_used(self, last_used: Mapping[str, int]) -> None:
-        """Writes a batch of last-use times (micros) in one transaction, never moving one back."""
+        """Writes a batch of last-use times (micros) in one transaction, never moving one back.
+
+        last_used_day rides along; it changes at most once a day, so on
+        PostgreSQL the update stays heap-only the rest of the time.
+        """
         with self.db.atomic():
             for token_id, when in last_used.items():
                 (
-                    ApiToken.update(last_used_at=when)
+                    ApiToken.update(last_used_at=when, last_used_day=when // DAY_MICROS)
                     .where(
                         (ApiToken.id == uuid.UUID(token_id))
                         & (ApiToken.last_used_at.is_null() | (ApiToken.last_used_at < when))
@@ -110,54 +143,245 @@ class Store:
 
     # Tokens.
 
-    def insert_token(self, new: NewToken) -> TokenInfo:
-        """Stores a token; `Conflict` if its lookup id is taken."""
+    def insert_token(self, new: NewToken, audit: Sequence[AuditEntry], now: int) -> TokenInfo:
+        """Stores a token and its audit events; `Conflict` if its lookup id is taken.
+
+        Each event's token_id, when empty, becomes the new token's id.
+        """
         token_id = uuid.uuid4()
         try:
             with self.db.atomic():
-                ApiToken.insert(
-                    id=token_id,
-                    lookup_id=new.lookup_id,
-                    token_prefix=new.token_prefix,
-                    secret_hash=new.secret_hash,
-                    name=new.name,
-                    scopes=list(new.scopes),
-                    expires_at=new.expires_at,
-                    created_at=new.created_at,
-                    user=uuid.UUID(new.user_id),
-                    org_id=new.org_id,
-                ).execute()
+                ApiToken.insert(**_new_token_row(token_id, new)).execute()
+                events = self._append(audit, now, token_id=str(token_id))
         except peewee.IntegrityError:
             raise Conflict("lookup id taken") from None
-        info = self.get_token(str(token_id))
+        _emit(events)
+        info = self.get_token(str(token_id), now)
         assert info is not None
         return info
 
-    def get_token(self, token_id: str) -> TokenInfo | None:
+    def get_token(self, token_id: str, now: int) -> TokenInfo | None:
         try:
             key = uuid.UUID(token_id)
         except ValueError:
             return None
         token = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == key).first()
-        return None if token is None else _token_info(token)
+        return None if token is None else _token_info(token, now)
 
-    def revoke(self, token_id: str, now: int) -> TokenInfo | None:
-        """Sets revoked_at unless already set; returns the token as it now stands."""
+    def count_children(self, token_id: str) -> int:
+        """How many tokens this token minted, transitively, that are not revoked yet."""
+        ids = self._subtree(uuid.UUID(token_id))
+        if not ids:
+            return 0
+        return (
+            ApiToken.select()
+            .where(ApiToken.id.in_(ids) & ApiToken.revoked_at.is_null())
+            .count()
+        )
+
+    def _subtree(self, root: uuid.UUID) -> list[uuid.UUID]:
+        """Ids of every token below root in the token tree (root excluded)."""
+        below = (
+            ApiToken.select(ApiToken.id).where(ApiToken.parent_id == root)
+            .cte("subtree", recursive=True, columns=("id",))
+        )
+        child = ApiToken.alias("child")
+        below = below.union(
+            child.select(child.id).join(below, on=(child.parent_id == below.c.id))
+        )
+        rows = below.select_from(below.c.id).tuples()
+        return [v if isinstance(v, uuid.UUID) else uuid.UUID(str(v)) for (v,) in rows]
+
+    def revoke(
+        self,
+        token_id: str,
+        now: int,
+        audit: AuditEntry,
+        *,
+        children: AuditEntry | None = None,
+    ) -> TokenInfo | None:
+        """Revokes a token unless it already is; with `children`, its whole subtree too.
+
+        One transaction: the token's event is written only if this call revoked
+        it, and `children` (its token_id filled in) once per descendant revoked
+        here. Returns the token as it now stands.
+        """
+        root = uuid.UUID(token_id)
         with self.db.atomic():
             changed = ApiToken.update(revoked_at=now).where(
-                (ApiToken.id == uuid.UUID(token_id)) & ApiToken.revoked_at.is_null()
+                (ApiToken.id == root) & ApiToken.revoked_at.is_null()
             ).execute()
-            if changed:
-                self.narrowed(token_ids=[token_id])
-        return self.get_token(token_id)
+            events = self._append([audit], now) if changed else []
+            revoked = [token_id] if changed else []
+            if children is not None:
+                # Row by row, each conditional: an event is written exactly for
+                # each token this call revoked, whatever ran beside it.
+                for child in self._subtree(root):
+                    if ApiToken.update(revoked_at=now).where(
+                        (ApiToken.id == child) & ApiToken.revoked_at.is_null()
+                    ).execute():
+                        events += self._append([_with_token(children, str(child))], now)
+                        revoked.append(str(child))
+            if revoked:
+                self.narrowed(token_ids=revoked)
+        _emit(events)
+        return self.get_token(token_id, now)
+
+    def rotate(
+        self,
+        old_id: str,
+        new_id: str,
+        new: NewToken,
+        old_expires_at: int | None,
+        revoke_old: bool,
+        now: int,
+        audit: Sequence[AuditEntry],
+    ) -> tuple[TokenInfo, TokenInfo] | None:
+        """Stores `new` as the replacement of `old_id` in one transaction.
+
+        The old token gets replaced_by_id, its new expiry (or revoked_at when
+        `revoke_old`), and hands its children to the new token. None, and
+        nothing written, if the old token was meanwhile revoked, expired or
+        replaced: two rotations of one token cannot both win.
+        """
+        old, new_key = uuid.UUID(old_id), uuid.UUID(new_id)
+        changes: dict[Any, Any] = {ApiToken.replaced_by_id: new_key}
+        if revoke_old:
+            changes[ApiToken.revoked_at] = now
+        else:
+            changes[ApiToken.expires_at] = old_expires_at
+        try:
+            with self.db.atomic():
+                ApiToken.insert(**_new_token_row(new_key, new)).execute()
+                updated = ApiToken.update(changes).where(
+                    (ApiToken.id == old)
+                    & ApiToken.replaced_by_id.is_null()
+                    & ApiToken.revoked_at.is_null()
+                    & (ApiToken.expires_at.is_null() | (ApiToken.expires_at > now))
+                ).execute()
+                if updated != 1:
+                    raise _Refused
+                ApiToken.update(parent_id=new_key).where(ApiToken.parent_id == old).execute()
+                events = self._append(audit, now)
+                # The old token now ends at the grace (or now): cached answers
+                # for it carry the old expiry.
+                self.narrowed(token_ids=[old_id])
+        except _Refused:
+            return None
+        except peewee.IntegrityError:
+            raise Conflict("lookup id taken") from None
+        _emit(events)
+        fresh, previous = self.get_token(new_id, now), self.get_token(old_id, now)
+        assert fresh is not None and previous is not None
+        return fresh, previous
+
+    def update_token(
+        self,
+        token_id: str,
+        changes: Mapping[str, Any],
+        now: int,
+        audit: AuditEntry,
+        *,
+        clamp_children_to: int | None = None,
+    ) -> TokenInfo | None:
+        """Applies `changes` (keys from UPDATABLE) unless the token was revoked meanwhile.
+
+        With `clamp_children_to`, every descendant expiring later (or never) is
+        given that expiry in the same transaction, so no child outlives its
+        parent. None, and nothing written, if the token is revoked.
+        """
+        key = uuid.UUID(token_id)
+        values: dict[Any, Any] = {}
+        for name, value in changes.items():
+            if name == "rate_limit":
+                limit: RateLimit | None = value
+                values[ApiToken.rate_limit_requests] = None if limit is None else limit.requests
+                values[ApiToken.rate_limit_period_us] = None if limit is None else limit.period_us
+            elif name == "scopes":
+                values[ApiToken.scopes] = list(value)
+            elif name in UPDATABLE:
+                values[getattr(ApiToken, name)] = value
+            else:
+                raise ValueError(f"{name} is not updatable")
+        try:
+            with self.db.atomic():
+                if values:
+                    updated = ApiToken.update(values).where(
+                        (ApiToken.id == key) & ApiToken.revoked_at.is_null()
+                    ).execute()
+                    if updated != 1:
+                        raise _Refused
+                narrowed = [token_id] if {"scopes", "expires_at"} & changes.keys() else []
+                if clamp_children_to is not None:
+                    below = self._subtree(key)
+                    if below:
+                        ApiToken.update(expires_at=clamp_children_to).where(
+                            ApiToken.id.in_(below)
+                            & (ApiToken.expires_at.is_null()
+                               | (ApiToken.expires_at > clamp_children_to))
+                        ).execute()
+                        narrowed += [str(child) for child in below]
+                events = self._append([audit], now)
+                # Cached answers carry scopes and expiry: any change to them is
+                # pushed (a widening too, harmlessly: the next answer is fresh).
+                if narrowed:
+                    self.narrowed(token_ids=narrowed)
+        except _Refused:
+            return None
+        _emit(events)
+        return self.get_token(token_id, now)
+
+    def record_reuse(self, token_id: str, now: int, every_us: int, audit: AuditEntry) -> bool:
+        """Records a rotated token's reuse, at most once per `every_us` per token.
+
+        The conditional update decides across replicas which one writes the
+        event; False when another did within the interval.
+        """
+        with self.db.atomic():
+            changed = ApiToken.update(reuse_reported_at=now).where(
+                (ApiToken.id == uuid.UUID(token_id))
+                & (ApiToken.reuse_reported_at.is_null()
+                   | (ApiToken.reuse_reported_at <= now - every_us))
+            ).execute()
+            events = self._append([audit], now) if changed else []
+        _emit(events)
+        return bool(changed)
 
     def list_tokens(
-        self, *, org_id: str, user_id: str | None, after: Cursor | None, limit: int
+        self,
+        *,
+        org_id: str,
+        user_id: str | None,
+        after: Cursor | None,
+        limit: int,
+        now: int,
+        state: TokenState | None = None,
+        not_used_since: int | None = None,
     ) -> list[TokenInfo]:
-        """Newest first, keyset-paginated on (created_at, id): no OFFSET, no COUNT."""
+        """Newest first, keyset-paginated on (created_at, id): no OFFSET, no COUNT.
+
+        The filters are written as the partial indexes of migration 3 expect
+        (revoked_at IS [NOT] NULL, expires_at and last_used_day as plain
+        comparisons), so an org-wide list reads matching rows from an index in
+        list order.
+        """
         query = ApiToken.select(ApiToken, User).join(User).where(ApiToken.org_id == org_id)
         if user_id is not None:
             query = query.where(ApiToken.user == uuid.UUID(user_id))
+        if state is TokenState.REVOKED:
+            query = query.where(ApiToken.revoked_at.is_null(False))
+        elif state is TokenState.EXPIRED:
+            query = query.where(ApiToken.revoked_at.is_null() & (ApiToken.expires_at <= now))
+        elif state is TokenState.ACTIVE:
+            query = query.where(
+                ApiToken.revoked_at.is_null()
+                & (ApiToken.expires_at.is_null() | (ApiToken.expires_at > now))
+            )
+        if not_used_since is not None:
+            query = query.where(
+                (ApiToken.last_used_day <= not_used_since // DAY_MICROS)
+                & (ApiToken.last_used_at.is_null() | (ApiToken.last_used_at < not_used_since))
+            )
         if after is not None:
             # A row-value comparison, which both backends answer from the index;
             # values in a Tuple skip field conversion, so convert the id here.
@@ -166,37 +390,172 @@ class Store:
                 Tuple(ApiToken.created_at, ApiToken.id) < Tuple(after.created_at, last_key)
             )
         query = query.order_by(ApiToken.created_at.desc(), ApiToken.id.desc()).limit(limit)
-        return [_token_info(t) for t in query]
+        return [_token_info(t, now) for t in query]
+
+    # The audit log.
+
+    def _append(
+        self, entries: Iterable[AuditEntry], now: int, *, token_id: str = ""
+    ) -> list[AuditEventValue]:
+        """Inserts events inside the caller's transaction; returns them as stored."""
+        events = [
+            AuditEventValue(
+                id=str(uuid.uuid4()),
+                time=from_micros(now),
+                action=e.action,
+                org_id=e.org_id,
+                actor_user_id=e.actor.user_id,
+                actor_email=e.actor.email,
+                actor_token_id=e.actor.token_id,
+                token_id=e.token_id or token_id,
+                client_address=e.actor.client_address,
+                details=dict(e.details),
+            )
+            for e in entries
+        ]
+        if events:
+            AuditEvent.insert_many([
+                {
+                    "id": uuid.UUID(e.id),
+                    "time": now,
+                    "action": e.action,
+                    "org_id": e.org_id,
+                    "actor_user_id": e.actor_user_id,
+                    "actor_email": e.actor_email,
+                    "actor_token_id": e.actor_token_id,
+                    "token_id": e.token_id,
+                    "client_address": e.client_address[:200],
+                    "details": json.dumps(e.details, sort_keys=True, separators=(",", ":")),
+                }
+                for e in events
+            ]).execute()
+        return events
+
+    def append_audit(self, entries: Sequence[AuditEntry], now: int) -> None:
+        """Writes events that record no change of their own (a leak report of a revoked token)."""
+        with self.db.atomic():
+            events = self._append(entries, now)
+        _emit(events)
+
+    def list_audit_events(
+        self,
+        *,
+        org_id: str | None,
+        after: Cursor | None,
+        limit: int,
+        token_id: str = "",
+        action: str = "",
+    ) -> list[AuditEventValue]:
+        """Newest first, keyset-paginated on (time, id); org_id None: every org (the CLI)."""
+        query = AuditEvent.select()
+        if org_id is not None:
+            query = query.where(AuditEvent.org_id == org_id)
+        if token_id:
+            query = query.where(AuditEvent.token_id == token_id)
+        if action:
+            query = query.where(AuditEvent.action == action)
+        if after is not None:
+            last_key = AuditEvent.id.db_value(uuid.UUID(after.id))
+            query = query.where(
+                Tuple(AuditEvent.time, AuditEvent.id) < Tuple(after.created_at, last_key)
+            )
+        query = query.order_by(AuditEvent.time.desc(), AuditEvent.id.desc()).limit(limit)
+        return [_audit_event(e) for e in query]
+
+    def prune_audit(self, before: int, batch: int) -> int:
+        """Deletes up to `batch` events older than `before` (micros); returns how many.
+
+        Small batches, each its own short transaction, so pruning a large
+        backlog never holds a long lock on the table the changes write to.
+        """
+        with self.db.atomic():
+            oldest = (
+                AuditEvent.select(AuditEvent.id)
+                .where(AuditEvent.time < before)
+                .order_by(AuditEvent.time)
+                .limit(batch)
+            )
+            ids = [i for (i,) in oldest.tuples()]
+            if not ids:
+                return 0
+            return AuditEvent.delete().where(AuditEvent.id.in_(ids)).execute()
 
     # Users.
 
-    def add_user(self, email: str, org_id: str, permissions: Iterable[str], now: int) -> UserInfo:
-        """Stores a user; `Conflict` if the email is taken."""
+    def add_user(
+        self, email: str, org_id: str, permissions: Iterable[str], now: int,
+        audit: AuditEntry | None = None,
+    ) -> UserInfo:
+        """Stores a user (and its audit event); `Conflict` if the email is taken."""
+        user_id = uuid.uuid4()
         try:
             with self.db.atomic():
                 user = User.create(
-                    id=uuid.uuid4(), email=email, org_id=org_id,
+                    id=user_id, email=email, org_id=org_id,
                     permissions=list(permissions), created_at=now,
                 )
+                events = self._append([audit], now) if audit is not None else []
         except peewee.IntegrityError:
             raise Conflict("email taken") from None
+        _emit(events)
         return _user_info(user)
 
     def find_user(self, email: str) -> UserInfo | None:
         user = User.get_or_none(User.email == email)
         return None if user is None else _user_info(user)
 
-    def set_user_disabled(self, email: str, disabled: bool) -> bool:
-        """Whether a user with that email exists (and now has that state)."""
+    def list_users(self, org_id: str | None) -> list[UserInfo]:
+        query = User.select()
+        if org_id is not None:
+            query = query.where(User.org_id == org_id)
+        return [_user_info(u) for u in query.order_by(User.org_id, User.email)]
+
+    def set_user_disabled(
+        self, email: str, disabled: bool, now: int = 0, audit: AuditEntry | None = None
+    ) -> bool:
+        """Whether a user with that email exists (and now has that state).
+
+        The event is written only when the state changed.
+        """
         with self.db.atomic():
             # The write first: on SQLite a transaction that read before it writes
             # fails at once ("database is locked") if another write committed meanwhile.
-            if User.update(disabled=disabled).where(User.email == email).execute() == 0:
-                return False
-            if disabled:
-                user_id = User.select(User.id).where(User.email == email).scalar()
-                self.narrowed(user_ids=[_uuid_str(user_id)])
-            return True
+            changed = User.update(disabled=disabled).where(
+                (User.email == email) & (User.disabled != disabled)
+            ).execute()
+            events = self._append([audit], now) if changed and audit is not None else []
+            exists = changed > 0 or User.select().where(User.email == email).exists()
+            if changed and disabled:
+                self.narrowed(user_ids=[self._user_id(email)])
+        _emit(events)
+        return exists
+
+    def set_user_permissions(
+        self, email: str, permissions: Sequence[str], now: int, audit: AuditEntry
+    ) -> bool:
+        """Whether a user with that email exists (and now holds exactly `permissions`)."""
+        with self.db.atomic():
+            changed = User.update(permissions=list(permissions)).where(
+                User.email == email
+            ).execute()
+            events = self._append([audit], now) if changed else []
+            if changed:
+                # Every token's scopes are cut to its user's permissions.
+                self.narrowed(user_ids=[self._user_id(email)])
+        _emit(events)
+        return changed > 0
+
+    def _user_id(self, email: str) -> str:
+        return _uuid_str(User.select(User.id).where(User.email == email).scalar())
+
+    def tokens_of_user(self, user_id: str, now: int) -> list[TokenInfo]:
+        """Every token of one user, newest first (the command line's `token list`)."""
+        query = (
+            ApiToken.select(ApiToken, User).join(User)
+            .where(ApiToken.user == uuid.UUID(user_id))
+            .order_by(ApiToken.created_at.desc(), ApiToken.id.desc())
+        )
+        return [_token_info(t, now) for t in query]
 
     # Token events: what consumers caching Authenticate's answers must hear of.
 
@@ -392,7 +751,51 @@ class EventListener:
             self._conn = None
 
 
-def _token_info(token: ApiToken) -> TokenInfo:
+def _new_token_row(token_id: uuid.UUID, new: NewToken) -> dict[str, Any]:
+    limit = new.rate_limit
+    return {
+        "id": token_id,
+        "lookup_id": new.lookup_id,
+        "token_prefix": new.token_prefix,
+        "secret_hash": new.secret_hash,
+        "name": new.name,
+        "scopes": list(new.scopes),
+        "expires_at": new.expires_at,
+        "created_at": new.created_at,
+        "user": uuid.UUID(new.user_id),
+        "org_id": new.org_id,
+        "parent_id": None if new.parent_id is None else uuid.UUID(new.parent_id),
+        "rotated_from_id": None if new.rotated_from_id is None else uuid.UUID(new.rotated_from_id),
+        "rate_limit_requests": None if limit is None else limit.requests,
+        "rate_limit_period_us": None if limit is None else limit.period_us,
+    }
+
+
+def _with_token(entry: AuditEntry, token_id: str) -> AuditEntry:
+    return AuditEntry(entry.action, entry.org_id, entry.actor, token_id, entry.details)
+
+
+def _emit(events: Iterable[AuditEventValue]) -> None:
+    """One JSON log line per committed audit event."""
+    if not audit_log.isEnabledFor(logging.INFO):
+        return
+    for e in events:
+        audit_log.info("audit", extra={
+            "event_id": e.id,
+            "event_time": e.time.isoformat().replace("+00:00", "Z"),
+            "action": e.action,
+            "org_id": e.org_id,
+            "actor_user_id": e.actor_user_id,
+            "actor_email": e.actor_email,
+            "actor_token_id": e.actor_token_id,
+            "token_id": e.token_id,
+            "client_address": e.client_address,
+            "details": e.details,
+        })
+
+
+def _token_info(token: ApiToken, now: int) -> TokenInfo:
+    requests, period = token.rate_limit_requests, token.rate_limit_period_us
     return TokenInfo(
         id=str(token.id),
         name=token.name,
@@ -405,7 +808,35 @@ def _token_info(token: ApiToken) -> TokenInfo:
         created_by_email=token.user.email,
         org_id=token.org_id,
         user_id=str(token.user_id),
+        state=token_state(
+            ApiToken.revoked_at.db_value(token.revoked_at),
+            ApiToken.expires_at.db_value(token.expires_at),
+            now,
+        ),
+        parent_id=_opt_str(token.parent_id),
+        rotated_from_id=_opt_str(token.rotated_from_id),
+        replaced_by_id=_opt_str(token.replaced_by_id),
+        rate_limit=None if requests is None or period is None else RateLimit(requests, period),
     )
+
+
+def _audit_event(event: AuditEvent) -> AuditEventValue:
+    return AuditEventValue(
+        id=str(event.id),
+        time=from_micros(event.time),
+        action=event.action,
+        org_id=event.org_id,
+        actor_user_id=event.actor_user_id,
+        actor_email=event.actor_email,
+        actor_token_id=event.actor_token_id,
+        token_id=event.token_id,
+        client_address=event.client_address,
+        details=json.loads(event.details),
+    )
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _user_info(user: User) -> UserInfo:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+
+DAY_MICROS = 86_400_000_000
 
 
 def to_micros(value: datetime) -> int:
@@ -47,6 +52,34 @@ class AuthRow:
     org_id: str
     permissions: list[str]
     disabled: bool
+    # Set once the token was rotated: its secret presented after the grace is
+    # a reuse worth recording.
+    replaced_by_id: str | None = None
+
+
+class TokenState(enum.Enum):
+    """Where a token stands; computed when it is read, never stored."""
+
+    ACTIVE = "ACTIVE"
+    EXPIRED = "EXPIRED"
+    REVOKED = "REVOKED"
+
+
+def token_state(revoked_at: int | None, expires_at: int | None, now: int) -> TokenState:
+    """The state of a token with these times (micros) at `now`."""
+    if revoked_at is not None:
+        return TokenState.REVOKED
+    if expires_at is not None and expires_at <= now:
+        return TokenState.EXPIRED
+    return TokenState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token's own budget: `requests` calls per `period_us` microseconds."""
+
+    requests: int
+    period_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +97,11 @@ class TokenInfo:
     created_by_email: str
     org_id: str
     user_id: str
+    state: TokenState
+    parent_id: str | None = None
+    rotated_from_id: str | None = None
+    replaced_by_id: str | None = None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +117,9 @@ class NewToken:
     created_at: int
     user_id: str
     org_id: str
+    parent_id: str | None = None
+    rotated_from_id: str | None = None
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +136,66 @@ class UserInfo:
 class CreatedToken:
     raw: str  # shown once, here only
     info: TokenInfo
+
+
+@dataclass(frozen=True, slots=True)
+class RotatedToken:
+    raw: str  # the new token's secret, shown once, here only
+    info: TokenInfo  # the new token
+    previous: TokenInfo  # the old one, as rotation left it
+
+
+@dataclass(frozen=True, slots=True)
+class LeakResult:
+    token_prefix: str
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who made a change: a user through a token, the command line, or nobody known."""
+
+    user_id: str = ""
+    email: str = ""
+    token_id: str = ""
+    client_address: str = ""
+
+
+# The command line acts with direct access to the store, as no user.
+CLI_ACTOR = Actor(email="cli")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """An audit event about to be written with the change it records."""
+
+    action: str
+    org_id: str
+    actor: Actor
+    token_id: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """An audit event as stored: never a raw token or a secret."""
+
+    id: str
+    time: datetime
+    action: str
+    org_id: str
+    actor_user_id: str
+    actor_email: str
+    actor_token_id: str
+    token_id: str
+    client_address: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    events: tuple[AuditEvent, ...]
+    next_page_token: str
 
 
 @dataclass(frozen=True, slots=True)

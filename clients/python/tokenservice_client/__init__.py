@@ -8,12 +8,20 @@
   answers, kept safe by a lease: revocation stays immediate.
 - `token_credentials`: the call credentials a client uses to present its token;
   `parse_bearer` reads one back from an `authorization` value.
+- `tls_channel_credentials`: TLS to tokenservice with your own CA and, for mTLS,
+  a client certificate.
 """
 
 from tokenservice.v1 import token_service_pb2, token_service_pb2_grpc
 
 from .aio import AsyncTokenServiceClient
-from .channel import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, service_config
+from .channel import (
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    RetryPolicy,
+    service_config,
+    tls_channel_credentials,
+)
 from .client import TokenServiceClient
 from .credentials import parse_bearer, rotating_token_credentials, token_credentials
 from .errors import (
@@ -67,6 +75,7 @@ __all__ = [
     "requires_scopes",
     "rotating_token_credentials",
     "service_config",
+    "tls_channel_credentials",
     "token_credentials",
     "token_service_pb2",
     "token_service_pb2_grpc",

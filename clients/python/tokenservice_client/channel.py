@@ -26,6 +26,7 @@ __all__ = [
     "default_channel_credentials",
     "is_local_target",
     "service_config",
+    "tls_channel_credentials",
 ]
 
 SERVICE_NAME = "tokenservice.v1.TokenService"
@@ -111,6 +112,28 @@ def default_channel_credentials(target: str) -> grpc.ChannelCredentials:
         )
         return grpc.local_channel_credentials(kind)
     return grpc.ssl_channel_credentials()
+
+
+def tls_channel_credentials(
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS trusting `ca_file` (PEM; the system's roots when None), with a client certificate.
+
+    Give `cert_file` and `key_file` together when tokenservice requires client
+    certificates (mTLS); the files are read once, here.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("give cert_file and key_file together")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 def bearer_call_credentials(token: str) -> grpc.CallCredentials:

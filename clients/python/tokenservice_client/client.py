@@ -25,11 +25,12 @@ class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
     `token` is sent as `authorization: Bearer <token>` through gRPC call credentials;
     only CreateToken, ListTokens, GetToken and RevokeToken need one.
 
-    Channel security: `channel_credentials` if given; otherwise local credentials for a
-    loopback or Unix-socket target and TLS for anything else. `insecure=True` opens a
-    plaintext channel (for a network you trust, such as a mesh sidecar) and sends the
-    token as plain metadata. `channel` uses a channel you built; the client then
-    neither adds the retry policy nor closes it.
+    Channel security: `channel_credentials` if given (`tls_channel_credentials(ca, cert,
+    key)` for your own CA and a client certificate); otherwise local credentials for a
+    loopback or Unix-socket target and TLS with the system's roots for anything else.
+    `insecure=True` opens a plaintext channel (for a network you trust, such as a mesh
+    sidecar) and sends the token as plain metadata. `channel` uses a channel you built;
+    the client then neither adds the retry policy nor closes it.
 
     Every call has a deadline: `timeout` seconds (per call, or the client's default).
     Failures raise `TokenServiceError` subclasses.

@@ -29,6 +29,12 @@ that many seconds with no lease: it DELAYS REVOCATION (and user disabling, and
 scope changes) BY UP TO `cache_ttl` SECONDS for this process. Failures are never
 cached.
 
+TLS: given a target string, the interceptor dials tokenservice with
+`channel_credentials` if given (for example `tls_channel_credentials(ca_file, cert_file,
+key_file)` for a server with your own CA and client certificates), else as
+`TokenServiceClient` does by default: local credentials on loopback, TLS with the
+system's roots elsewhere. Or pass a client you built.
+
 Throttling: tokenservice throttles failed authentications per client address. With
 `forward_client_address=True` (the default) the interceptor names its own caller in
 `x-forwarded-for`, which tokenservice honours only from its trusted proxies, so one
@@ -318,9 +324,11 @@ class _BaseAuthInterceptor(Generic[ClientT]):
         cache_ttl: float = 0.0,
         cache: PrincipalCache | LeaseCache | AsyncLeaseCache | None = None,
         forward_client_address: bool = True,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._forward = forward_client_address
         self._given_cache = cache
+        self._credentials = channel_credentials
         self._target = tokenservice if isinstance(tokenservice, str) else None
         self._client = self._connect(tokenservice)
         self._policy = _Policy(scopes or {}, public, default_scopes)
@@ -379,7 +387,9 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
     def _connect(self, tokenservice: TokenServiceClient | str) -> TokenServiceClient:
         if isinstance(self._given_cache, AsyncLeaseCache):
             raise TypeError("AuthInterceptor takes a LeaseCache; AsyncLeaseCache is for asyncio")
-        return TokenServiceClient(tokenservice) if isinstance(tokenservice, str) else tokenservice
+        if isinstance(tokenservice, str):
+            return TokenServiceClient(tokenservice, channel_credentials=self._credentials)
+        return tokenservice
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None, context: Any) -> Principal:
         """The caller's principal, or raises _Denied."""
@@ -455,7 +465,9 @@ class AsyncAuthInterceptor(
     def _tokenservice(self) -> AsyncTokenServiceClient:
         if self._client is None:
             assert self._target is not None
-            self._client = AsyncTokenServiceClient(self._target)
+            self._client = AsyncTokenServiceClient(
+                self._target, channel_credentials=self._credentials
+            )
         return self._client
 
     async def authenticate(

@@ -24,6 +24,7 @@ from tokenservice_client import parse_bearer
 
 from .. import console, metrics
 from ..health import DEPENDENCIES, DEPENDENCY_PREFIX
+from ..tls import SUBJECT_METADATA
 from . import apidocs
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
 from .openapi import build_openapi
@@ -121,8 +122,10 @@ class RestApp:
         services: Iterable[ServiceDescriptor] | None = None,
         trusted_health: bool = True,
         default_deadline: float = DEFAULT_DEADLINE_S,
+        channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.grpc_target = grpc_target
+        self.channel_credentials = channel_credentials
         self.services = list(services) if services is not None else default_services()
         self.routes: list[Route] = build_routes(self.services)
         self.trusted_health = trusted_health
@@ -137,9 +140,15 @@ class RestApp:
     def _get_channel(self) -> grpc.aio.Channel:
         """The channel, created on first use inside the serving event loop."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.grpc_target, options=[("grpc.enable_retries", 1)]
-            )
+            # round_robin: a target may list several addresses (the Unix sockets of
+            # `serve --workers N`), and calls then spread over all of them.
+            options = [("grpc.enable_retries", 1), ("grpc.lb_policy_name", "round_robin")]
+            if self.channel_credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.grpc_target, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.grpc_target, self.channel_credentials, options=options
+                )
             self._calls = {}
         return self._channel
 
@@ -262,6 +271,11 @@ class RestApp:
             metadata.append(("authorization", _bearer_metadata(authorization[0])))
         if request.client is not None and request.client.host:
             metadata.append(("x-forwarded-for", request.client.host))
+        # Set by the shim's own HTTPS protocol from the verified client certificate,
+        # never from a request header.
+        subject = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_name")
+        if subject:
+            metadata.append((SUBJECT_METADATA, subject))
         return metadata
 
     def _callable(self, route: Route) -> grpc.aio.UnaryUnaryMultiCallable:
@@ -291,7 +305,8 @@ class RestApp:
         try:
             reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
         except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, route.method.input_type) from None
+            body_field = route.body if route.body != "*" else ""
+            raise from_rpc_error(err, route.method.input_type, body_field) from None
         return json_response(route.success_status, render_response(route, reply))
 
     async def _health(self) -> Response:

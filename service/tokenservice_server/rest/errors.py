@@ -28,6 +28,7 @@ STATUS_MAP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "unauthorized"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "forbidden"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (409, "conflict"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limited"),
     grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
 }
@@ -42,6 +43,7 @@ _PASS_MESSAGE = frozenset(
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
@@ -135,8 +137,16 @@ def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
     return None
 
 
-def from_rpc_error(err: grpc.RpcError, request: Descriptor | None) -> ApiError:
-    """The REST error for a failed RPC, with BadRequest violations and RetryInfo."""
+def from_rpc_error(
+    err: grpc.RpcError, request: Descriptor | None, body_field: str = ""
+) -> ApiError:
+    """The REST error for a failed RPC, with BadRequest violations and RetryInfo.
+
+    `body_field` is the route's body when it is one field (PATCH's `api_token`):
+    the caller sent that message's fields at the top level, so violations are
+    named from there (`expiresAt`, not `apiToken.expiresAt`).
+    """
+    body_prefix = json_field_path(body_field, request) + "." if body_field else ""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     status, error_code = STATUS_MAP.get(code, INTERNAL)
     if code in _PASS_MESSAGE:
@@ -152,6 +162,8 @@ def from_rpc_error(err: grpc.RpcError, request: Descriptor | None) -> ApiError:
                 detail.Unpack(bad_request)
                 for violation in bad_request.field_violations:
                     json_path = json_field_path(violation.field, request)
+                    if body_prefix and json_path.startswith(body_prefix):
+                        json_path = json_path[len(body_prefix):]
                     api_error.details.append(
                         {"field": json_path, "description": violation.description}
                     )

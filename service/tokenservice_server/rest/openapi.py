@@ -24,6 +24,7 @@ ERROR_CODES = [
     "unauthorized",
     "forbidden",
     "not_found",
+    "conflict",
     "method_not_allowed",
     "rate_limited",
     "unavailable",
@@ -35,6 +36,7 @@ _ERROR_RESPONSES = {
     "401": "Missing or invalid credentials, or credentials sent in the query string.",
     "403": "The caller lacks a required permission.",
     "404": "No such resource, or one outside the caller's reach.",
+    "409": "The token's state forbids this change (revoked, expired or already rotated).",
     "422": "Invalid request: malformed JSON, an unknown or invalid field.",
     "429": "Too many failed attempts; retry after the Retry-After delay.",
     "500": "An internal error.",
@@ -217,7 +219,7 @@ def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
         fds = resolve_field_path(route.method.input_type, var.field_path)
         params.append(
             {
-                "name": ".".join(var.field_path),
+                "name": var.field_path[-1],
                 "in": "path",
                 "required": True,
                 "schema": schemas.value(fds[-1], output=False),

@@ -163,7 +163,12 @@ def parse_template(template: str) -> PathTemplate:
             group = f"v{len(variables)}"
             sub = "/".join(_segment_regex(s) for s in _split_segments(pattern or "*"))
             parts.append(f"(?P<{group}>{sub})")
-            openapi.append("{" + name + "}")
+            # OpenAPI names a path parameter by its last field: `{api_token.id}` is
+            # documented as `{id}`, so a path has one path item whichever message the
+            # id sits in (PATCH beside GET and DELETE).
+            if any(v.field_path[-1] == path[-1] for v in variables):
+                raise ValueError(f"two variables end in {path[-1]!r} in {template!r}")
+            openapi.append("{" + path[-1] + "}")
             variables.append(Variable(path, group))
         else:
             parts.append(_segment_regex(segment))

@@ -17,8 +17,11 @@ import socket
 import threading
 from collections.abc import Iterator
 
+import grpc
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ..tls import ServerTls, subject_of
 from .app import create_app
 
 log = logging.getLogger("tokenservice.rest")
@@ -31,7 +34,10 @@ class _Server(uvicorn.Server):
 
     uvicorn re-raises a captured SIGTERM/SIGINT once it has shut down, so the
     process would die of the signal; `tokenservice rest` should drain and exit 0.
+    When serving TLS in the foreground, SIGHUP re-reads the certificates.
     """
+
+    reload_on_hangup: ServerTls | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -41,6 +47,9 @@ class _Server(uvicorn.Server):
         previous = {
             sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
         }
+        if self.reload_on_hangup is not None:
+            tls = self.reload_on_hangup
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: tls.reload())
         try:
             yield
         finally:
@@ -48,7 +57,38 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def _config(app, host: str, port: int, grace: float) -> uvicorn.Config:
+class _TlsHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, plus the client certificate's subject in the scope.
+
+    uvicorn does not fill in the ASGI TLS extension; this sets its
+    `client_cert_name`, read once per connection (the handshake is over by
+    connection_made), so the app can name the caller's certificate to gRPC.
+    """
+
+    _tls: dict[str, str] | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        subject = subject_of(ssl_object.getpeercert()) if ssl_object is not None else None
+        self._tls = {"client_cert_name": subject} if subject else None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": dict(self._tls)}  # type: ignore[typeddict-unknown-key]
+
+
+def _config(
+    app, host: str, port: int, grace: float, tls: ServerTls | None = None
+) -> uvicorn.Config:
+    tls_options = {} if tls is None else {
+        # Called by uvicorn inside the serving loop: the context is reloaded there.
+        "ssl_context_factory": lambda _config, _default: tls.rest_context(
+            asyncio.get_running_loop()
+        ),
+        "http": _TlsHttpProtocol,
+    }
     return uvicorn.Config(
         app,
         host=host,
@@ -61,6 +101,7 @@ def _config(app, host: str, port: int, grace: float) -> uvicorn.Config:
         # not trusted, so nobody can dodge the per-address throttle with it.
         proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(grace)),
+        **tls_options,
     )
 
 
@@ -81,12 +122,26 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class RestServer:
-    """The shim served by uvicorn on its own thread and event loop."""
+    """The shim served by uvicorn on its own thread and event loop.
 
-    def __init__(self, grpc_target: str, host: str, port: int) -> None:
+    With `tls` it serves HTTPS only (and requires client certificates when `tls`
+    has a client CA); `channel_credentials` secure its own channel to gRPC.
+    """
+
+    def __init__(
+        self,
+        grpc_target: str,
+        host: str,
+        port: int,
+        *,
+        tls: ServerTls | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.grpc_target = grpc_target
         self.host = host
         self.port = port
+        self.tls = tls
+        self.channel_credentials = channel_credentials
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -100,7 +155,8 @@ class RestServer:
         """
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
-        server = _Server(_config(create_app(self.grpc_target), self.host, self.port, 5.0))
+        app = create_app(self.grpc_target, channel_credentials=self.channel_credentials)
+        server = _Server(_config(app, self.host, self.port, 5.0, self.tls))
         self._server = server
         ready = threading.Event()
 
@@ -145,10 +201,22 @@ class RestServer:
         self._server = self._thread = None
 
 
-def run_rest(grpc_target: str, host: str, port: int) -> None:
-    """Serves the shim in the foreground until SIGINT/SIGTERM, then drains and returns."""
+def run_rest(
+    grpc_target: str,
+    host: str,
+    port: int,
+    *,
+    tls: ServerTls | None = None,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Serves the shim in the foreground until SIGINT/SIGTERM, then drains and returns.
+
+    With `tls`, SIGHUP re-reads the certificates.
+    """
     sock = _bind(host, port)
-    server = _Server(_config(create_app(grpc_target), host, sock.getsockname()[1], 5.0))
+    app = create_app(grpc_target, channel_credentials=channel_credentials)
+    server = _Server(_config(app, host, sock.getsockname()[1], 5.0, tls))
+    server.reload_on_hangup = tls
     log.info("REST shim on %s:%d -> gRPC %s", host, sock.getsockname()[1], grpc_target)
     try:
         server.run(sockets=[sock])  # uvicorn handles the signals on the main thread

@@ -234,6 +234,7 @@ def build_request(
         _set_path(data, resolve_field_path(desc, route.body), body)
     if query:
         _merge(data, query_to_dict(route, query))
+    _imply_update_mask(route, data, body)
 
     unknown = _unknown_fields(data, desc, "")
     if unknown:
@@ -251,6 +252,35 @@ def build_request(
             "The request has fields with invalid values.", *_bad_values(route, data)
         ) from None
     return message
+
+
+def _imply_update_mask(route: Route, data: dict[str, Any], body: Any) -> None:
+    """A PATCH whose body is one message field: without an update mask, the body's keys are it.
+
+    What grpc-gateway does for AIP-134 updates: the caller sends the fields to
+    change, and a field sent as null is a field to clear. Only the top-level
+    keys count, so a nested message (a rate limit) is replaced whole. Keys
+    naming no field are left for the unknown-field check to report.
+    """
+    if route.http_method != "PATCH" or not route.body or route.body == "*":
+        return
+    mask_fd = find_field(route.method.input_type, "update_mask")
+    if (
+        mask_fd is None
+        or mask_fd.type != FieldDescriptor.TYPE_MESSAGE
+        or mask_fd.message_type.full_name != "google.protobuf.FieldMask"
+        or mask_fd.name in data
+        or mask_fd.json_name in data
+        or not isinstance(body, dict)
+    ):
+        return
+    target = resolve_field_path(route.method.input_type, route.body)[-1].message_type
+    paths = []
+    for key in body:
+        fd = find_field(target, key, json_names=True) if target is not None else None
+        if fd is not None:
+            paths.append(fd.json_name)
+    data[mask_fd.json_name] = ",".join(paths)
 
 
 def _bad_values(route: Route, data: dict[str, Any]) -> list[tuple[str, str]]:
