@@ -1,5 +1,9 @@
 """Consumers caching Authenticate's answers under a lease, against a real server and real streams.
 
+Every narrowing change is covered: revoke, user disable (the command line),
+and the lifecycle's rotation, update, revoked subtree, leak report and
+permission change.
+
 Every test warms a consumer first and checks its cache really answered (a
 hit), so a refusal afterwards proves the change reached the cache, not that
 nothing was cached. "Refused once X returned" is checked by the very next call
@@ -17,7 +21,8 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from conftest import RunningServer, cli, make_config, start_server
+from conftest import RunningServer, bearer, cli, make_config, start_server
+from google.protobuf import field_mask_pb2
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice_client import (
@@ -27,7 +32,9 @@ from tokenservice_client import (
     TokenServiceClient,
     Unauthenticated,
 )
+from tokenservice_server import narrowing
 from tokenservice_server.config import Config
+from tokenservice_server.fanout import settle_blocking
 
 # Short enough for tests that wait one out, long enough that a loaded machine
 # does not let leases lapse between renewals (which costs hits, never safety).
@@ -298,3 +305,92 @@ def test_metrics_count_the_watching_consumers(world: World, cache: LeaseCache) -
     while _watchers() != 1:
         assert datetime.now(UTC) < deadline, "a closed stream still counted"
         time.sleep(0.02)
+
+
+# The lifecycle's narrowing changes: rotation, an update of scopes or expiry, a
+# revoked subtree, a leak report, a user's permissions narrowed.
+
+
+@pytest.fixture
+def manager_token(world: World) -> str:
+    return world.ts.mint(world.email, ["api_token:manage", "pass:read"])
+
+
+def test_rotation_without_grace_refuses_the_old_token(
+    world: World, cache: LeaseCache, manager_token: str
+) -> None:
+    old = world.token()
+    warm(cache, old.token)
+    rotated = world.ts.stub.RotateToken(
+        pb.RotateTokenRequest(id=old.api_token.id), metadata=bearer(manager_token),
+        timeout=WITHIN)
+    assert refused(cache, old.token)
+    assert cache.authenticate(rotated.token).token_id == rotated.api_token.id
+
+
+def test_rotation_with_grace_brings_the_old_token_its_new_expiry(
+    world: World, cache: LeaseCache, manager_token: str
+) -> None:
+    old = world.token()
+    warm(cache, old.token)
+    assert cache.authenticate(old.token).expires_at is None
+    request = pb.RotateTokenRequest(id=old.api_token.id)
+    request.grace_period.FromSeconds(3600)
+    world.ts.stub.RotateToken(request, metadata=bearer(manager_token), timeout=WITHIN)
+    # The cached answer (never expires) is gone: the next one carries the grace's end.
+    ends = cache.authenticate(old.token).expires_at
+    assert ends is not None and ends < datetime.now(UTC) + timedelta(hours=2)
+
+
+def test_an_update_narrowing_scopes_reaches_a_warm_consumer(
+    world: World, cache: LeaseCache, manager_token: str
+) -> None:
+    wide = world.token(scopes=("pass:read", "api_token:manage"))
+    warm(cache, wide.token)
+    assert "api_token:manage" in cache.authenticate(wide.token).scopes
+    world.ts.stub.UpdateToken(
+        pb.UpdateTokenRequest(api_token=pb.ApiToken(id=wide.api_token.id, scopes=["pass:read"]),
+                              update_mask=field_mask_pb2.FieldMask(paths=["scopes"])),
+        metadata=bearer(manager_token), timeout=WITHIN)
+    assert cache.authenticate(wide.token).scopes == {"pass:read"}
+
+
+def test_revoking_a_subtree_reaches_a_warm_consumer(world: World, cache: LeaseCache) -> None:
+    parent = world.token(scopes=("api_token:manage", "pass:read"))
+    child = world.ts.stub.CreateToken(
+        pb.CreateTokenRequest(name="child", scopes=["pass:read"]),
+        metadata=bearer(parent.token), timeout=WITHIN)
+    warm(cache, child.token)
+    world.ts.stub.RevokeToken(
+        pb.RevokeTokenRequest(id=parent.api_token.id, revoke_children=True),
+        metadata=bearer(world.ts.mint(world.email, ["api_token:manage"])), timeout=WITHIN)
+    assert refused(cache, child.token)
+
+
+def test_a_leak_report_reaches_a_warm_consumer(world: World, cache: LeaseCache) -> None:
+    leaked = world.token()
+    warm(cache, leaked.token)
+    reply = world.ts.stub.ReportLeakedTokens(
+        pb.ReportLeakedTokensRequest(tokens=[leaked.token], source="https://paste.example/1"),
+        timeout=WITHIN)
+    assert [r.revoked for r in reply.results] == [True]
+    assert refused(cache, leaked.token)
+
+
+def test_narrowing_a_users_permissions_reaches_a_warm_consumer(
+    world: World, cache: LeaseCache
+) -> None:
+    email = "narrowed@acme.test"
+    world.ts.add_user(email, "acme", ["pass:read", "pass:create"])
+    raw = world.ts.mint(email, ["pass:read", "pass:create"])
+    warm(cache, raw)
+    service = world.ts.server.service
+    narrowed: list = []
+    collecting = narrowing.collect(narrowed)
+    try:
+        with service.store.connection():
+            service.set_permissions(email, ["pass:read"])
+    finally:
+        narrowing.stop(collecting)
+    settle_blocking(service.store, narrowed)  # what a command runner does after the change
+    assert cache.authenticate(raw).scopes == {"pass:read"}
