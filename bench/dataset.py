@@ -26,7 +26,7 @@ import bcrypt
 from tokenservice_server import tokens
 from tokenservice_server.db import connection, is_sqlite, open_database
 from tokenservice_server.migrations import migrate
-from tokenservice_server.models import ApiToken, User
+from tokenservice_server.models import ApiToken, AuditEvent, User
 from tokenservice_server.scopes import ScopeCatalog
 
 PREFIX = "tks_"
@@ -123,6 +123,14 @@ class Dataset:
         # The model writes the statement; SQLite then runs it with executemany (one
         # prepared statement, no per-row SQL), PostgreSQL gets multi-row VALUES.
         one_row = ApiToken.insert({f: None for f in fields})
+        # And one audit event per token (its token.create), so ListAuditEvents
+        # reads a log as large as the token table.
+        audit_fields = [
+            AuditEvent.id, AuditEvent.time, AuditEvent.action, AuditEvent.org_id,
+            AuditEvent.actor_user_id, AuditEvent.actor_email, AuditEvent.actor_token_id,
+            AuditEvent.token_id, AuditEvent.client_address, AuditEvent.details,
+        ]
+        audit_sql, _ = AuditEvent.insert({f: None for f in audit_fields}).sql()
         sqlite = is_sqlite(self.db)
         with connection(self.db):
             if sqlite:
@@ -132,13 +140,17 @@ class Dataset:
             while self.count < target:
                 n = min(BATCH, target - self.count)
                 rows = [self._row(self.count + i) for i in range(n)]
+                events = [self._event(row) for row in rows]
                 with self.db.atomic():
                     if sqlite:
                         self.db.cursor().executemany(sql, rows)
+                        self.db.cursor().executemany(audit_sql, events)
                     else:
                         for chunk in range(0, n, 2_000):
                             ApiToken.insert_many(rows[chunk : chunk + 2_000], fields=fields) \
                                 .execute()
+                            AuditEvent.insert_many(events[chunk : chunk + 2_000],
+                                                   fields=audit_fields).execute()
                 self.count += n
             if sqlite:
                 self.db.execute_sql("PRAGMA synchronous = FULL")
@@ -168,6 +180,14 @@ class Dataset:
             created,
             self.filler_users[i % FILLER_USERS],
             ORG,
+        )
+
+    def _event(self, row: tuple) -> tuple:
+        token_hex, created = row[0], row[8]
+        event_id = uuid.UUID(int=self.rng.getrandbits(128), version=4)
+        return (
+            event_id.hex, created, "token.create", ORG, "", "cli", "",
+            str(uuid.UUID(hex=token_hex)), "", '{"name":"filler"}',
         )
 
     def sample(self, warm: int, cold: int) -> Sample:

@@ -103,6 +103,11 @@ def section(results: dict[str, Any]) -> str:
                   + ", ".join(f"{x.get('rate', 0):.0f}" for x in f)
                   + " calls/s answered per round; the server logged, over the flood phases: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(logged.items())) + "."]
+    redis = phases.get("lim_redis", {}).get("median", {}).get("redis_cpu_ms_per_call")
+    if redis is not None:
+        lines += ["", f"redis-server (on the servers' core) spent {redis:.3f} ms of CPU per"
+                  " call of the Redis-limited phase (median), not counted in its server CPU"
+                  " column."]
     lines += ["", "| server | peak RSS (MB, VmHWM, summed over processes) |", "|---|---|"]
     for name, rss in results["rss_mb"].items():
         detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import platform
 import random
@@ -38,7 +39,14 @@ from . import h2load
 from .bare import PATH as BARE_PATH
 from .dataset import PREFIX, Dataset, Sample
 from .h2load import GRPC_HEADERS, JSON_HEADERS, Load, Outcome, grpc_frame
-from .servers import HOST, Server, start_bare, start_tokenservice, wait_ready
+from .servers import (
+    HOST,
+    Server,
+    process_cpu_seconds,
+    start_bare,
+    start_tokenservice,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -50,9 +58,17 @@ HEALTH = "/grpc.health.v1.Health/Check"
 # on a real network. An address from TEST-NET-3, never routed.
 FLOOD_CLIENT = "203.0.113.9"
 # Phase groups, in the order of a round; `size` and `workers` expand per size / per worker count.
-GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "list",
-          "create", "cold")
-QUICK_GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers")
+GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits",
+          "list", "create", "cold")
+QUICK_GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits")
+# The `limits` phases: a limit no call of the run reaches (T = 1.2 µs), so every
+# call is let through and the phase prices the check itself, not refusals.
+BENCH_LIMIT = "50000000/60s"
+LIMIT_SERVERS = (
+    ("lim_off", "Authenticate, warm, rate limits off"),
+    ("lim_local", "Authenticate, warm, rate limits in process"),
+    ("lim_redis", "Authenticate, warm, rate limits in Redis"),
+)
 
 
 class Deadline(Exception):
@@ -102,6 +118,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="tokenservice-bench-"))
         self.rng = random.Random(66)
         self.cluster: Any = None
+        self.redis: Any = None
         self.servers: dict[str, Server] = {}
         self.channels: dict[str, Any] = {}
         self.pool: ProcessPoolExecutor | None = None
@@ -182,10 +199,34 @@ class Bench:
             for w in (1, 2):
                 self.servers[f"w{w}"] = start_tokenservice(
                     f"w{w}", urls[base], self.tmp, None, workers=w, **kw)
+        if "limits" in groups:
+            # Three servers alike but for their limits, on the smallest store.
+            redis_url = self.start_redis()
+            for name, limit, redis in (("lim_off", "off", None),
+                                       ("lim_local", BENCH_LIMIT, None),
+                                       ("lim_redis", BENCH_LIMIT, redis_url)):
+                self.servers[name] = start_tokenservice(
+                    name, urls[base], self.tmp, self.server_cpus, rest=False,
+                    rate_limit=limit, redis_url=redis, **kw)
         wait_ready(list(self.servers.values()))
         self.log("servers ready: " + ", ".join(
             f"{s.name} (cores {','.join(map(str, sorted(s.cpus or self.all_cpus)))})"
             for s in self.servers.values()))
+
+    def start_redis(self) -> str:
+        """A throwaway redis-server (the tests' own helper) on the servers' cores."""
+        sys.path.insert(0, str(ROOT / "tests"))
+        from redis_server import RedisServer
+
+        # Redis is the server's side, as PostgreSQL is: it inherits these cores.
+        if self.server_cpus:
+            os.sched_setaffinity(0, self.server_cpus)
+        try:
+            self.redis = RedisServer().start()
+        finally:
+            os.sched_setaffinity(0, self.all_cpus)
+        self.log(f"redis-server on {self.redis.url()}")
+        return self.redis.url()
 
     def channel(self, name: str) -> Any:
         import grpc
@@ -312,6 +353,11 @@ class Bench:
                 out.append(Phase(f"w{w}_rest", f"REST Authenticate, serve --workers {w}"
                                  " (all cores)", f"w{w}", rest_load(f"w{w}"), AUTHENTICATE,
                                  probe=self.rest_probe(f"w{w}", rest_raw)))
+        if "limits" in groups:
+            for name, title in LIMIT_SERVERS:
+                out.append(Phase(name, title, name, grpc_load(name, AUTHENTICATE, auth_body),
+                                 AUTHENTICATE,
+                                 probe=self.grpc_probe(name, AUTHENTICATE, auth_raw)))
         admin = (("authorization", f"Bearer {self.samples[base].admin}"),)
         if "list" in groups:
             for n in a.sizes:
@@ -382,9 +428,14 @@ class Bench:
             running.append(h2load.Running(load, self.tmp, self.driver_cpus, tag))
         # The server's CPU over the measured window: from the end of the warm-up to the exit.
         time.sleep(phase.load.warmup + 0.05)
+        # Redis works for the server that uses it: its CPU is priced beside the server's.
+        redis_pid = self.redis.pid if self.redis is not None and phase.server == "lim_redis" \
+            else None
+        redis0 = process_cpu_seconds(redis_pid) if redis_pid else 0.0
         cpu0, t0 = server.cpu_seconds(), time.monotonic()
         outcomes = [r.finish() for r in running]
         cpu1, t1 = server.cpu_seconds(), time.monotonic()
+        redis1 = process_cpu_seconds(redis_pid) if redis_pid else 0.0
         out = outcomes[-1]
         if phase.flood is not None:
             flood_out = outcomes[0]
@@ -398,6 +449,9 @@ class Bench:
             "server_busy": round((cpu1 - cpu0) / max(1e-3, t1 - t0), 3),
             "logged": counts, "probe_before": before, "probe_after": after,
         }
+        if redis_pid:
+            result["redis_cpu_ms_per_call"] = round(
+                (redis1 - redis0) * 1000 / max(1, out.rate * (t1 - t0)), 4)
         if flood_out is not None:
             result["flood"] = {k: v for k, v in flood_out.__dict__.items()
                                if k in ("rate", "done", "p50_ms", "p99_ms", "error")}
@@ -511,6 +565,8 @@ class Bench:
             self.pool.shutdown(cancel_futures=True)
         if self.cluster is not None:
             self.cluster.remove()
+        if self.redis is not None:
+            self.redis.remove()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -552,7 +608,8 @@ def verify(phase: Phase, out: Outcome, counts: dict[str, int], before: str,
 
 
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("rate", "p50_ms", "p99_ms", "server_cpu_ms_per_call", "server_busy", "driver_busy")
+    keys = ("rate", "p50_ms", "p99_ms", "server_cpu_ms_per_call", "server_busy", "driver_busy",
+            "redis_cpu_ms_per_call")
     out: dict[str, Any] = {}
     for key in keys:
         values = [r[key] for r in rounds if key in r]
@@ -584,8 +641,11 @@ def ratios(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[d
         return results[name][r]["p99_ms"]
 
     def per_cpu(a: str, b: str, r: int) -> float:
-        """Calls per server CPU-second of a ÷ of b: what a busy neighbour's share cannot move."""
-        return results[b][r]["server_cpu_ms_per_call"] / results[a][r]["server_cpu_ms_per_call"]
+        """Calls per server CPU-second of a ÷ of b: what a busy neighbour's share cannot move.
+
+        NaN when a round read no CPU time for a (/proc unreadable for a moment)."""
+        cost = results[a][r]["server_cpu_ms_per_call"]
+        return results[b][r]["server_cpu_ms_per_call"] / cost if cost else math.nan
 
     add("health Check ÷ bare", "", None, lambda r: rate("health", r) / rate("bare", r),
         "health", "bare")
@@ -621,6 +681,16 @@ def ratios(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[d
         lambda r: rate("w2_auth", r) / rate("w1_auth", r), "w2_auth", "w1_auth")
     add("REST Authenticate: --workers 2 ÷ --workers 1", "", None,
         lambda r: rate("w2_rest", r) / rate("w1_rest", r), "w2_rest", "w1_rest")
+    # Rate limits: the same server with limits in process, or in Redis, against off.
+    for name, where, goal in (("lim_local", "in process", 0.9), ("lim_redis", "in Redis", 0.6)):
+        add(f"warm Authenticate, limits {where} ÷ limits off", f"≥ {goal}",
+            lambda v, g=goal: v >= g, lambda r, n=name: rate(n, r) / rate("lim_off", r),
+            name, "lim_off")
+        add(f"warm Authenticate, limits {where} ÷ limits off, calls per server CPU-second", "",
+            None, lambda r, n=name: per_cpu(n, "lim_off", r), name, "lim_off")
+    for name, _ in LIMIT_SERVERS:
+        add(f"{name} ÷ bare", "", None, lambda r, n=name: rate(n, r) / rate("bare", r),
+            name, "bare")
     return out
 
 
@@ -685,6 +755,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = set(args.groups) - set(GROUPS)
     if unknown:
         p.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if "bare" not in args.groups:
+        args.groups = ["bare", *args.groups]  # every figure is read against the ceiling
     return args
 
 

@@ -113,15 +113,31 @@ class Server:
             return self.proc.wait()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User+system CPU of one process so far (0 when it is gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+    return 0.0
+
+
 def start_tokenservice(name: str, url: str, workdir: Path, cpus: set[int] | None, *,
                        rounds: int, workers: int = 1, log_level: str = "INFO",
-                       rest: bool = True) -> Server:
-    """`tokenservice serve` on free ports, logging to workdir/<name>.log."""
+                       rest: bool = True, rate_limit: str = "off",
+                       redis_url: str | None = None) -> Server:
+    """`tokenservice serve` on free ports, logging to workdir/<name>.log.
+
+    Rate limits are off unless asked for: one token takes every call of a phase,
+    and the phases measure the rest of the path (the `limits` phases price them).
+    """
     grpc_port, http_port = free_port(), free_port() if rest else 0
     command = [
         *taskset(cpus), TOKENSERVICE, "serve", "--host", HOST, "--database-url", url,
         "--grpc-port", str(grpc_port), "--bcrypt-rounds", str(rounds),
+        "--rate-limit", rate_limit,
     ]
+    if redis_url:
+        command += ["--redis-url", redis_url]
     command += ["--http-port", str(http_port)] if rest else ["--no-rest"]
     if workers > 1:
         command += ["--workers", str(workers)]
@@ -131,7 +147,8 @@ def start_tokenservice(name: str, url: str, workdir: Path, cpus: set[int] | None
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env,
                                 cwd=workdir, stdin=subprocess.DEVNULL)
     return Server(name, proc, log_path, grpc_port, http_port, cpus,
-                  {"workers": workers, "log_level": log_level, "rest": rest})
+                  {"workers": workers, "log_level": log_level, "rest": rest,
+                   "rate_limit": rate_limit, "redis": bool(redis_url)})
 
 
 def start_bare(workdir: Path, cpus: set[int] | None) -> Server:

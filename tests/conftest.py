@@ -24,7 +24,7 @@ from redis_server import RedisServer
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
-from tokenservice_server.config import Config
+from tokenservice_server.config import Config, grpc_address
 from tokenservice_server.db import connection
 from tokenservice_server.server import TokenServer
 
@@ -238,7 +238,7 @@ def server_config(database_url: str) -> Config:
 def start_server(config: Config) -> RunningServer:
     server = TokenServer(config)
     port = server.start()
-    target = f"127.0.0.1:{port}"
+    target = grpc_address("127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host, port)
     channel = grpc.insecure_channel(target)
     grpc.channel_ready_future(channel).result(timeout=10)
     return RunningServer(

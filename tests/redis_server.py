@@ -117,6 +117,11 @@ class RedisServer:
         assert self._process is not None
         os.kill(self._process.pid, signal.SIGCONT)
 
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id (None when stopped)."""
+        return None if self._process is None else self._process.pid
+
     def url(self, db: int = 0) -> str:
         return f"redis://{self.host}:{self.port}/{db}"
 

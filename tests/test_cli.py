@@ -84,6 +84,11 @@ def test_flags_win_over_the_environment(tmp_path: Path, db) -> None:
     "args",
     [
         ("user", "add", "--email", "x@acme.test", "--org", "acme", "--permissions", "nope"),
+        # Scope names as the catalog spells them, or not at all: no case folding, no trimming.
+        ("user", "add", "--email", "x@acme.test", "--org", "acme", "--permissions", "PASS:READ"),
+        ("user", "add", "--email", "x@acme.test", "--org", "acme", "--permissions",
+         "pass:read,\tpass:create"),
+        ("token", "create", "--email", "dup@acme.test", "--name", "n", "--scopes", "Pass:Read"),
         ("user", "add", "--email", "not-an-email", "--org", "acme", "--permissions", "pass:read"),
         ("user", "add", "--email", "x@acme.test", "--permissions", "pass:read"),
         ("user", "disable", "--email", "nobody@acme.test"),

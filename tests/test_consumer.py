@@ -1,8 +1,10 @@
 """The example consumer (examples/consumer) run the way its README says, as separate
-processes, against a real tokenservice: allowed, wrong scope, revoked token."""
+processes, against a real tokenservice: allowed, wrong scope, revoked token, and the
+token's rate limit passed on as ratelimit-* metadata, over it refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -12,8 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import make_config, start_server
 
 from tokenservice_client import TokenServiceClient
+from tokenservice_server import metrics
+from tokenservice_server.config import RateLimit
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "consumer"
@@ -25,19 +30,18 @@ def database_url(sqlite_database_url: str) -> str:
     return sqlite_database_url
 
 
-@pytest.fixture(params=["sync", "aio", "sync-lease-cache", "aio-lease-cache"])
-def consumer(request: pytest.FixtureRequest, ts) -> Iterator[str]:
+@contextlib.contextmanager
+def running_consumer(tokenservice: str, kind: str, lease_token: str | None = None
+                     ) -> Iterator[str]:
     """`python examples/consumer/server.py` on a free port; yields its target.
 
-    The lease-cache variants answer repeated tokens from memory: the test's
-    revocation must still be refused by the very next call."""
-    args = [sys.executable, str(EXAMPLE / "server.py"), "--tokenservice", ts.target, "--port", "0"]
-    if request.param.startswith("aio"):
+    With `lease_token` it answers repeated tokens from its lease-kept cache."""
+    args = [sys.executable, str(EXAMPLE / "server.py"), "--tokenservice", tokenservice,
+            "--port", "0"]
+    if kind == "aio":
         args.append("--aio")
-    if request.param.endswith("lease-cache"):
-        watcher = f"watcher-{uuid.uuid4().hex[:8]}@example.com"
-        ts.add_user(watcher, "acme", ["api_token:verify"])
-        args += ["--lease-cache-token", ts.mint(watcher, ["api_token:verify"])]
+    if lease_token:
+        args += ["--lease-cache-token", lease_token]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         stdin=subprocess.DEVNULL,
@@ -50,6 +54,20 @@ def consumer(request: pytest.FixtureRequest, ts) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(params=["sync", "aio", "sync-lease-cache", "aio-lease-cache"])
+def consumer(request: pytest.FixtureRequest, ts) -> Iterator[str]:
+    """The lease-cache variants answer repeated tokens from memory: the test's
+    revocation must still be refused by the very next call."""
+    kind, _, cached = request.param.partition("-")
+    lease_token = None
+    if cached:
+        watcher = f"watcher-{uuid.uuid4().hex[:8]}@example.com"
+        ts.add_user(watcher, "acme", ["api_token:verify"])
+        lease_token = ts.mint(watcher, ["api_token:verify"])
+    with running_consumer(ts.target, kind, lease_token) as target:
+        yield target
 
 
 def run_client(target: str, token: str, *command: str) -> subprocess.CompletedProcess[str]:
@@ -103,3 +121,57 @@ def test_example_stubs_match_the_example_proto(tmp_path: Path) -> None:
         assert (tmp_path / name).read_text() == (EXAMPLE / name).read_text(), (
             f"{name} is stale: regenerate it (see examples/consumer/README.md)"
         )
+
+
+def rate_limit_lines(stderr: str) -> dict[str, int]:
+    found = re.findall(r"^(ratelimit-[a-z]+): ([0-9]+)$", stderr, re.MULTILINE)
+    return {key: int(value) for key, value in found}
+
+
+def rate_limited_count() -> float:
+    """tokenservice's count of Authenticate calls refused for a token's rate limit."""
+    page = metrics.render()[0].decode()
+    match = re.search(r'^tokenservice_authentications_total\{outcome="rate_limited"\} (\S+)$',
+                      page, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_the_consumer_passes_the_rate_limit_on_and_refuses_an_over_limit_caller(
+    kind: str, sqlite_database_url: str
+) -> None:
+    # 20 per 10 hours: a call paid back every 30 minutes, two at once, so nothing
+    # this test does is undone by the clock while it runs.
+    ts = start_server(make_config(sqlite_database_url, rate_limit=RateLimit(20, 36_000.0)))
+    try:
+        email = f"owner-{uuid.uuid4().hex[:8]}@example.com"
+        ts.add_user(email, "acme", ["pass:read"])
+        token = ts.mint(email, ["pass:read"])
+        with running_consumer(ts.target, kind) as target:
+            first = run_client(target, token, "--rate-limit", "whoami")
+            assert first.returncode == 0, first.stderr
+            headers = rate_limit_lines(first.stderr)
+            assert headers.pop("ratelimit-reset") in range(1790, 1801)  # 30 minutes from now
+            assert headers == {"ratelimit-limit": 20, "ratelimit-remaining": 19}
+            # The burst spent: nothing left until the token has paid one call back.
+            second = run_client(target, token, "--rate-limit", "list")
+            assert second.returncode == 0, second.stderr
+            headers = rate_limit_lines(second.stderr)
+            assert headers.pop("ratelimit-reset") in range(3590, 3601)
+            assert headers == {"ratelimit-limit": 20, "ratelimit-remaining": 0}
+
+            before = rate_limited_count()
+            over = run_client(target, token, "whoami")
+            assert over.returncode == 1
+            retry = re.fullmatch(r"RESOURCE_EXHAUSTED: .*rate limit.* \(retry after (\S+) s\)\n",
+                                 over.stderr)
+            assert retry, over.stderr
+            assert 1790 < float(retry.group(1)) <= 1800
+            assert rate_limited_count() == before + 1
+            # Refused by the consumer itself until then: tokenservice is not asked again.
+            again = run_client(target, token, "whoami")
+            assert again.stderr.startswith("RESOURCE_EXHAUSTED") and "retry after" in again.stderr
+            assert rate_limited_count() == before + 1
+    finally:
+        ts.channel.close()
+        ts.server.stop(grace=1)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import collections
+import json
+import logging
+import socket
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from conftest import RunningServer, bearer
+from conftest import RunningServer, bearer, make_config, start_server
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
@@ -16,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
@@ -89,6 +96,9 @@ def test_create_returns_the_raw_token_once_and_it_authenticates(ts: RunningServe
         ("ok", ["no:such"], "scopes"),
         ("ok", ["pass:read", "pass:read"], "scopes"),
         ("ok", ["pass:read", " PASS:READ "], "scopes"),
+        ("ok", ["\tpass:read\n"], "scopes"),
+        ("ok", ["api_to\u212aen:manage"], "scopes"),  # the Kelvin sign, lower() gives k
+        ("ok", ["Pass:Read"], "scopes"),
         ("ok", ["invoice.create"], "scopes"),  # in the catalog, not held
     ],
 )
@@ -97,6 +107,29 @@ def test_create_rejects_bad_input_naming_the_field(ts: RunningServer, name, scop
     error = rpc_error(create, ts, boot, name=name, scopes=scopes)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violations(error), violations(error)
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        [f"no:such-scope-{i:03}" for i in range(300)],
+        ["x" * 20_000],
+        ["\u00e9\u202e" * 5_000],
+        ["%" * 20_000, *[f"%{i}" for i in range(50)]],
+    ],
+    ids=["300-unknown", "20kb-name", "10k-non-ascii", "percent-signs"],
+)
+def test_a_huge_validation_error_stays_invalid_argument(ts: RunningServer, scopes) -> None:
+    """However much a caller sends, the error's trailers stay under the client's limit."""
+    boot = ts.manager()
+    error = rpc_error(create, ts, boot, scopes=scopes)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    described = violations(error)["scopes"]
+    assert 1 <= len(described) <= 10
+    assert all(len(d) <= 200 for d in described)
+    if len(scopes) > 10:
+        assert "more problems" in described[-1]
+    assert error.details().startswith("scopes: ")
 
 
 def test_create_accepts_a_200_character_name(ts: RunningServer) -> None:
@@ -361,7 +394,24 @@ def test_page_size_default_clamp_and_negative(ts: RunningServer) -> None:
     assert "page_size" in violations(error)
 
 
-@pytest.mark.parametrize("page_token", ["garbage", "!!!!", "MTpub3Q6YW51bWJlcg", "a" * 500])
+def _forged_page_token(created: str) -> str:
+    raw = f"1:{created}:0b6f6f0c7d1e4c399d6a5b3f0ad9b8c1".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# Well-formed base64 of the right shape, with a field out of its range or spelled
+# another way: the created_at past 2**63 was a 500 on SQLite.
+FORGED_PAGE_TOKENS = [
+    pytest.param(_forged_page_token(c), id=f"created={c[:8]}")
+    for c in (str(2**63), str(2**64 + 5), "-1", str(-(2**63) - 1), " 12", "0012", "+12", "1_000")
+]
+
+
+@pytest.mark.parametrize(
+    "page_token",
+    ["garbage", "!!!!", "MTpub3Q6YW51bWJlcg", pytest.param("a" * 500, id="a*500"),
+     *FORGED_PAGE_TOKENS],
+)
 def test_an_invalid_page_token_is_invalid_argument(ts: RunningServer, page_token) -> None:
     boot = ts.manager()
     error = rpc_error(ts.stub.ListTokens, pb.ListTokensRequest(page_token=page_token),
@@ -444,3 +494,276 @@ def test_guessing_one_tokens_secret_is_throttled_but_its_owner_is_not(ts: Runnin
         codes.add(rpc_error(ts.authenticate, body + tokens.checksum(body)).code())
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert ts.authenticate(good).token_id
+
+
+# Malformed requests: refused like any other bad call, never an UNKNOWN with a traceback.
+
+
+def test_malformed_protobuf_is_invalid_argument_logged_once_and_throttled(
+    database_url: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from tokenservice_server.logs import rpc_log
+
+    caplog.set_level(logging.INFO)
+    running = start_server(make_config(
+        database_url, auth_failure_burst=3, auth_failure_refill_per_second=0.01,
+    ))
+    try:
+        def raw_call(method: str, body: bytes) -> grpc.RpcError:
+            call = running.channel.unary_unary(
+                f"/tokenservice.v1.TokenService/{method}",
+                request_serializer=lambda b: b, response_deserializer=lambda b: b,
+            )
+            return rpc_error(call, body, timeout=10)
+
+        bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding invalid UTF-8
+        corrupt = b"\xff\xff\xff\xff"  # no valid tag
+        truncated = b"\x0a\x05ab"  # a length past the end
+        refused = [raw_call("Authenticate", bad_utf8), raw_call("CreateToken", corrupt),
+                   raw_call("Authenticate", truncated)]
+        for error in refused:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # One fixed message: no parser text, nothing of the request echoed.
+            assert error.details() == "the request is not a valid message for this method"
+        # The three count as the client's failures: its burst is spent.
+        assert raw_call("Authenticate", corrupt).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rpc_error(running.authenticate, "tks_bogus").code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no ERROR lines"
+    rpc_log.flush()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+             if '"msg": "rpc"' in line and "TokenService" in line]
+    assert [(r["method"].rsplit("/", 1)[1], r["status"]) for r in lines] == [
+        ("Authenticate", "INVALID_ARGUMENT"),
+        ("CreateToken", "INVALID_ARGUMENT"),
+        ("Authenticate", "INVALID_ARGUMENT"),
+        ("Authenticate", "RESOURCE_EXHAUSTED"),
+        ("Authenticate", "RESOURCE_EXHAUSTED"),
+    ]
+
+
+# Client addresses over IPv6.
+
+
+def test_over_ipv6_a_trusted_proxy_names_the_client_and_a_slash_64_is_one_client(
+    database_url: str,
+) -> None:
+    """grpcio reports an IPv6 peer as ipv6:%5B::1%5D:port; read wrongly, the proxy is
+    not recognised and every client it fronts shares one throttle bucket."""
+    from tokenservice_server import tokens
+
+    running = start_server(make_config(
+        database_url, host="::1", auth_failure_burst=3, auth_failure_refill_per_second=0.01,
+    ))
+    try:
+        with grpc.insecure_channel(f"[::1]:{running.server.port}") as channel:
+            stub = pb_grpc.TokenServiceStub(channel)
+
+            def attempt(client: str) -> grpc.StatusCode:
+                bad, _ = tokens.new_token("tks_")
+                return rpc_error(stub.Authenticate, pb.AuthenticateRequest(token=bad),
+                                 metadata=(("x-forwarded-for", client),), timeout=10).code()
+
+            codes = [attempt("2001:db8:0:1::1") for _ in range(4)]
+            assert codes[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Another address in the same /64: the same client.
+            assert attempt("2001:db8:0:1::2") == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Another /64, and an IPv4 client: not throttled.
+            assert attempt("2001:db8:0:2::1") == grpc.StatusCode.UNAUTHENTICATED
+            assert attempt("192.0.2.7") == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+def _wrong_secret(raw: str) -> str:
+    """`raw`'s lookup id with another secret, and a valid checksum: a guess at its secret."""
+    from tokenservice_server import tokens
+
+    body = raw[:16] + tokens.new_token("tks_")[1].secret
+    return body + tokens.checksum(body)
+
+
+def test_a_flood_at_a_lookup_id_never_locks_its_owner_out(database_url: str) -> None:
+    """Ten threads guess at three tokens' secrets; the owner, from its own address and
+    with nothing cached (a fresh server: none of its secrets was ever checked here),
+    authenticates with each, and the guesser is throttled on its own account."""
+    # A refill slow enough that the guesser's budget is what it spent here.
+    running = start_server(make_config(database_url, auth_failure_refill_per_second=0.01))
+    attacker = (("x-forwarded-for", "198.51.100.66"),)
+    owner = (("x-forwarded-for", "203.0.113.7"),)
+    stop = threading.Event()
+    seen: collections.Counter[grpc.StatusCode] = collections.Counter()
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+    try:
+        running.add_user("victim@other.test", "other", ["pass:read"])
+        victims = [running.mint("victim@other.test", ["pass:read"]) for _ in range(3)]
+
+        def flood(i: int) -> None:
+            with grpc.insecure_channel(running.target) as channel:
+                stub = pb_grpc.TokenServiceStub(channel)
+                while not stop.is_set():
+                    request = pb.AuthenticateRequest(token=_wrong_secret(victims[i % 3]))
+                    try:
+                        stub.Authenticate(request, metadata=attacker, timeout=10)
+                    except grpc.RpcError as error:
+                        with lock:
+                            seen[error.code()] += 1
+
+        threads += [threading.Thread(target=flood, args=(i,)) for i in range(10)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        budget = running.config.auth_failure_burst
+        while seen[grpc.StatusCode.RESOURCE_EXHAUSTED] < budget:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        for raw in victims:  # each one's first check, while the flood goes on
+            who = running.stub.Authenticate(pb.AuthenticateRequest(token=raw), metadata=owner,
+                                            timeout=10)
+            assert who.user_email == "victim@other.test"
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert seen[grpc.StatusCode.UNAUTHENTICATED] >= 30  # its guesses were checked, then
+        # its refusals were charged to it: the guesser is throttled on any token now.
+        error = rpc_error(running.stub.Authenticate, pb.AuthenticateRequest(token="tks_x"),
+                          metadata=attacker, timeout=10)
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+def test_a_flood_of_wrong_secrets_from_one_org_leaves_another_orgs_checks_to_them(
+    database_url: str,
+) -> None:
+    """Thirty threads at three addresses of one tenant check wrong secrets for forty
+    of its own tokens, unthrottled (a tenant with many addresses); another tenant's
+    first-time verifications all succeed meanwhile, none refused as busy."""
+    running = start_server(make_config(
+        database_url, bcrypt_rounds=6,
+        auth_failure_burst=1_000_000, lookup_failure_burst=1_000_000,
+    ))
+    stop = threading.Event()
+    seen: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    threads: list[threading.Thread] = []
+    try:
+        running.add_user("flood@evil.test", "evil", ["pass:read"])
+        own = [running.mint("flood@evil.test", ["pass:read"]) for _ in range(40)]
+        running.add_user("victim@acme.test", "acme", ["pass:read"])
+        victims = [running.mint("victim@acme.test", ["pass:read"]) for _ in range(10)]
+
+        def flood(i: int) -> None:
+            metadata = (("x-forwarded-for", f"198.51.100.{i % 3 + 1}"),)
+            with grpc.insecure_channel(running.target) as channel:
+                stub = pb_grpc.TokenServiceStub(channel)
+                n = i
+                while not stop.is_set():
+                    n += 1
+                    request = pb.AuthenticateRequest(token=_wrong_secret(own[n % len(own)]))
+                    try:
+                        stub.Authenticate(request, metadata=metadata, timeout=10)
+                    except grpc.RpcError as error:
+                        with lock:
+                            seen[error.details()] += 1
+
+        threads += [threading.Thread(target=flood, args=(i,)) for i in range(30)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while seen["too many token verifications in progress"] < 30:
+            assert time.monotonic() < deadline, seen  # the flood fills the pool
+            time.sleep(0.05)
+        owner = (("x-forwarded-for", "203.0.113.7"),)
+        for raw in victims:  # each one's first check, while the flood goes on
+            who = running.stub.Authenticate(pb.AuthenticateRequest(token=raw), metadata=owner,
+                                            timeout=10)
+            assert who.user_email == "victim@acme.test"
+        assert seen["invalid, expired or revoked token"] > 0  # its checks ran too
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+# HTTP/2 limits: what an idle or abusive connection may hold.
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS, PING, GOAWAY = 0x4, 0x6, 0x7
+ENHANCE_YOUR_CALM = 0xB
+
+
+def _frame(kind: int, flags: int = 0, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + b"\0\0\0\0" + payload
+
+
+def _frames_until_closed(sock: socket.socket, send_after_settings: bytes = b""):
+    """(type, payload) of each frame the server sends until it closes; its SETTINGS
+    are acknowledged, as a client must."""
+    buffer = b""
+    while True:
+        while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+        payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+        if kind == SETTINGS and not flags & 1:
+            sock.sendall(_frame(SETTINGS, 1) + send_after_settings)
+        yield kind, payload
+
+
+def _announced_settings(frames: list[tuple[int, bytes]]) -> dict[int, int]:
+    settings = next(p for k, p in frames if k == SETTINGS and p)
+    return {int.from_bytes(settings[i:i + 2], "big"): int.from_bytes(settings[i + 2:i + 6], "big")
+            for i in range(0, len(settings), 6)}
+
+
+def test_by_default_a_connection_gets_a_stream_limit_and_requests_a_size_limit(
+    ts: RunningServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", ts.server.port), timeout=30) as sock:
+        sock.sendall(PREFACE + _frame(SETTINGS))
+        frames = [next(f for f in _frames_until_closed(sock) if f[0] == SETTINGS)]
+    assert 0 < _announced_settings(frames).get(0x3, 2**31) <= 1000  # MAX_CONCURRENT_STREAMS
+    error = rpc_error(ts.authenticate, "tks_" + "x" * 100_000)  # far past any real request
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ts.authenticate(ts.manager()).user_email  # and the server carries on
+
+
+def test_idle_http2_connections_are_told_to_go_and_ping_floods_are_cut(
+    database_url: str,
+) -> None:
+    running = start_server(make_config(
+        database_url, grpc_max_concurrent_streams=7, grpc_max_connection_idle_seconds=1,
+    ))
+    address = ("127.0.0.1", running.server.port)
+    try:
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(PREFACE + _frame(SETTINGS))
+            frames = list(_frames_until_closed(sock))  # no call: idle from the start
+        assert _announced_settings(frames).get(0x3) == 7
+        assert GOAWAY in [k for k, _ in frames]  # told to go, then closed
+
+        pings = b"".join(_frame(PING, 0, i.to_bytes(8, "big")) for i in range(6))
+        with socket.create_connection(address, timeout=30) as sock:
+            sock.sendall(PREFACE + _frame(SETTINGS))
+            goaways = [p for k, p in _frames_until_closed(sock, pings) if k == GOAWAY]
+        assert int.from_bytes(goaways[0][4:8], "big") == ENHANCE_YOUR_CALM, goaways
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)

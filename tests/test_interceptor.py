@@ -393,3 +393,119 @@ def test_async_interceptor_cache_delays_revocation_by_at_most_its_ttl(
             await client.close()
 
     asyncio.run(scenario())
+
+
+# Rate limits: the token's standing reaches the caller as trailing metadata.
+
+
+class _TaggingServicer(ex.PassServicer):
+    """Sets trailing metadata of its own, as real handlers do."""
+
+    def WhoAmI(self, request, context):  # noqa: N802 - the gRPC method's name
+        context.set_trailing_metadata((("x-served-by", "passes"),))
+        return super().WhoAmI(request, context)
+
+
+class _AsyncTaggingServicer(ex.AsyncPassServicer):
+    async def WhoAmI(self, request, context):  # noqa: N802
+        context.set_trailing_metadata((("x-served-by", "passes"),))
+        return await super().WhoAmI(request, context)
+
+
+def _rate_limit(metadata) -> dict[str, str]:
+    return {k: v for k, v in metadata or () if k.startswith("ratelimit-")}
+
+
+def _slow_limit(ts, raw: str) -> None:
+    """1000 calls per 10 hours, the token's own: a call is paid back every 36 s, so
+    the counts this test reads do not move with the time it takes."""
+    from tokenservice_server import tokens
+    from tokenservice_server.db import connection
+    from tokenservice_server.models import ApiToken
+
+    lookup_id = tokens.parse(raw, "tks_").lookup_id  # type: ignore[union-attr]
+    with connection(ts.server.store.db):
+        ApiToken.update(rate_limit_requests=1000, rate_limit_period_us=36_000_000_000).where(
+            ApiToken.lookup_id == lookup_id).execute()
+
+
+def test_rate_limit_metadata_rides_beside_the_handler_s_own_and_on_its_errors(
+    ts, ts_target: str, mint
+) -> None:
+    """Each call counts one against the token's limit, and every answer says so."""
+    token = mint(["pass:read"])
+    _slow_limit(ts, token)
+    interceptor = AuthInterceptor(ts_target, ex.SCOPES)
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[interceptor])
+    pb_grpc.add_PassServiceServicer_to_server(_TaggingServicer(ex.PassStore()), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    creds = tsc.token_credentials(token, grpc.local_channel_credentials())
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            stub = pb_grpc.PassServiceStub(channel)
+            _, call = stub.WhoAmI.with_call(pb.WhoAmIRequest(), timeout=10)
+            trailing = dict(call.trailing_metadata())
+            assert trailing["x-served-by"] == "passes"
+            headers = _rate_limit(call.trailing_metadata())
+            assert 30 < int(headers.pop("ratelimit-reset")) <= 36  # rested 36 s after
+            assert headers == {"ratelimit-limit": "1000", "ratelimit-remaining": "999"}
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetPass(pb.GetPassRequest(id="nope"), timeout=10)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert _rate_limit(missing.value.trailing_metadata())["ratelimit-remaining"] == "998"
+            stream = stub.ListPasses(pb.ListPassesRequest(), timeout=10)
+            assert list(stream) == []
+            assert _rate_limit(stream.trailing_metadata())["ratelimit-remaining"] == "997"
+    finally:
+        server.stop(0)
+
+
+def test_async_rate_limit_metadata_and_no_standing_from_the_cache(
+    ts, ts_target: str, mint
+) -> None:
+    token = mint(["pass:read"])
+    _slow_limit(ts, token)
+
+    async def scenario() -> None:
+        plain = AsyncAuthInterceptor(ts_target, ex.SCOPES)
+        cached = AsyncAuthInterceptor(ts_target, ex.SCOPES, cache_ttl=60)
+        servers, ports = [], []
+        for interceptor in (plain, cached):
+            server = grpc.aio.server(interceptors=[interceptor])
+            pb_grpc.add_PassServiceServicer_to_server(
+                _AsyncTaggingServicer(ex.PassStore()), server)
+            ports.append(server.add_insecure_port("127.0.0.1:0"))
+            await server.start()
+            servers.append(server)
+        creds = tsc.token_credentials(token, grpc.local_channel_credentials())
+        try:
+            async with grpc.aio.secure_channel(f"127.0.0.1:{ports[0]}", creds) as a, \
+                    grpc.aio.secure_channel(f"127.0.0.1:{ports[1]}", creds) as b:
+                call = pb_grpc.PassServiceStub(a).WhoAmI(pb.WhoAmIRequest(), timeout=10)
+                await call
+                trailing = await call.trailing_metadata()
+                assert dict(trailing)["x-served-by"] == "passes"
+                assert _rate_limit(trailing)["ratelimit-remaining"] == "999"
+                stream = pb_grpc.PassServiceStub(a).ListPasses(pb.ListPassesRequest(), timeout=10)
+                assert [p async for p in stream] == []
+                assert _rate_limit(await stream.trailing_metadata())["ratelimit-limit"] == "1000"
+
+                # Behind a cache: the first call asks tokenservice and is counted; the
+                # cached ones are not, and claim no standing.
+                stub = pb_grpc.PassServiceStub(b)
+                first = stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)
+                await first
+                assert _rate_limit(await first.trailing_metadata())["ratelimit-remaining"] == "997"
+                for _ in range(3):
+                    again = stub.WhoAmI(pb.WhoAmIRequest(), timeout=10)
+                    await again
+                    assert _rate_limit(await again.trailing_metadata()) == {}
+                assert TokenServiceClient(ts_target).authenticate(token).rate_limit.remaining == 996
+        finally:
+            for server in servers:
+                await server.stop(0)
+            await plain.close()
+            await cached.close()
+
+    asyncio.run(scenario())

@@ -106,8 +106,9 @@ def test_a_child_never_expires_later_than_its_parent(ts: RunningServer, admin) -
         error = rpc_error(create, ts, short, **kw)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert fields(error) == ["expires_at"], error.details()
-    ok = create(ts, short, expires_at=stamp(later(minutes=30)))
-    assert ok.api_token.expires_at.ToDatetime(tzinfo=UTC) == later(minutes=30)
+    half_hour = later(minutes=30)
+    ok = create(ts, short, expires_at=stamp(half_hour))
+    assert ok.api_token.expires_at.ToDatetime(tzinfo=UTC) == half_hour
     # Exactly the parent's expiry is allowed.
     parent_expiry = get(ts, admin, ok.api_token.parent_id).expires_at
     assert create(ts, short, expires_at=parent_expiry).api_token.expires_at == parent_expiry
@@ -307,10 +308,11 @@ def test_update_changes_only_the_masked_fields(ts: RunningServer, admin) -> None
     # Scope changes apply on the next Authenticate.
     assert list(ts.authenticate(made.token).scopes) == ["pass:read"]
     limit = pb.RateLimit(requests=5, period=Duration(seconds=1))
+    tomorrow = later(days=1)
     updated = update(ts, admin, made.api_token.id, ["name", "rate_limit", "expires_at"],
-                     name="new name", rate_limit=limit, expires_at=stamp(later(days=1)))
+                     name="new name", rate_limit=limit, expires_at=stamp(tomorrow))
     assert (updated.name, updated.rate_limit) == ("new name", limit)
-    assert updated.expires_at.ToDatetime(tzinfo=UTC) == later(days=1)
+    assert updated.expires_at.ToDatetime(tzinfo=UTC) == tomorrow
     # A masked field left unset clears it: no expiry, the default rate limit.
     cleared = update(ts, admin, made.api_token.id, ["expires_at", "rate_limit"])
     assert not cleared.HasField("expires_at") and not cleared.HasField("rate_limit")
@@ -362,10 +364,10 @@ def test_shortening_a_parent_shortens_its_children(ts: RunningServer, admin) -> 
     child = create(ts, parent.token, scopes=["api_token:manage", "pass:read"],
                    expires_at=stamp(later(days=1)))
     grandchild = create(ts, child.token, expires_at=stamp(later(hours=20)))
-    update(ts, admin, parent.api_token.id, ["expires_at"], expires_at=stamp(later(hours=1)))
+    hour = later(hours=1)
+    update(ts, admin, parent.api_token.id, ["expires_at"], expires_at=stamp(hour))
     for made in (child, grandchild):
-        assert get(ts, admin, made.api_token.id).expires_at.ToDatetime(tzinfo=UTC) == later(
-            hours=1)
+        assert get(ts, admin, made.api_token.id).expires_at.ToDatetime(tzinfo=UTC) == hour
 
 
 def test_a_revoked_or_rotated_token_cannot_be_changed(ts: RunningServer, admin) -> None:

@@ -7,6 +7,7 @@ by itself.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -161,6 +162,74 @@ def test_a_stuck_query_times_out_as_unavailable_and_frees_its_worker(
         for _ in range(5):
             assert ts.authenticate(token).token_id
         assert _create(ts, boot).token
+    finally:
+        ts.channel.close()
+        ts.server.stop(grace=1)
+
+
+def test_authenticate_never_waits_behind_management_work(
+    pg_cluster: PgCluster, pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock holds every INSERT of CreateToken (for up to a 60 s statement timeout)
+    while one caller sends 48 at once, enough to take every management worker.
+    Authenticate, warm and cold, answers meanwhile within a deadline shorter than
+    that timeout, so it never queued behind them; the flooding caller gets a few
+    creations at a time and RESOURCE_EXHAUSTED with a RetryInfo for the rest."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    monkeypatch.setattr(dbmod, "STATEMENT_TIMEOUT_MS", 60_000)
+    ts = start_server(make_config(pg_database_url))
+    owner = (("x-forwarded-for", "203.0.113.7"),)
+    try:
+        boot = ts.manager()
+        warm, cold = _create(ts, boot).token, _create(ts, boot).token
+        ts.authenticate(warm)
+        flooder = ts.manager(email="flood@evil.test", org="evil")
+        ts.authenticate(flooder)
+        locker = pg_cluster.connect(dbname_of(pg_database_url))
+        outcomes: list[grpc.RpcError | None] = []
+
+        def create_one() -> None:
+            try:
+                _create(ts, flooder)
+                outcomes.append(None)
+            except grpc.RpcError as error:
+                outcomes.append(error)
+
+        threads = [threading.Thread(target=create_one) for _ in range(48)]
+        try:
+            with locker.cursor() as cur:
+                cur.execute("BEGIN")
+                cur.execute("LOCK TABLE api_tokens IN SHARE ROW EXCLUSIVE MODE")  # reads go on
+            for thread in threads:
+                thread.start()
+
+            def settled() -> bool:
+                waiting = pg_cluster.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = %s", (dbname_of(pg_database_url),))[0][0]
+                wedged = waiting >= ts.config.grpc_workers
+                return waiting >= 1 and (wedged or len(outcomes) + waiting == len(threads))
+
+            _until(settled, "the flood to settle")
+            for raw in (warm, cold):
+                who = ts.stub.Authenticate(pb.AuthenticateRequest(token=raw), metadata=owner,
+                                           timeout=15)
+                assert who.user_email == "manager@acme.test"
+        finally:
+            with locker.cursor() as cur:
+                cur.execute("ROLLBACK")
+            locker.close()
+            for thread in threads:
+                thread.join()
+        refused = [e for e in outcomes if e is not None]
+        created = len(outcomes) - len(refused)
+        assert created == ts.config.create_token_concurrency
+        assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused), {
+            (e.code(), e.details()) for e in refused}
+        details = rpc_status.from_call(refused[0]).details
+        assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in details)
     finally:
         ts.channel.close()
         ts.server.stop(grace=1)

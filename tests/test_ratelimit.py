@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import socket
@@ -123,10 +124,14 @@ def test_a_decision_says_what_is_left_and_exactly_when_to_retry() -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
     first = limiter.check("t", 100, 10.0)  # burst 10, one call per 100 ms
-    assert first == Decision(True, 100, 9, 0.1, 0.0)
-    assert [limiter.check("t", 100, 10.0).remaining for _ in range(9)] == list(range(8, -1, -1))
+    assert first == Decision(True, 100, 99, 0.1, 0.0, 9)
+    burst = [limiter.check("t", 100, 10.0) for _ in range(9)]
+    assert [d.burst_left for d in burst] == list(range(8, -1, -1))
+    # The calls left in the window count down with the burst, and read 0 once a
+    # call made at once would be refused.
+    assert [d.remaining for d in burst] == [98, 97, 96, 95, 94, 93, 92, 91, 0]
     refused = limiter.check("t", 100, 10.0)
-    assert not refused.allowed and refused.remaining == 0
+    assert not refused.allowed and refused.remaining == 0 and refused.burst_left == 0
     assert refused.retry_after_s == pytest.approx(0.1)
     assert refused.reset_after_s == pytest.approx(1.0)
     # Refused calls count nothing: many of them do not push the retry time back.
@@ -137,16 +142,16 @@ def test_a_decision_says_what_is_left_and_exactly_when_to_retry() -> None:
     clock.advance(0.000001)
     assert limiter.check("t", 100, 10.0).allowed
     # Another key has its own budget; cost 0 only asks.
-    assert limiter.check("u", 100, 10.0, cost=0) == Decision(True, 100, 10, 0.0, 0.0)
-    assert limiter.check("u", 100, 10.0, cost=0).remaining == 10
+    assert limiter.check("u", 100, 10.0, cost=0) == Decision(True, 100, 100, 0.0, 0.0, 10)
+    assert limiter.check("u", 100, 10.0, cost=0).burst_left == 10
 
 
 def test_a_call_may_cost_more_than_one_and_never_more_than_the_burst() -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
-    assert limiter.check("t", 60, 60.0, cost=4, burst=10).remaining == 6
+    assert limiter.check("t", 60, 60.0, cost=4, burst=10).burst_left == 6
     assert not limiter.check("t", 60, 60.0, cost=7, burst=10).allowed
-    assert limiter.check("t", 60, 60.0, cost=6, burst=10).remaining == 0
+    assert limiter.check("t", 60, 60.0, cost=6, burst=10).burst_left == 0
     assert not limiter.check("u", 60, 60.0, cost=11, burst=10).allowed
 
 
@@ -156,7 +161,7 @@ def test_the_in_process_store_stays_bounded_under_many_keys() -> None:
     for i in range(100):
         limiter.check(str(i), 1, 60.0)
     # Only the 10 most recently used keys are remembered: the oldest start rested.
-    assert [limiter.check(str(i), 1, 60.0, cost=0).remaining for i in range(100)] == (
+    assert [limiter.check(str(i), 1, 60.0, cost=0).burst_left for i in range(100)] == (
         [1] * 90 + [0] * 10
     )
 
@@ -212,11 +217,11 @@ def test_serve_workers_are_given_the_supervisors_limit_and_redis() -> None:
     for flags in ({"rate_limit": "100/10s", "redis_url": "redis://cache:6380/1"},
                   {"rate_limit": "off"}, {}):
         config = load_config(flags, {"TOKENSERVICE_REDIS_TIMEOUT_SECONDS": "0.05"})
-        argv = cli._worker_command(config, 50051, None)
-        serve = argv[argv.index("serve"):]
-        worker = load_config(vars(cli._parser().parse_args(serve)), {})
+        environ = cli._worker_environ(config, 50051, None)
+        worker = load_config({}, {k: v for k, v in environ.items()
+                                  if k.startswith("TOKENSERVICE_")})
         assert (worker.rate_limit, worker.redis_url) == (config.rate_limit, config.redis_url)
-    assert config.redis_timeout_seconds == 0.05
+        assert worker.redis_timeout_seconds == 0.05
 
 
 @pytest.mark.parametrize(
@@ -242,7 +247,8 @@ def test_redis_agrees_with_the_in_process_store(stores: list[RedisStore]) -> Non
     for cost in [1, 1, 3, 1, 2, 2, 1, 0, 1, 1, 1, 4]:
         a = local.check("t", 10, 3600.0, cost=cost, burst=8)
         b = shared.check("t", 10, 3600.0, cost=cost, burst=8)
-        assert (a.allowed, a.remaining, a.limit) == (b.allowed, b.remaining, b.limit)
+        assert (a.allowed, a.remaining, a.burst_left, a.limit) == (
+            b.allowed, b.remaining, b.burst_left, b.limit)
         assert b.retry_after_s == pytest.approx(a.retry_after_s, abs=1.0)
         assert b.reset_after_s == pytest.approx(a.reset_after_s, abs=1.0)
     assert stores[0].healthy
@@ -252,7 +258,7 @@ def test_two_limiters_on_one_redis_share_one_budget(stores: list[RedisStore]) ->
     first, second = RateLimiter(stores[0]), RateLimiter(stores[1])
     decisions = [(first if i % 2 else second).check("t", 100, 3600.0) for i in range(20)]
     assert sum(d.allowed for d in decisions) == default_burst(100) == 10
-    assert [d.remaining for d in decisions[:10]] == list(range(9, -1, -1))
+    assert [d.burst_left for d in decisions[:10]] == list(range(9, -1, -1))
     # The same key in another namespace (another kind of limit) is counted apart.
     assert RateLimiter(stores[1], namespace="other").check("t", 100, 3600.0).allowed
 
@@ -319,11 +325,11 @@ def test_a_redis_that_forgot_the_scripts_is_sent_them_again(
 ) -> None:
     limiter = RateLimiter(stores[0])
     buckets = FailureBuckets(1, 0.001, store=stores[0])
-    assert limiter.check("t", 100, 3600.0).remaining == 9
+    assert limiter.check("t", 100, 3600.0).burst_left == 9
     buckets.fail("c")
     with redis.Redis.from_url(redis_url) as r:
         r.script_flush()  # as after a Redis restart or failover
-        assert limiter.check("t", 100, 3600.0).remaining == 8
+        assert limiter.check("t", 100, 3600.0).burst_left == 8
         assert buckets.retry_after("c") > 0
         assert stores[0].healthy
         # Sent whole once, the scripts are cached again for the next EVALSHA.
@@ -414,7 +420,7 @@ def test_a_stalled_redis_times_out_into_the_fallback_and_recovers(
 ) -> None:
     server, store, changes = fragile
     limiter = RateLimiter(store)
-    assert limiter.check("t", 100, 3600.0).remaining == 9
+    assert limiter.check("t", 100, 3600.0).burst_left == 9
     server.freeze()
     try:
         decision = limiter.check("t", 100, 3600.0)  # answered after the 100 ms timeout
@@ -426,7 +432,7 @@ def test_a_stalled_redis_times_out_into_the_fallback_and_recovers(
     assert changes == [False, True]
     # The budget in Redis was never lost: its count goes on where it was (the
     # call that timed out may have reached Redis after all).
-    assert limiter.check("t", 100, 3600.0).remaining in (8, 7)
+    assert limiter.check("t", 100, 3600.0).burst_left in (8, 7)
 
 
 def test_a_black_holed_redis_costs_one_timeout_per_back_off_not_one_per_call() -> None:
@@ -504,3 +510,127 @@ def test_checks_never_fail_while_redis_goes_down_and_comes_back_under_load(
     # Every change reported once and in order, ending on the truth.
     assert store.healthy and changes[0] is False and changes[-1] is True
     assert all(before != after for before, after in zip(changes, changes[1:], strict=False))
+
+
+# From an event loop: batched, and never on the loop's thread.
+
+
+class CountingRedisStore(RedisStore):
+    """A real RedisStore that remembers the size of each batch it was sent."""
+
+    def __init__(self, url: str, **kwargs) -> None:
+        super().__init__(url, **kwargs)
+        self.batches: list[int] = []
+
+    async def agcra_many(self, steps, executor=None):  # type: ignore[no-untyped-def]
+        self.batches.append(len(steps))
+        return await super().agcra_many(steps, executor)
+
+
+def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_url: str) -> None:
+    store = CountingRedisStore(redis_url)
+    limiter = RateLimiter(store)
+
+    async def callers() -> list[Decision]:
+        first = await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(30)))
+        second = await asyncio.gather(limiter.acheck("u", 100, 3600.0),
+                                      limiter.acheck("t", 100, 3600.0, cost=0))
+        return [*first, *second]
+
+    try:
+        decisions = asyncio.run(callers())
+    finally:
+        store.close()
+    # Thirty calls in one turn of the loop: one script run, in the order asked.
+    assert store.batches == [30, 2]
+    assert [d.allowed for d in decisions[:30]] == [True] * 10 + [False] * 20
+    assert [d.burst_left for d in decisions[:10]] == list(range(9, -1, -1))
+    assert decisions[30].allowed and decisions[30].burst_left == 9  # another key
+    assert not decisions[31].allowed or decisions[31].burst_left == 0
+
+
+def test_a_stalled_redis_never_stalls_the_event_loop(
+    fragile: tuple[RedisServer, RedisStore, list[bool]],
+) -> None:
+    server, store, _ = fragile
+    limiter = RateLimiter(store)
+
+    async def check_beside_a_ticker() -> tuple[Decision, int]:
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        decision = await limiter.acheck("t", 100, 3600.0)  # waits out the 100 ms timeout
+        seen = ticks  # the ticker's turns while the check waited
+        done.set()
+        await ticking
+        return decision, seen
+
+    server.freeze()
+    try:
+        decision, ticks = asyncio.run(check_beside_a_ticker())
+    finally:
+        server.thaw()
+    # Answered by the fallback, and the loop went on running while Redis was waited for.
+    assert decision.allowed and not store.healthy
+    assert ticks > 0
+
+
+def test_the_event_loop_s_connection_shares_the_budget_and_recovers_by_itself(
+    fragile: tuple[RedisServer, RedisStore, list[bool]],
+) -> None:
+    """Checks from a loop and from threads count in one place; Redis lost and back."""
+    server, store, changes = fragile
+    limiter = RateLimiter(store)
+
+    async def burst(n: int) -> list[Decision]:
+        return await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(n)))
+
+    assert [d.burst_left for d in asyncio.run(burst(4))] == [9, 8, 7, 6]
+    assert limiter.check("t", 100, 3600.0).burst_left == 5  # the same key, from a thread
+    server.stop()
+    # Down: answered by this process's counters, which start rested.
+    assert [d.allowed for d in asyncio.run(burst(3))] == [True] * 3
+    assert not store.healthy and changes == [False]
+    server.start()  # empty, as after a crash
+
+    async def until_shared() -> Decision:
+        while True:
+            decision = (await burst(1))[0]
+            if store.healthy:
+                return decision
+            await asyncio.sleep(0.06)  # the store tries Redis again after its back-off
+
+    assert asyncio.run(until_shared()).allowed and changes == [False, True]
+    with redis.Redis.from_url(server.url()) as client:
+        assert client.keys(f"{KEY_PREFIX}token:*")  # counted in Redis again
+
+
+def test_a_raised_limit_holds_from_the_next_call_in_either_store(redis_url: str) -> None:
+    """The debt of a stricter limit is forgiven down to one burst of the new one."""
+    clock = Clock()
+    local = RateLimiter(LocalStore(clock=clock))
+    store = RedisStore(redis_url)
+    try:
+        for limiter in (local, RateLimiter(store)):
+            assert limiter.check("t", 1, 3600.0).allowed
+            assert limiter.check("t", 1, 3600.0).retry_after_s == pytest.approx(3600, abs=1)
+            raised = limiter.check("t", 1000, 3600.0)  # a call every 3.6 s, 100 at once
+            assert not raised.allowed and raised.retry_after_s == pytest.approx(3.6, abs=0.1)
+            # Forgiven once and kept: asking again does not bring the old debt back.
+            again = limiter.check("t", 1000, 3600.0)
+            assert again.retry_after_s == pytest.approx(3.6, abs=0.1)
+    finally:
+        store.close()
+    clock.advance(3.6)
+    assert local.check("t", 1000, 3600.0).allowed
+    # Lowered again: the debt (in time: 360 s, a full burst at the faster pace)
+    # carries over and is what stands between the token and its next call.
+    assert local.check("t", 1, 3600.0).retry_after_s == pytest.approx(360)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from conftest import bearer, cli
+from google.protobuf.field_mask_pb2 import FieldMask
 from pgcluster import PgCluster
 
 from tokenservice.v1 import token_service_pb2 as pb
@@ -96,3 +97,51 @@ def test_user_disable_stops_their_tokens_on_every_replica_at_once(replicas) -> N
     for stub in (b, a):
         assert _rejected(stub, leaver) == grpc.StatusCode.UNAUTHENTICATED
         assert _auth(stub, stayer).user_email == "stayer@acme.test"
+
+
+def test_narrowing_a_users_permissions_narrows_their_tokens_on_every_replica(replicas) -> None:
+    url, a, b = replicas
+    cli("user", "add", "--email", "dev@acme.test", "--org", "acme", "--permissions",
+        "api_token:manage,pass:read,invoice.view", "--database-url", url, check=True)
+    boot = _token_for(url, "dev@acme.test", "api_token:manage,pass:read,invoice.view")
+    # A token made through replica A, warm in both replicas' caches.
+    made = a.CreateToken(pb.CreateTokenRequest(name="svc", scopes=["pass:read", "invoice.view"]),
+                         metadata=bearer(boot), timeout=10)
+    for _ in range(3):
+        for stub in (a, b):
+            assert list(_auth(stub, made.token).scopes) == ["pass:read", "invoice.view"]
+
+    cli("user", "set-permissions", "--email", "dev@acme.test", "--permissions",
+        "api_token:manage,pass:read", "--database-url", url, check=True)
+    for stub in (b, a):
+        assert list(_auth(stub, made.token).scopes) == ["pass:read"]
+    # A token's own scopes changed through A hold on B at its next use as well.
+    a.UpdateToken(pb.UpdateTokenRequest(
+        api_token=pb.ApiToken(id=made.api_token.id, scopes=["api_token:manage"]),
+        update_mask=FieldMask(paths=["scopes"])), metadata=bearer(boot), timeout=10)
+    assert list(_auth(b, made.token).scopes) == ["api_token:manage"]
+    # And the narrowed user cannot mint or widen past it through either replica.
+    with pytest.raises(grpc.RpcError) as caught:
+        b.UpdateToken(pb.UpdateTokenRequest(
+            api_token=pb.ApiToken(id=made.api_token.id, scopes=["invoice.view"]),
+            update_mask=FieldMask(paths=["scopes"])), metadata=bearer(boot), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_rotation_on_one_replica_holds_on_the_other(replicas) -> None:
+    url, a, b = replicas
+    cli("user", "add", "--email", "ci@acme.test", "--org", "acme", "--permissions",
+        "api_token:manage,pass:read", "--database-url", url, check=True)
+    boot = _token_for(url, "ci@acme.test", "api_token:manage,pass:read")
+    made = a.CreateToken(pb.CreateTokenRequest(name="svc", scopes=["pass:read"]),
+                         metadata=bearer(boot), timeout=10)
+    assert _auth(b, made.token).token_id == made.api_token.id  # warm on B
+    rotated = a.RotateToken(pb.RotateTokenRequest(id=made.api_token.id), metadata=bearer(boot),
+                            timeout=10)
+    assert _rejected(b, made.token) == grpc.StatusCode.UNAUTHENTICATED
+    assert _auth(b, rotated.token).token_id == rotated.api_token.id
+    # The second rotation of the same token loses, whichever replica it reaches.
+    with pytest.raises(grpc.RpcError) as caught:
+        b.RotateToken(pb.RotateTokenRequest(id=made.api_token.id), metadata=bearer(boot),
+                      timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

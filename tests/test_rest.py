@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import re
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -12,6 +16,8 @@ import pytest
 from conftest import make_config, start_server
 from grpc_health.v1 import health_pb2
 from rest_helpers import FUTURE, Rest, bearer_header, running_rest
+
+from tokenservice_server.rest import RestLimits, RestServer
 
 # Request bodies as two public API-token guides print them in their curl
 # examples: callers copy these, so they must work on our paths as printed.
@@ -94,6 +100,9 @@ def test_unset_timestamps_are_null_and_repeated_fields_present(rest: Rest, manag
         "orgId": "acme",
         "scopes": ["pass:read"],
         "expiresAt": None,
+        # The service default, 600 per minute (int64: a JSON string, as proto3 has it).
+        "rateLimit": {"limit": "600", "remaining": "599",
+                      "resetTime": who.json()["rateLimit"]["resetTime"]},
     }
 
 
@@ -111,6 +120,10 @@ def test_list_paginates_with_camel_and_snake_case_query(rest: Rest, manager: str
     assert second["nextPageToken"] == "" or len(second["tokens"]) == 2
     bad = rest.client.get("/api/v1/api-tokens", params={"pageToken": "nope"}, headers=h)
     assert_error(bad, 422, "validation_error")
+    # Well-formed but forged: a created_at past 2**63 (it was a 500 on SQLite).
+    forged = base64.urlsafe_b64encode(f"1:{2**63}:{'0' * 32}".encode()).decode().rstrip("=")
+    bad = rest.client.get("/api/v1/api-tokens", params={"pageToken": forged}, headers=h)
+    assert assert_error(bad, 422, "validation_error")["details"][0]["field"] == "pageToken"
     bad = rest.client.get("/api/v1/api-tokens", params={"pageSize": "many"}, headers=h)
     assert assert_error(bad, 422, "validation_error")["details"][0]["field"] == "pageSize"
     bad = rest.client.get("/api/v1/api-tokens", params={"colour": "red"}, headers=h)
@@ -186,6 +199,40 @@ def test_unknown_field_is_422_and_creates_nothing(rest: Rest, manager: str) -> N
     assert error["details"] == [{"field": "expireAt", "description": "unknown field"}]
     listed = rest.client.get("/api/v1/api-tokens", headers=bearer_header(manager)).json()
     assert [t["name"] for t in listed["tokens"]] == ["bootstrap"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("expires_at", "expiresAt"), ("expiresAt", "expires_at")]
+)
+def test_two_spellings_of_one_field_are_422_naming_it(
+    rest: Rest, manager: str, first: str, second: str
+) -> None:
+    """Whichever spelling comes last, the body is refused: no token without expiry."""
+    body = {"name": "n", "scopes": ["pass:read"], first: FUTURE, second: None}
+    r = rest.client.post("/api/v1/api-tokens", json=body, headers=bearer_header(manager))
+    error = assert_error(r, 422, "validation_error")
+    assert [d["field"] for d in error["details"]] == ["expiresAt"]
+    listed = rest.client.get("/api/v1/api-tokens", headers=bearer_header(manager)).json()
+    assert [t["name"] for t in listed["tokens"]] == ["bootstrap"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "n", "scopes": [f"no:such-scope-{i:03}" for i in range(300)]},
+        {"name": "n", "scopes": ["x" * 20_000]},
+        {"name": "n", "scopes": ["pass:read"], **{f"field{i:03}": 1 for i in range(300)}},
+        {"name": "n", "scopes": ["pass:read"], "y" * 20_000: 1},
+    ],
+    ids=["300-unknown-scopes", "20kb-scope", "300-unknown-fields", "20kb-field-name"],
+)
+def test_a_huge_validation_error_stays_422_and_echoes_little(
+    rest: Rest, manager: str, body: dict
+) -> None:
+    r = rest.client.post("/api/v1/api-tokens", json=body, headers=bearer_header(manager))
+    error = assert_error(r, 422, "validation_error")
+    assert 1 <= len(error["details"]) <= 10
+    assert len(r.content) < 4096
 
 
 def test_bad_values_are_422_with_the_field(rest: Rest, manager: str) -> None:
@@ -330,6 +377,91 @@ def test_throttled_client_gets_429_with_retry_after_per_real_address(database_ur
         running.server.stop(grace=1)
 
 
+def test_a_shim_dialing_grpc_over_ipv6_still_passes_the_real_client_on(database_url) -> None:
+    """`serve --host localhost` may connect the shim over [::1]: its x-forwarded-for
+    must still be honoured, or every REST client shares one throttle bucket."""
+    config = make_config(
+        database_url, host="::1", auth_failure_burst=2, auth_failure_refill_per_second=0.01,
+    )
+    running = start_server(config)
+    try:
+        server = RestServer(f"[::1]:{running.server.port}", "127.0.0.1", 0)
+        server.start()
+        try:
+            def attempt(address: str) -> int:
+                transport = httpx.HTTPTransport(local_address=address)
+                with httpx.Client(base_url=f"http://127.0.0.1:{server.port}",
+                                  transport=transport) as client:
+                    r = client.post("/api/v1/authenticate", json={"token": "tks_bogus"})
+                    return r.status_code
+
+            assert [attempt("127.0.0.2") for _ in range(3)] == [401, 401, 429]
+            assert attempt("127.0.0.3") == 401
+        finally:
+            server.stop(grace=1)
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
+
+
+# -- slow and idle clients -------------------------------------------------------
+
+
+def _status_before_close(sock: socket.socket) -> bytes:
+    """The status line sent before the server closed (b"" if none); the socket's
+    timeout bounds a failure, it measures nothing."""
+    data = b""
+    with sock:
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_idle_slow_and_greedy_connections_are_closed(ts, caplog) -> None:
+    limits = RestLimits(max_connections=6, header_timeout=1.0, body_timeout=1.0,
+                        idle_timeout=1.0)
+    server = RestServer(ts.target, "127.0.0.1", 0, limits=limits)
+    server.start()
+    try:
+        def connect(data: bytes = b"") -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            if data:
+                sock.sendall(data)
+            return sock
+
+        idle = connect()
+        headers = connect(b"POST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n")
+        body = connect(b"POST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        kept = connect(b"GET /api/v1/scopes HTTP/1.1\r\nHost: ts\r\n\r\n")
+        huge = connect(b"GET /api/v1/scopes HTTP/1.1\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert _status_before_close(huge) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        # A header a byte at a time does not stretch the deadline.
+        trickle = connect(b"P")
+        with pytest.raises(OSError):
+            for byte in b"OST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n" * 40:
+                trickle.sendall(bytes([byte]))
+                threading.Event().wait(0.05)
+        assert _status_before_close(trickle) in (b"HTTP/1.1 408 Request Timeout", b"")
+        assert _status_before_close(idle) == b""
+        assert _status_before_close(headers) == b"HTTP/1.1 408 Request Timeout"
+        assert _status_before_close(body) == b""
+        assert _status_before_close(kept) == b"HTTP/1.1 200 OK"  # then idle, then closed
+        # The cap: six open at once, the seventh refused at once.
+        held = [connect() for _ in range(6)]
+        assert _status_before_close(connect()) in (b"HTTP/1.1 503 Service Unavailable", b"")
+        for sock in held:
+            sock.close()
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+            assert client.get("/api/v1/scopes").status_code == 200
+    finally:
+        server.stop(grace=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 # -- health and OpenAPI --------------------------------------------------------
 
 
@@ -351,6 +483,7 @@ def test_openapi_document_covers_every_route(rest: Rest) -> None:
     paths = doc["paths"]
     assert set(paths["/api/v1/api-tokens"]) == {"get", "post"}
     assert set(paths["/api/v1/api-keys"]) == {"get", "post"}
+    # PATCH binds {api_token.id}: one URL shape, documented as one path.
     assert set(paths["/api/v1/api-tokens/{id}"]) == {"get", "delete", "patch"}
     assert set(paths["/api/v1/api-keys/{id}"]) == {"get", "delete", "patch"}
     assert set(paths["/api/v1/api-tokens/{id}:rotate"]) == {"post"}

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import resource
 import signal
+import socket
 import subprocess
 import threading
 
+import grpc
 import httpx
 import pytest
 from conftest import TOKENSERVICE, free_port
 from rest_helpers import bearer_header, running_rest
+
+from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
 
 def wait_for_http(url: str, proc: subprocess.Popen | None = None) -> httpx.Response:
@@ -103,3 +110,75 @@ def test_stop_lets_an_in_flight_request_finish(ts) -> None:
         stopper.join(30)
     assert result["r"].status_code == 201, result["r"].text
     assert result["r"].json()["apiToken"]["name"] == "drained"
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """The status line the server sent before it closed (b"reset" if it reset the
+    connection instead); the socket's timeout bounds a failure."""
+    data = b""
+    with sock:
+        try:
+            while chunk := sock.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            return b"reset"
+    return data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.slow
+def test_half_open_rest_connections_cannot_take_grpc_down(tmp_path) -> None:
+    """Under a common file limit (256 here), more half-sent HTTP requests than the
+    shim's cap: the extra connections are refused at once, gRPC clients on new
+    connections authenticate throughout, the stalled ones are closed at the header
+    timeout, and REST serves again."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TOKENSERVICE_")},
+           "TOKENSERVICE_DATABASE_URL": f"sqlite:///{tmp_path / 'ts.db'}",
+           "TOKENSERVICE_BCRYPT_ROUNDS": "4",
+           "TOKENSERVICE_REST_MAX_CONNECTIONS": "64",
+           "TOKENSERVICE_REST_HEADER_TIMEOUT_SECONDS": "3",
+           "TOKENSERVICE_REST_IDLE_TIMEOUT_SECONDS": "3"}
+    for args in (("user", "add", "--email", "a@acme.test", "--org", "acme",
+                  "--permissions", "pass:read"),
+                 ("token", "create", "--email", "a@acme.test", "--name", "t",
+                  "--scopes", "pass:read")):
+        done = subprocess.run([TOKENSERVICE, *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+    raw = done.stdout.strip().splitlines()[-1]
+    grpc_port, http_port = free_port(), free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [TOKENSERVICE, "serve", "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+    )
+    log.close()
+    stalled: list[socket.socket] = []
+    try:
+        base = f"http://127.0.0.1:{http_port}"
+        assert wait_for_http(f"{base}/healthz", proc).status_code == 200
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", http_port), timeout=60)
+            sock.sendall(b"POST /api/v1/authenticate HTTP/1.1\r\nHost: ts\r\n")  # never ends
+            stalled.append(sock)
+        for _ in range(5):  # a new connection each time, as new clients would
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                who = pb_grpc.TokenServiceStub(channel).Authenticate(
+                    pb.AuthenticateRequest(token=raw), timeout=10)
+            assert who.user_email == "a@acme.test"
+        # Every one ends: beyond the cap at once (503, or a reset when the request's
+        # bytes arrived as it closed), the others at the header timeout (408).
+        answers = collections.Counter(_answer(s) for s in stalled)
+        stalled.clear()
+        timed_out, refused = b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 503 Service Unavailable"
+        assert set(answers) <= {timed_out, refused, b"reset"}, answers
+        assert 0 < answers[timed_out] <= 64 and answers[refused] > 0, answers
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        for sock in stalled:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

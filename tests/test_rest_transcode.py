@@ -175,6 +175,22 @@ def test_single_field_body_and_path_override() -> None:
         build_request(create, {}, [("title", "query is not bound when body is *")], {})
 
 
+def test_two_spellings_of_one_field_are_refused_at_any_depth() -> None:
+    create = ROUTES[("CreateShelf", 0)]
+    with pytest.raises(ApiError) as bad:
+        build_request(create, {}, [], {"opened_at": "2030-01-01T00:00:00Z", "openedAt": None})
+    assert bad.value.status == 422
+    assert [d["field"] for d in bad.value.details] == ["openedAt"]
+    assert "opened_at" in bad.value.details[0]["description"]
+    with pytest.raises(ApiError) as bad:  # one spelling twice: the JSON parser refuses it
+        parse_json(b'{"inner": {"count": 1, "count": 2}}')
+    with pytest.raises(ApiError) as bad:
+        build_request(ROUTES[("UpdateShelf", 0)], {("shelf_id",): "s"}, [],
+                      {"inner": {"count": 1}, "title": "t", "tags": [], "opened_at": None,
+                       "openedAt": None})
+    assert [d["field"] for d in bad.value.details] == ["shelf.openedAt"]
+
+
 def test_responses_have_every_field_with_nulls_and_arrays() -> None:
     route = ROUTES[("CreateShelf", 0)]
     assert render_response(route, route.response_class()) == {
@@ -267,3 +283,25 @@ def test_status_mapping_hides_internals_and_carries_retry_after() -> None:
         "code": "validation_error", "message": "expiresAt: must be in the future",
         "details": [{"field": "expiresAt", "description": "must be in the future"}],
     }}
+
+
+def test_openapi_names_a_nested_path_variable_by_its_field_unless_that_is_ambiguous() -> None:
+    assert parse_template("/v1/tokens/{api_token.id}").openapi_path == "/v1/tokens/{id}"
+    both = parse_template("/v1/{a.id}/{b.id}")
+    assert both.openapi_path == "/v1/{a.id}/{b.id}"
+    assert [v.openapi_name for v in both.variables] == ["a.id", "b.id"]
+
+
+def test_a_patch_without_a_mask_takes_the_body_keys_as_its_mask() -> None:
+    routes = {(r.method.name, r.http_method): r
+              for r in build_routes([pb.DESCRIPTOR.services_by_name["TokenService"]])}
+    patch = routes[("UpdateToken", "PATCH")]
+    path = {("api_token", "id"): "t1"}
+    body = {"name": "n", "expiresAt": None, "rate_limit": {"requests": 1, "period": "1s"}}
+    request = build_request(patch, path, [], body)
+    assert list(request.update_mask.paths) == ["name", "expires_at", "rate_limit"]
+    assert request.api_token.id == "t1" and request.api_token.name == "n"
+    assert not request.api_token.HasField("expires_at")
+    explicit = build_request(patch, path, [("updateMask", "name")], {"name": "n", "scopes": []})
+    assert list(explicit.update_mask.paths) == ["name"]
+    assert list(build_request(patch, path, [], None).update_mask.paths) == []

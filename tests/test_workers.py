@@ -115,3 +115,51 @@ def test_without_workers_the_port_is_not_shared(tmp_path: Path) -> None:
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_workers_get_their_configuration_off_the_command_line(tmp_path: Path) -> None:
+    """The database URL (a password, on PostgreSQL) never reaches a worker's command
+    line, which anyone on the machine can read; the workers still get every setting."""
+    marker = "hunter2"
+    url = f"sqlite:///{tmp_path / f'pw-{marker}.db'}"
+    scopes = tmp_path / "scopes.toml"
+    scopes.write_text('[scopes."pass:read"]\ndescription = "Read passes"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSERVICE_")}
+    grpc_port = _free_port()
+    server = subprocess.Popen(
+        [TOKENSERVICE, "serve", "--workers", "2", "--no-rest", "--grpc-port", str(grpc_port),
+         "--database-url", url, "--scopes-file", str(scopes), "--bcrypt-rounds", "5"],
+        env=env, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(server.pid)) < 2 or not _answers(grpc_port):
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            listed = pb_grpc.TokenServiceStub(channel).ListScopes(pb.ListScopesRequest(),
+                                                                  timeout=10)
+        assert [s.name for s in listed.scopes] == ["pass:read"]  # the scopes file reached them
+        for pid in _children(server.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            assert marker not in cmdline and "--database-url" not in cmdline, cmdline
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"TOKENSERVICE_DATABASE_URL={url}".encode() in environ
+            assert b"TOKENSERVICE_BCRYPT_ROUNDS=5" in environ
+            assert os.stat(f"/proc/{pid}/environ").st_mode & 0o077 == 0  # the user's alone
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

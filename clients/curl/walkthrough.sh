@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A curl walkthrough of tokenservice's REST paths, checked step by step:
 # scopes, create (api-tokens and the api-keys alias), list, get, authenticate, use of a
-# token without api_token:manage, revoke (twice), authenticate after revoke, a
-# validation error and a missing header.
+# token without api_token:manage, rotation with a grace period, a rename, the
+# state filter, revoke (twice), authenticate after revoke, a validation error and
+# a missing header.
 #
 #   clients/curl/walkthrough.sh [BASE_URL] [BOOTSTRAP_TOKEN]
 #   TOKENSERVICE_URL=http://localhost:8080 TOKENSERVICE_TOKEN=tks_... clients/curl/walkthrough.sh
@@ -108,7 +109,30 @@ check "authenticate names the token" test "$(json "$WORK/body" .tokenId)" = "$TO
 # 6. The new token lacks api_token:manage, so it cannot manage tokens.
 call 403 GET /api/v1/api-tokens "$NEW_TOKEN"
 
-# 7. Revoke: immediate, and idempotent.
+# 7. Rotate a token with an hour's grace: both secrets work meanwhile, and a
+#    second rotation of the same token is a conflict.
+call 201 POST /api/v1/api-keys "$TOKEN" "{\"name\": \"Rotated\", \"scopes\": $scopes_json}"
+OLD_SECRET="$(json "$WORK/body" .token)"
+OLD_ID="$(json "$WORK/body" .apiToken.id)"
+call 200 POST "/api/v1/api-tokens/$OLD_ID:rotate" "$TOKEN" '{"gracePeriod": "3600s"}'
+ROTATED_SECRET="$(json "$WORK/body" .token)"
+ROTATED_ID="$(json "$WORK/body" .apiToken.id)"
+check "the old token names its replacement" \
+  test "$(json "$WORK/body" .previous.replacedById)" = "$ROTATED_ID"
+check "the new token names the one it replaced" \
+  test "$(json "$WORK/body" .apiToken.rotatedFromId)" = "$OLD_ID"
+call 200 POST /api/v1/authenticate "" "{\"token\": \"$OLD_SECRET\"}"
+call 200 POST /api/v1/authenticate "" "{\"token\": \"$ROTATED_SECRET\"}"
+call 409 POST "/api/v1/api-tokens/$OLD_ID:rotate" "$TOKEN" '{"gracePeriod": "0s"}'
+check "a second rotation is a conflict" test "$(json "$WORK/body" .error.code)" = "conflict"
+call 200 PATCH "/api/v1/api-tokens/$ROTATED_ID" "$TOKEN" '{"name": "Rotated (2)"}'
+check "PATCH changes the name only" test "$(json "$WORK/body" .name)" = "Rotated (2)"
+call 200 DELETE "/api/v1/api-tokens/$OLD_ID" "$TOKEN"
+call 200 GET "/api/v1/api-tokens?state=REVOKED&pageSize=100" "$TOKEN"
+check "the state filter finds the revoked token" grep -q "\"$OLD_ID\"" "$WORK/body"
+call 200 DELETE "/api/v1/api-tokens/$ROTATED_ID" "$TOKEN"
+
+# 8. Revoke: immediate, and idempotent.
 call 200 DELETE "/api/v1/api-tokens/$TOKEN_ID" "$TOKEN"
 REVOKED_AT="$(json "$WORK/body" .revokedAt)"
 check "revoke sets revokedAt" test -n "$REVOKED_AT"
@@ -117,7 +141,7 @@ call 200 DELETE "/api/v1/api-tokens/$TOKEN_ID" "$TOKEN"
 check "revoking again changes nothing" test "$(json "$WORK/body" .revokedAt)" = "$REVOKED_AT"
 call 200 DELETE "/api/v1/api-keys/$ALIAS_ID" "$TOKEN"
 
-# 8. Errors: a validation error names its fields; no credentials is 401.
+# 9. Errors: a validation error names its fields; no credentials is 401.
 call 422 POST /api/v1/api-tokens "$TOKEN" '{"name": "", "scopes": ["no:such-scope"]}'
 check "validation error has code validation_error" \
   test "$(json "$WORK/body" .error.code)" = "validation_error"

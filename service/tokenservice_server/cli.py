@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import json
 import logging
 import os
 import signal
@@ -12,12 +15,20 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import peewee
 
 from . import logs, narrowing
-from .config import Config, ConfigError, check_transport, grpc_address, load_config
+from .config import (
+    ENV_PREFIX,
+    Config,
+    ConfigError,
+    check_transport,
+    grpc_address,
+    load_config,
+    to_environ,
+)
 from .crypto import hasher_for
 from .db import DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
@@ -26,6 +37,7 @@ from .migrations import migrate, open_migrated
 from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
+from .values import AuditEvent, TokenInfo, UserInfo
 
 log = logging.getLogger("tokenservice.cli")
 
@@ -71,10 +83,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="successful authentications per token, e.g. 600/60s, or off")
     serve.add_argument("--redis-url",
                        help="redis://host:port/db: limits shared by every replica and worker")
-    # Set by `serve --workers N` on the processes it starts; not for people.
-    serve.add_argument("--reuse-port", dest="reuse_port", action="store_const", const=True,
-                       help=argparse.SUPPRESS)
-    serve.add_argument("--local-socket", help=argparse.SUPPRESS)
     tls_flags(serve)
 
     rest = sub.add_parser("rest", help="run the REST shim alone, in front of a gRPC server")
@@ -101,6 +109,21 @@ def _parser() -> argparse.ArgumentParser:
     disable = user.add_parser("disable", help="disable a user and stop all their tokens")
     disable.add_argument("--email", required=True)
     db_flag(disable)
+    enable = user.add_parser("enable", help="enable a disabled user again")
+    enable.add_argument("--email", required=True)
+    db_flag(enable)
+    users = user.add_parser("list", help="list users (of one org, or all)")
+    users.add_argument("--org")
+    users.add_argument("--json", action="store_true", help="one JSON object a line")
+    db_flag(users)
+    perms = user.add_parser(
+        "set-permissions",
+        help="replace a user's permissions; every token of theirs narrows at its next use",
+    )
+    perms.add_argument("--email", required=True)
+    perms.add_argument("--permissions", required=True, help="comma-separated scopes")
+    db_flag(perms)
+    perms.add_argument("--scopes-file")
 
     token = sub.add_parser("token", help="manage tokens").add_subparsers(
         dest="token_command", required=True, parser_class=_Parser
@@ -113,6 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     db_flag(create)
     create.add_argument("--scopes-file")
     create.add_argument("--bcrypt-rounds", type=int)
+    tokens = token.add_parser("list", help="list a user's tokens, newest first")
+    tokens.add_argument("--email", required=True)
+    tokens.add_argument("--json", action="store_true", help="one JSON object a line")
+    db_flag(tokens)
+    revoke = token.add_parser("revoke", help="revoke a token by id, at once")
+    revoke.add_argument("id")
+    revoke.add_argument("--children", action="store_true",
+                        help="also revoke every token it minted, transitively")
+    revoke.add_argument("--json", action="store_true", help="print the token as JSON")
+    db_flag(revoke)
+
+    audit = sub.add_parser("audit", help="print audit events, newest first, as JSON lines")
+    audit.add_argument("--org")
+    audit.add_argument("--token-id", default="")
+    audit.add_argument("--limit", type=int, default=100)
+    db_flag(audit)
 
     scopes = sub.add_parser("scopes", help="print the scope catalog")
     scopes.add_argument("--scopes-file")
@@ -120,7 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
+    """A comma-separated list; spaces after a comma are list syntax, anything else is
+    part of the item (a tab or a newline in a scope name is refused, not trimmed)."""
+    return [part.strip(" ") for part in value.split(",") if part.strip(" ")]
 
 
 def _parse_time(value: str) -> datetime:
@@ -131,6 +172,51 @@ def _parse_time(value: str) -> datetime:
             [("expires_at", f"{value!r} is not an ISO 8601 date-time")]
         ) from None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat().replace("+00:00", "Z") if value else ""
+
+
+def _token_dict(info: TokenInfo) -> dict[str, Any]:
+    return {
+        "id": info.id, "name": info.name, "tokenPrefix": info.token_prefix,
+        "state": info.state.value, "scopes": list(info.scopes),
+        "expiresAt": _when(info.expires_at) or None,
+        "lastUsedAt": _when(info.last_used_at) or None,
+        "revokedAt": _when(info.revoked_at) or None, "createdAt": _when(info.created_at),
+        "createdByEmail": info.created_by_email, "orgId": info.org_id,
+        "parentId": info.parent_id, "rotatedFromId": info.rotated_from_id,
+        "replacedById": info.replaced_by_id,
+    }
+
+
+def _user_dict(user: UserInfo) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "orgId": user.org_id,
+            "permissions": list(user.permissions), "disabled": user.disabled,
+            "createdAt": _when(user.created_at)}
+
+
+def _event_dict(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id, "time": _when(event.time), "action": event.action,
+        "orgId": event.org_id, "actorUserId": event.actor_user_id,
+        "actorEmail": event.actor_email, "actorTokenId": event.actor_token_id,
+        "tokenId": event.token_id, "clientAddress": event.client_address,
+        "details": event.details,
+    }
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns as wide as their widest cell; what a person reads at a terminal."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _json_lines(items: Sequence[dict[str, Any]]) -> None:
+    for item in items:
+        print(json.dumps(item, ensure_ascii=False, separators=(",", ":")))
 
 
 def _service(config: Config) -> TokenService:
@@ -197,10 +283,10 @@ def _serve(config: Config) -> int:
     _serve_metrics(config)
     rest = None
     if config.rest_enabled:
-        from .rest import RestServer
+        from .rest import RestLimits, RestServer
 
         rest = RestServer(f"unix:{config.local_socket}", config.host, config.http_port,
-                          tls=server.tls)
+                          tls=server.tls, limits=RestLimits.from_config(config))
         rest.start(server.loop)
     stop.wait()
     log.info("stopping: draining in-flight calls")
@@ -212,28 +298,23 @@ def _serve(config: Config) -> int:
     return 0
 
 
-def _worker_command(config: Config, port: int, local_socket: str | None) -> list[str]:
-    command = [
-        sys.executable, "-c", "from tokenservice_server.cli import main; main()", "serve",
-        "--host", config.host, "--grpc-port", str(port), "--database-url", config.database_url,
-        "--bcrypt-rounds", str(config.bcrypt_rounds), "--workers", "1", "--reuse-port",
-        "--no-rest",
-    ]
-    if config.scopes_file:
-        command += ["--scopes-file", config.scopes_file]
-    # Every worker counts against the same limits: each is given the supervisor's.
-    command += ["--rate-limit", str(config.rate_limit or "off")]
-    if config.redis_url:
-        command += ["--redis-url", config.redis_url]
-    if local_socket:
-        command += ["--local-socket", local_socket]
-    if config.tls_cert and config.tls_key:
-        command += ["--tls-cert", config.tls_cert, "--tls-key", config.tls_key]
-    if config.tls_client_ca:
-        command += ["--tls-client-ca", config.tls_client_ca]
-    if config.plaintext:
-        command.append("--plaintext")
-    return command
+def _worker_command() -> list[str]:
+    """A worker's command line: no settings on it, everyone on the machine can read it."""
+    return [sys.executable, "-c", "from tokenservice_server.cli import main; main()", "serve"]
+
+
+def _worker_environ(config: Config, port: int, local_socket: str | None) -> dict[str, str]:
+    """A worker's environment: this process's, its TOKENSERVICE_* variables replaced by
+    the whole configuration (database URL included), readable only by this user.
+
+    Every worker counts against the same limits and serves the same TLS files as
+    this process; /metrics is served here only, summed over the workers."""
+    worker = dataclasses.replace(
+        config, grpc_port=port, workers=1, reuse_port=True, rest_enabled=False,
+        metrics_port=None, local_socket=local_socket,
+    )
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    return {**inherited, **to_environ(worker)}
 
 
 def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
@@ -273,8 +354,9 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
         [os.path.join(folder.name, f"worker-{i}.sock") for i in range(config.workers)]
         if folder is not None else [None] * config.workers
     )
-    commands = [_worker_command(config, port, path) for path in sockets]
-    workers = [subprocess.Popen(command) for command in commands]
+    command = _worker_command()
+    environs = [_worker_environ(config, port, path) for path in sockets]
+    workers = [subprocess.Popen(command, env=environ) for environ in environs]
     log.info("supervising gRPC workers",
              extra={"workers": len(workers), "port": port, "pids": [w.pid for w in workers]})
 
@@ -290,10 +372,11 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
     try:
         _wait_listening(config.host, port, workers, stop, [p for p in sockets if p])
         if config.rest_enabled and not stop.is_set():
-            from .rest import RestServer
+            from .rest import RestLimits, RestServer
 
             target = "unix:" + ",".join(p for p in sockets if p)
-            rest = RestServer(target, config.host, config.http_port, tls=tls)
+            rest = RestServer(target, config.host, config.http_port, tls=tls,
+                              limits=RestLimits.from_config(config))
             rest.start()
         _serve_metrics(config)
         while not stop.wait(1.0):
@@ -303,7 +386,7 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
                                 extra={"pid": worker.pid, "exit_code": worker.returncode})
                     metrics.worker_exited(worker.pid)
                     time.sleep(1.0)
-                    workers[i] = subprocess.Popen(commands[i])
+                    workers[i] = subprocess.Popen(command, env=environs[i])
     finally:
         log.info("stopping: draining in-flight calls")
         if rest is not None:
@@ -372,7 +455,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "serve":
         return _serve(config)
     if args.command == "rest":
-        from .rest import run_rest
+        from .rest import RestLimits, run_rest
         from .tls import ServerTls, channel_credentials
 
         check_transport(config)
@@ -380,7 +463,8 @@ def run(argv: Sequence[str]) -> int:
         if config.tls_ca:
             credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         run_rest(args.grpc_target, config.host, config.http_port,
-                 tls=ServerTls.from_config(config), channel_credentials=credentials)
+                 tls=ServerTls.from_config(config), channel_credentials=credentials,
+                 limits=RestLimits.from_config(config))
         return 0
     if args.command == "scopes":
         catalog = ScopeCatalog.load(config.scopes_file)
@@ -396,38 +480,73 @@ def run(argv: Sequence[str]) -> int:
         return 0
     service = _service(config)
     # A command that narrows tokens returns only once every consumer caching
-    # Authenticate's answers, on every replica, has dropped them (narrowing.py).
+    # Authenticate's answers, on every replica, has dropped them (narrowing.py);
+    # what it prints is shown then too, so nobody reads "revoked" too early.
     narrowed: list = []
     collecting = narrowing.collect(narrowed)
+    out = io.StringIO()
     try:
-        lines = _run_command(args, service)
+        with contextlib.redirect_stdout(out):
+            _run_command(args, service)
     finally:
         narrowing.stop(collecting)
-    settle_blocking(service.store, narrowed)
-    for line in lines:
-        print(line)
+        settle_blocking(service.store, narrowed)
+        sys.stdout.write(out.getvalue())
     return 0
 
 
-def _run_command(args: argparse.Namespace, service: TokenService) -> list[str]:
-    """Runs a user or token command; returns what to print once it has settled."""
+def _run_command(args: argparse.Namespace, service: TokenService) -> None:
+    """Runs a user, token or audit command in one connection."""
     with service.store.connection():
         if args.command == "user" and args.user_command == "add":
             service.add_user(args.email, args.org, _split(args.permissions))
-            return [f"user {args.email.strip().lower()} added to org {args.org.strip()}"]
-        if args.command == "user" and args.user_command == "disable":
+            print(f"user {args.email.strip().lower()} added to org {args.org.strip()}")
+        elif args.command == "user" and args.user_command == "disable":
             service.disable_user(args.email)
-            return [f"user {args.email.strip().lower()} disabled; their tokens no longer work"]
-        expires = _parse_time(args.expires_at) if args.expires_at else None
-        created = service.mint_for_email(args.email, args.name, _split(args.scopes), expires)
-        info = created.info
-        return [
-            f"created token {info.name!r} id={info.id} prefix={info.token_prefix}"
-            f" scopes={','.join(info.scopes)}"
-            f" expires={info.expires_at.isoformat() if info.expires_at else 'never'}",
-            "store it now, it will not be shown again:",
-            created.raw,
-        ]
+            print(f"user {args.email.strip().lower()} disabled; their tokens no longer work")
+        elif args.command == "user" and args.user_command == "enable":
+            service.enable_user(args.email)
+            print(f"user {args.email.strip().lower()} enabled; their tokens work again")
+        elif args.command == "user" and args.user_command == "set-permissions":
+            user = service.set_permissions(args.email, _split(args.permissions))
+            print(f"user {user.email} now holds {','.join(user.permissions)};"
+                  " their tokens carry no more than that from their next use")
+        elif args.command == "user" and args.user_command == "list":
+            users = service.list_users(args.org)
+            if args.json:
+                _json_lines([_user_dict(u) for u in users])
+            else:
+                _table(("EMAIL", "ORG", "STATE", "PERMISSIONS", "CREATED"), [
+                    (u.email, u.org_id, "disabled" if u.disabled else "enabled",
+                     ",".join(u.permissions), _when(u.created_at)) for u in users])
+        elif args.command == "token" and args.token_command == "list":
+            found = service.tokens_for_email(args.email)
+            if args.json:
+                _json_lines([_token_dict(t) for t in found])
+            else:
+                _table(("ID", "NAME", "PREFIX", "STATE", "SCOPES", "EXPIRES", "LAST USED"), [
+                    (t.id, t.name, t.token_prefix, t.state.value.lower(), ",".join(t.scopes),
+                     _when(t.expires_at) or "never", _when(t.last_used_at) or "never")
+                    for t in found])
+        elif args.command == "token" and args.token_command == "revoke":
+            info = service.revoke_by_id(args.id, args.children)
+            if args.json:
+                _json_lines([_token_dict(info)])
+            else:
+                print(f"token {info.name!r} id={info.id} revoked at {_when(info.revoked_at)}"
+                      + (" with every token it minted" if args.children else ""))
+        elif args.command == "audit":
+            _json_lines([_event_dict(e) for e in
+                         service.audit_events(args.org, args.token_id, args.limit)])
+        elif args.command == "token":
+            expires = _parse_time(args.expires_at) if args.expires_at else None
+            created = service.mint_for_email(args.email, args.name, _split(args.scopes), expires)
+            info = created.info
+            print(f"created token {info.name!r} id={info.id} prefix={info.token_prefix}"
+                  f" scopes={','.join(info.scopes)}"
+                  f" expires={info.expires_at.isoformat() if info.expires_at else 'never'}")
+            print("store it now, it will not be shown again:")
+            print(created.raw)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

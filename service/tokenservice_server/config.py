@@ -90,6 +90,32 @@ class Config:
     grpc_workers: int = 12
     bcrypt_concurrency: int = 2
     bcrypt_max_waiting: int = 8
+    # bcrypt work running or waiting for one client address (an IPv6 /64), or for
+    # one calling user at CreateToken: one client's flood waits in its own queue.
+    bcrypt_max_per_client: int = 4
+    # Authenticate's database reads (PostgreSQL) run on threads and connections of
+    # their own, so management calls holding every worker never hold it up.
+    auth_read_workers: int = 4
+    # Tokens one calling token may be creating at once (CreateToken); more are
+    # refused with RESOURCE_EXHAUSTED and a RetryInfo.
+    create_token_concurrency: int = 2
+    # The REST shim's connections: how many may be open (TLS handshakes included),
+    # and how long a client may take to send a request's headers, then its body,
+    # or leave a connection idle before its first request or between two.
+    rest_max_connections: int = 512
+    rest_header_timeout_seconds: float = 10.0
+    rest_body_timeout_seconds: float = 10.0
+    rest_idle_timeout_seconds: float = 5.0
+    # gRPC's HTTP/2 connections: streams (calls) in flight on one connection, a
+    # connection with no call for this long is closed (GOAWAY), the server pings a
+    # connection with calls in flight this often to find dead peers, and a client
+    # pinging more often than the minimum interval (or pinging with no call in
+    # flight) is sent GOAWAY after two such pings. The largest request accepted.
+    grpc_max_concurrent_streams: int = 100
+    grpc_max_connection_idle_seconds: float = 300.0
+    grpc_keepalive_seconds: float = 60.0
+    grpc_min_ping_interval_seconds: float = 10.0
+    grpc_max_message_bytes: int = 65536
     # Verified-secret cache entries (keyed HMACs of secrets, never secrets).
     verified_cache_size: int = 100_000
     # Failed authentications: a token bucket per client address and per lookup id.
@@ -110,7 +136,8 @@ class Config:
     # narrowing change waits at most this long for a consumer that stopped
     # answering; a shorter lease costs more renewals.
     lease_seconds: float = 2.0
-    # Peers allowed to name the real client in x-forwarded-for (the REST shim).
+    # Peers allowed to name the real client in x-forwarded-for (the REST shim):
+    # addresses or CIDR ranges.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # Start the REST/JSON shim beside the gRPC server.
     rest_enabled: bool = True
@@ -122,7 +149,8 @@ class Config:
     workers: int = 1
     # /metrics on a port of its own as well (None: on the REST port only).
     metrics_port: int | None = None
-    # Set by `serve --workers` for its worker processes only: share the port on purpose.
+    # Set by `serve --workers` for its worker processes only (in their environment):
+    # share the port on purpose.
     reuse_port: bool = False
     # TLS: the certificate and key both faces serve; with a client CA, both require a
     # client certificate it signed (mTLS). Re-read on SIGHUP.
@@ -203,6 +231,19 @@ def validate(config: Config) -> None:
         raise ConfigError("the token prefix may hold only letters, digits and _")
     if config.grpc_workers < 2 or config.bcrypt_concurrency < 1:
         raise ConfigError("need at least 2 gRPC workers and 1 bcrypt slot")
+    positive = (
+        "rest_max_connections", "rest_header_timeout_seconds", "rest_body_timeout_seconds",
+        "rest_idle_timeout_seconds", "grpc_max_concurrent_streams",
+        "grpc_max_connection_idle_seconds", "grpc_keepalive_seconds",
+        "grpc_min_ping_interval_seconds", "grpc_max_message_bytes",
+    )
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be more than 0")
+    if config.auth_read_workers < 1 or config.create_token_concurrency < 1:
+        raise ConfigError("need at least 1 Authenticate read worker and 1 CreateToken a caller")
+    if config.bcrypt_max_waiting < 0 or config.bcrypt_max_per_client < 1:
+        raise ConfigError("bcrypt max waiting must be at least 0, and per client at least 1")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
     if not 0.05 <= config.lease_seconds <= MAX_LEASE_SECONDS:
@@ -224,6 +265,13 @@ def validate(config: Config) -> None:
         raise ConfigError("the audit retention must be 0 (keep forever) or a number of days")
     if config.audit_prune_seconds <= 0 or config.audit_prune_batch < 1:
         raise ConfigError("the audit prune interval and batch must be positive")
+
+    from .peers import parse_networks  # the one reading of an address or range
+
+    try:
+        parse_networks(config.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"trusted proxies: {e}") from None
 
 
 def check_redis_url(url: str) -> None:
@@ -258,6 +306,44 @@ def check_transport(config: Config) -> None:
         f"refusing to serve {config.host} without TLS: give --tls-cert and --tls-key,"
         " or --plaintext if a mesh or sidecar terminates TLS"
     )
+
+
+# How a setting whose default is not None says None in the environment.
+_NONE_SPELLING = {"rate_limit": "off"}
+
+
+def to_environ(config: Config) -> dict[str, str]:
+    """The TOKENSERVICE_* variables that make load_config() give back `config`.
+
+    How `serve --workers N` hands its configuration to its worker processes: a
+    process's environment is readable only by its own user (and root), while its
+    command line is readable by everyone on the machine (`ps`, /proc/<pid>/cmdline),
+    and the database URL may carry a password. Raises ConfigError for a value
+    that would not read back the same.
+    """
+    environ: dict[str, str] = {}
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if value is None:
+            if field.name in _NONE_SPELLING:  # None is not the default there
+                environ[ENV_PREFIX + field.name.upper()] = _NONE_SPELLING[field.name]
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = str(value)
+        environ[ENV_PREFIX + field.name.upper()] = text
+    if load_config({}, environ) != config:
+        differ = [
+            f.name for f in dataclasses.fields(Config)
+            if getattr(load_config({}, environ), f.name) != getattr(config, f.name)
+        ]
+        raise ConfigError(f"cannot pass {', '.join(differ)} to another process")
+    return environ
 
 
 def grpc_address(host: str, port: int) -> str:

@@ -10,27 +10,30 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 
 from .config import Config
-from .errors import RateLimited
+from .fairshare import NOBODY, Claimant, FairScheduler
 
 
 class SecretHasher(abc.ABC):
-    """Turns a token's secret into what the store keeps, and checks a secret against it."""
+    """Turns a token's secret into what the store keeps, and checks a secret against it.
+
+    `claimant` says whom the work is for, so a hasher with bounded resources can
+    share them fairly; NOBODY when there is no one to charge it to.
+    """
 
     @abc.abstractmethod
-    def hash(self, secret: str) -> str:
+    def hash(self, secret: str, claimant: Claimant = NOBODY) -> str:
         """A fresh salted hash of `secret` (blocking: call it off any event loop)."""
 
     @abc.abstractmethod
-    def verify(self, secret: str, hashed: str) -> bool:
+    def verify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
         """Whether `secret` matches `hashed`; a corrupt `hashed` never matches."""
 
     @abc.abstractmethod
-    async def averify(self, secret: str, hashed: str) -> bool:
+    async def averify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
         """verify() for an event loop: the work runs on the hasher's own threads."""
 
     @abc.abstractmethod
@@ -42,13 +45,15 @@ class SecretHasher(abc.ABC):
 
 
 class BcryptHasher(SecretHasher):
-    """bcrypt, with every hash and check on one bounded pool.
+    """bcrypt, with every hash and check on a few threads shared fairly.
 
-    At most `slots` bcrypt computations run at once and `max_waiting` more may
-    queue; beyond that a call is refused with RateLimited. Hashes at CreateToken
-    and checks at Authenticate share the bound, so a flood of either holds at
-    most slots + max_waiting threads, and calls answered from the verified
-    cache keep being served.
+    At most `slots` bcrypt computations run at once, each client has at most
+    `per_client` running or waiting, and at most `max_waiting` wait in all; the
+    scheduler (fairshare.FairScheduler) serves orgs and clients in turn, so one
+    tenant's flood does not hold up another's first-time verifications. A call
+    that may not wait is refused with RateLimited. Hashes at CreateToken and
+    checks at Authenticate share the threads, and calls answered from the
+    verified cache never come here.
     """
 
     def __init__(
@@ -56,76 +61,40 @@ class BcryptHasher(SecretHasher):
         rounds: int,
         slots: int,
         max_waiting: int,
+        per_client: int = 4,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
         self.rounds = rounds
-        # Told the queue depth whenever it changes (the metrics gauge).
-        self._on_depth = on_depth
-        self._slots = threading.BoundedSemaphore(slots)
-        self._slot_count = slots
-        self._max_waiting = max_waiting
-        self._waiting = 0
-        self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-
-    def _enter(self) -> None:
-        with self._lock:
-            if self._waiting >= self._max_waiting:
-                raise RateLimited("too many token verifications in progress", retry_after=1.0)
-            self._waiting += 1
-            if self._on_depth is not None:
-                self._on_depth(self._waiting)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._waiting -= 1
-            if self._on_depth is not None:
-                self._on_depth(self._waiting)
+        # on_depth is told the queue depth whenever it changes (the metrics gauge).
+        self._scheduler = FairScheduler(slots, max_waiting, per_client, on_depth)
 
     @property
     def queue_depth(self) -> int:
-        """bcrypt computations running or waiting for a slot."""
-        return self._waiting
+        """bcrypt computations running or waiting for a thread."""
+        return self._scheduler.running + self._scheduler.waiting
 
-    def _checkpw(self, secret: str, hashed: str) -> bool:
+    @staticmethod
+    def _checkpw(secret: str, hashed: str) -> bool:
         try:
-            with self._slots:
-                return bcrypt.checkpw(secret.encode("ascii"), hashed.encode("ascii"))
+            return bcrypt.checkpw(secret.encode("ascii"), hashed.encode("ascii"))
         except ValueError:  # a corrupt stored hash never authenticates
             return False
 
-    def hash(self, secret: str) -> str:
+    def hash(self, secret: str, claimant: Claimant = NOBODY) -> str:
         data = secret.encode("ascii")
         if len(data) > 72:
             raise ValueError("bcrypt takes at most 72 bytes")
-        self._enter()
-        try:
-            with self._slots:
-                return bcrypt.hashpw(data, bcrypt.gensalt(self.rounds)).decode("ascii")
-        finally:
-            self._leave()
+        salt = bcrypt.gensalt(self.rounds)
+        job = self._scheduler.submit(claimant, lambda: bcrypt.hashpw(data, salt))
+        return job.result().decode("ascii")
 
-    def verify(self, secret: str, hashed: str) -> bool:
-        self._enter()
-        try:
-            return self._checkpw(secret, hashed)
-        finally:
-            self._leave()
+    def verify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
+        return self._scheduler.submit(claimant, lambda: self._checkpw(secret, hashed)).result()
 
-    async def averify(self, secret: str, hashed: str) -> bool:
-        self._enter()
-        try:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self._slot_count, thread_name_prefix="bcrypt"
-                )
-            job = self._executor.submit(self._checkpw, secret, hashed)
-        except BaseException:
-            self._leave()
-            raise
-        # The slot is given back when the check ends, even if the caller gave up
-        # (a cancelled RPC) while it ran: the bound counts bcrypt work, not waiters.
-        job.add_done_callback(lambda _: self._leave())
+    async def averify(self, secret: str, hashed: str, claimant: Claimant = NOBODY) -> bool:
+        # A caller that gives up (a cancelled RPC) while its check waits withdraws it;
+        # one already running runs to the end: the bound counts bcrypt work, not waiters.
+        job = self._scheduler.submit(claimant, lambda: self._checkpw(secret, hashed))
         return await asyncio.wrap_future(job)
 
     def needs_rehash(self, hashed: str) -> bool:
@@ -137,15 +106,17 @@ class BcryptHasher(SecretHasher):
             return True
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        self._scheduler.close()
 
 
 def hasher_for(config: Config, on_depth: Callable[[int], None] | None = None) -> SecretHasher:
     """The configured hasher: bcrypt, the one implementation today."""
     return BcryptHasher(
-        config.bcrypt_rounds, config.bcrypt_concurrency, config.bcrypt_max_waiting, on_depth
+        config.bcrypt_rounds,
+        config.bcrypt_concurrency,
+        config.bcrypt_max_waiting,
+        config.bcrypt_max_per_client,
+        on_depth,
     )
 
 

@@ -103,8 +103,9 @@ class PostgresPool(PooledPostgresqlDatabase):
         super()._close_raw(conn)
 
 
-def open_database(url: str, max_connections: int = 20) -> peewee.Database:
-    """Builds a peewee Database for `url` and binds the models to it."""
+def open_database(url: str, max_connections: int = 20, bind: bool = True) -> peewee.Database:
+    """Builds a peewee Database for `url` and, unless `bind` is False (a second pool
+    for raw queries), binds the models to it."""
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         if url in ("sqlite://", "sqlite:///"):
@@ -137,7 +138,8 @@ def open_database(url: str, max_connections: int = 20) -> peewee.Database:
         raise DatabaseURLError(
             f"unsupported database URL {url!r}: use sqlite:///path.db or postgresql://..."
         )
-    database.initialize(db)
+    if bind:
+        database.initialize(db)
     return db
 
 

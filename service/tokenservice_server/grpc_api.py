@@ -28,7 +28,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from tokenservice_client import parse_bearer
 
-from . import narrowing
+from . import narrowing, peers
 from .errors import (
     CALLER_UNAUTHENTICATED,
     TOKEN_RATE_LIMITED,
@@ -45,9 +45,11 @@ from .errors import (
 from .leases import Event, Invalidation, LeaseHub, Subscriber
 from .logs import rpc_log
 from .metrics import RpcMetrics
+from .peers import TrustedProxies
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
 from .values import (
+    UPDATABLE,
     AuditEvent,
     CachedUse,
     Narrowed,
@@ -68,6 +70,12 @@ _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id
 # A stream's caller token as presented: the stream checks it again after an
 # Invalidate that names it.
 _raw_caller: contextvars.ContextVar[str] = contextvars.ContextVar("raw_caller")
+# The caller's address, worked out on the event loop's thread before a method runs
+# on a worker: a grpc.aio call's context is not for other threads, and once the
+# call has ended (a deadline passed) touching it there can crash the process.
+_client_address: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "client_address", default=None
+)
 
 _CODES: dict[type[DomainError], tuple[int, grpc.StatusCode]] = {
     InvalidArgument: (code_pb2.INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT),
@@ -85,7 +93,7 @@ def status_for(error: DomainError) -> grpc.Status:
     """A grpc.Status with the google.rpc details AIP-193 asks for."""
     code = _CODES[type(error)][0]
     status = status_pb2.Status(code=code, message=error.message)
-    if isinstance(error, InvalidArgument):
+    if isinstance(error, InvalidArgument) and error.violations:
         detail = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
@@ -103,22 +111,13 @@ def status_for(error: DomainError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def client_address(context: grpc.ServicerContext, trusted_proxies: frozenset[str]) -> str:
+def client_address(context: grpc.ServicerContext, trusted: TrustedProxies) -> str:
     """The caller's address; a trusted proxy (the REST shim) may name the real client."""
-    peer = context.peer()
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        host = rest.rsplit(":", 1)[0]
-    elif kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]")
-    else:
-        host = peer
-    # "unix:" is the in-process REST shim's private socket (server.py, local_socket).
-    if host in trusted_proxies or kind == "unix":
-        for key, value in context.invocation_metadata():
-            if key == "x-forwarded-for" and value:
-                return value.split(",")[0].strip()
-    return host
+    forwarded = None
+    for key, value in context.invocation_metadata():
+        if key == "x-forwarded-for":
+            forwarded = value
+    return peers.client_address(context.peer(), forwarded, trusted)
 
 
 def bearer_token(context: grpc.ServicerContext) -> str | None:
@@ -126,6 +125,33 @@ def bearer_token(context: grpc.ServicerContext) -> str | None:
         if key == "authorization":
             return parse_bearer(value)
     return None
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse as the method's message."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's request parser, answering MALFORMED instead of raising.
+
+    grpc.aio parses the request before any interceptor code runs, and a parser
+    error there becomes UNKNOWN with the exception's text and an ERROR log line,
+    unthrottled. Parsing to a sentinel hands the bad request to the wrapped
+    handler, which refuses it like any other bad call.
+    """
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError; whatever else a parser may raise on hostile bytes
+            return MALFORMED
+
+    return parse
 
 
 AUTHENTICATE = _PREFIX + "Authenticate"
@@ -162,7 +188,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._settle = settle
         self._metrics = metrics
         self._connection = connection
-        self._trusted = frozenset(trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
         self._blocking = blocking
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -186,7 +212,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
         if handler.unary_unary is None:
             return handler
-        wrapped = handler._replace(unary_unary=self._wrap(method, handler.unary_unary))
+        wrapped = handler._replace(
+            unary_unary=self._wrap(method, handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )
         self._wrapped[method] = wrapped
         return wrapped
 
@@ -203,7 +232,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         settle = self._settle
 
         def run_blocking(
-            request: Any, context: Any, raw: str | None, narrowed: list[Narrowed]
+            request: Any, context: Any, raw: str | None, address: str, narrowed: list[Narrowed]
         ) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
             narrowing.collect(narrowed)
@@ -212,9 +241,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         if raw is None:
                             raise Unauthenticated(CALLER_UNAUTHENTICATED)
-                        caller = service.authenticate(
-                            raw, lambda: client_address(context, trusted)
-                        )
+                        # A management call's caller: not counted against its rate limit.
+                        caller = service.authenticate(raw, address, limited=False)
                     except Unauthenticated:
                         raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
                     _token_id.set(caller.token_id)
@@ -227,6 +255,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             outcome = "ok"
             token_ctx = _token_id.set(None)
             try:
+                if request is MALFORMED:
+                    service.refuse_malformed(lambda: client_address(context, trusted))
                 if not ours or is_async:
                     # Health, reflection and Authenticate: coroutines that manage
                     # their own (short) database use.
@@ -244,12 +274,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                         if narrowed_async and settle is not None:
                             await settle(narrowed_async)
                 raw = bearer_token(context) if needs_caller else None
+                address = client_address(context, trusted)
                 ctx = contextvars.copy_context()
+                ctx.run(_client_address.set, address)
                 loop = asyncio.get_running_loop()
                 narrowed: list[Narrowed] = []
                 try:
                     return await loop.run_in_executor(
-                        blocking, ctx.run, run_blocking, request, context, raw, narrowed
+                        blocking, ctx.run, run_blocking, request, context, raw, address,
+                        narrowed,
                     )
                 finally:
                     _token_id.set(ctx.get(_token_id))
@@ -263,7 +296,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if error.__cause__ is not None:
                     log.warning("database error",
                                 extra={"method": method, "error": _describe(error.__cause__)})
-                if tarpit and isinstance(error, RateLimited) and error.client_throttled:
+                if (
+                    (tarpit or request is MALFORMED)
+                    and isinstance(error, RateLimited)
+                    and error.client_throttled
+                ):
                     # A tarpit: a throttled client's refusal waits (costing the loop
                     # nothing), and the wait does not count as refill time for it.
                     hold = min(error.retry_after, TARPIT_MAX_SECONDS)
@@ -376,7 +413,6 @@ _STATES = {
     TokenState.REVOKED: pb.ApiToken.REVOKED,
 }
 _STATE_FILTERS = {number: state for state, number in _STATES.items()}
-_UPDATABLE = ("name", "scopes", "expires_at", "rate_limit")
 
 
 def token_pb(info: TokenInfo) -> pb.ApiToken:
@@ -446,11 +482,15 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         hub: LeaseHub | None = None,
     ) -> None:
         self._service = service
-        self._trusted = frozenset(trusted_proxies)
+        self._trusted = TrustedProxies(trusted_proxies)
         self._hub = hub
 
     def _client(self, context: Any) -> Any:
-        """The caller's address, for the audit log (computed when an event needs it)."""
+        """The caller's address, for the audit log: as the interceptor worked it out
+        for a method on a worker thread, else computed when an event needs it."""
+        address = _client_address.get()
+        if address is not None:
+            return address
         trusted = self._trusted
         return lambda: client_address(context, trusted)
 
@@ -497,9 +537,9 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         if not paths:
             # AIP-134: no mask means every field the request sets (output-only
             # and identifying fields are not changes).
-            paths = [f.name for f, _ in token.ListFields() if f.name in _UPDATABLE]
+            paths = [f.name for f, _ in token.ListFields() if f.name in UPDATABLE]
         elif "*" in paths:
-            paths = list(_UPDATABLE)
+            paths = sorted(UPDATABLE)
         changes: dict[str, Any] = {}
         for path in paths:
             if path == "name":
@@ -554,6 +594,14 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
             scopes=principal.scopes,
         )
         _ts(response.expires_at, principal.expires_at)
+        if principal.rate_limit is not None:
+            limit = principal.rate_limit
+            status = response.rate_limit
+            status.limit = limit.limit
+            status.remaining = limit.remaining
+            # Seconds and nanos from micros: FromDatetime costs several times more.
+            status.reset_time.seconds, micros = divmod(limit.reset_at_us, 1_000_000)
+            status.reset_time.nanos = micros * 1000
         return response
 
     def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:

@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime
 
 from peewee import (
+    SQL,
     BigIntegerField,
     BooleanField,
     CharField,
@@ -93,8 +94,9 @@ class ApiToken(BaseModel):
     # When token.reuse_after_rotation was last recorded (micros).
     reuse_reported_at = BigIntegerField(null=True)
     # last_used_at in whole days since the epoch, 0 if never used: the indexed
-    # stand-in for last_used_at (see migration 3).
-    last_used_day = IntegerField(default=0)
+    # stand-in for last_used_at (see migration 3). The schema's DEFAULT 0 fills
+    # it on insert, so inserts need not name it.
+    last_used_day = IntegerField(constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         table_name = "api_tokens"

@@ -24,9 +24,22 @@ once, then one every 100 ms, and never more than 659 in any 60 s; 100/10s
 never more than 109 in any 10 s. A caller that keeps calling faster than the
 limit gets `requests` calls per period once its burst is spent.
 
-`remaining` counts the calls a caller can make right now before one is
-refused (at most `burst - 1`), not what is left of `requests`: it is the
-honest answer to "may I send another?".
+What a caller is told. GCRA has no fixed window: each call it lets through
+is counted against the key until the key has paid it back at the limit's
+pace, T later (the TAT runs ahead of now by T per call still counted). So:
+
+* `remaining` is the calls left in the window after this one, as near as
+  GCRA has a window: `requests` less the calls still counted, ceil(ahead / T),
+  and 0 whenever a call made at once would be refused (the burst is spent).
+  A rested 100/10s key answers 99, 98, ... for a burst, and 0 on its tenth
+  call at once; a caller keeping to one call per T sees 99 every time, which
+  is true: it may go on like that forever. A caller that sees 0 and waits
+  until `reset_after_s` finds the key rested and its whole burst back.
+* `burst_left` is the calls that would be let through right now, after this
+  one (at most `burst - 1`): the answer to "may I send another at once?".
+* `reset_after_s` is when the key is fully rested (every call paid back,
+  `remaining` at `requests`); `retry_after_s`, for a refused call, is when
+  the same call would be let through.
 
 Two stores run the same step: LocalStore in this process (a bounded LRU
 behind a lock, timed by an injectable clock) and RedisStore, one Lua script
@@ -38,18 +51,25 @@ or slower than its timeout never reaches the caller: the check runs on the
 RedisStore's own LocalStore instead (per-process counters: fail open for the
 shared budget, never unlimited), the store reports itself unhealthy, and
 Redis is tried again after a short back-off.
+
+From an event loop, RateLimiter.acheck never waits on the loop's thread: a
+GcraBatcher gathers the checks asked while a batch is out and sends them as
+the next batch, one script run over all their keys, on the loop's own
+pipelined connection (redis_pipe.py). A thread hand-off per check cost more
+than the round trip itself (BENCHMARKS.md has both).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -66,19 +86,35 @@ def default_burst(requests: int) -> int:
     return max(1, -(-requests // BURST_DIVISOR))
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One check's answer, in the terms of RetryInfo and the RateLimit-* headers."""
+class Decision(NamedTuple):
+    """One check's answer, in the terms of RetryInfo and the RateLimit-* headers.
+
+    A NamedTuple, not a frozen dataclass: it is built on every Authenticate, and
+    a tuple costs a third as much to build.
+    """
 
     allowed: bool
     # The configured `requests` per period.
     limit: int
-    # Calls that would be let through right now, after this one.
+    # The calls left in the window after this one: `limit` less the calls still
+    # counted against the key, and 0 when a call made at once would be refused.
     remaining: int
     # Seconds until the key is fully rested (its whole burst available again).
     reset_after_s: float
     # Refused: seconds until the same call would be let through. Allowed: 0.
     retry_after_s: float
+    # Calls that would be let through right now, after this one.
+    burst_left: int
+
+
+class GcraStep(NamedTuple):
+    """One GCRA step asked of a store: gcra()'s arguments."""
+
+    namespace: str
+    key: str
+    interval_us: int
+    span_us: int
+    cost: int
 
 
 class GcraResult(NamedTuple):
@@ -96,13 +132,19 @@ def gcra_step(
 ) -> tuple[GcraResult, int | None]:
     """One GCRA step: the result and the new TAT to store (None: leave it).
 
-    The Lua script in RedisStore is this function, line for line.
+    The Lua script in RedisStore is this function, line for line. A TAT
+    further ahead than `span` can only come from a stricter limit the key had
+    before (a token's limit was raised): that debt is forgiven down to one
+    full burst, so a new limit holds from the next call.
     """
     tat = max(tat, now)
+    forgiven = tat - now > span
+    if forgiven:
+        tat = now + span
     new_tat = tat + interval * cost
     if new_tat - now > span:
-        return GcraResult(False, tat - now, new_tat - span - now), None
-    return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 else None)
+        return GcraResult(False, tat - now, new_tat - span - now), (tat if forgiven else None)
+    return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 or forgiven else None)
 
 
 class LimitStore(ABC):
@@ -112,10 +154,25 @@ class LimitStore(ABC):
     and per-lookup throttles); `key` is the caller's id within it.
     """
 
+    # True when a call may wait on the network (Redis): an event loop must not
+    # make it on its own thread.
+    remote = False
+
     @abstractmethod
     def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
              cost: int) -> GcraResult:
         """One GCRA step for `key`: interval T and span burst*T in microseconds."""
+
+    def gcra_many(self, steps: Sequence[GcraStep]) -> list[GcraResult]:
+        """Several GCRA steps, in order, as one unit of work (one round trip to Redis)."""
+        return [self.gcra(*step) for step in steps]
+
+    async def agcra_many(self, steps: Sequence[GcraStep],
+                         executor: Executor | None = None) -> list[GcraResult]:
+        """gcra_many() from an event loop: on `executor` when it may wait, else at once."""
+        if not self.remote:
+            return self.gcra_many(steps)
+        return await asyncio.get_running_loop().run_in_executor(executor, self.gcra_many, steps)
 
     @abstractmethod
     def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
@@ -222,24 +279,38 @@ class LocalStore(LimitStore):
 
 # The Redis scripts. Each is one round trip, reads Redis's clock (TIME), and
 # gives every key it writes an expiry: the moment the key is as good as absent.
+# The GCRA script takes any number of keys, each with its three arguments, and
+# steps them in order (a key named twice sees its first step): one script for a
+# single check and for a batch.
 # Numbers leave Lua as strings ('%.17g', '%d'): Lua's default formatting keeps
 # only 14 digits, too few for microseconds since 1970.
 
 _GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval, span, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
-if tat < now then tat = now end
-local new_tat = tat + interval * cost
-if new_tat - now > span then
-  return {0, tat - now, new_tat - span - now}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local span, cost = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  local tat = tonumber(redis.call('GET', key) or 0)
+  if tat < now then tat = now end
+  local forgiven = tat - now > span
+  if forgiven then tat = now + span end
+  local new_tat = tat + interval * cost
+  if new_tat - now > span then
+    if forgiven then
+      redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+    end
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = 0, tat - now, new_tat - span - now
+  else
+    if cost > 0 or forgiven then
+      redis.call('SET', key, string.format('%d', new_tat),
+                 'PX', math.ceil((new_tat - now) / 1000) + 1)
+    end
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = 1, new_tat - now, 0
+  end
 end
-if cost > 0 then
-  redis.call('SET', KEYS[1], string.format('%d', new_tat),
-             'PX', math.ceil((new_tat - now) / 1000) + 1)
-end
-return {1, new_tat - now, 0}
+return out
 """
 
 _BUCKET_READ_LUA = """
@@ -311,6 +382,8 @@ class RedisStore(LimitStore):
     lock: it should only hand the news on, not wait for anything).
     """
 
+    remote = True
+
     def __init__(
         self,
         url: str,
@@ -325,6 +398,8 @@ class RedisStore(LimitStore):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
+        from .redis_pipe import RedisPipe, RedisReplyError, RedisUnanswered
+
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -337,6 +412,11 @@ class RedisStore(LimitStore):
         )
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._noscript = redis.exceptions.NoScriptError
+        # The event loop's own connection (agcra_many): pipelined, no thread.
+        self._pipe = RedisPipe(url, timeout_s)
+        self._aerrors: tuple[type[BaseException], ...] = (RedisUnanswered, RedisReplyError,
+                                                          OSError)
+        self._reply_error = RedisReplyError
         self.fallback = fallback if fallback is not None else LocalStore()
         self.retry_after_s = retry_after_s
         self.on_health_change = on_health_change
@@ -400,11 +480,14 @@ class RedisStore(LimitStore):
                     log.exception("rate limit health callback failed")
 
     def _eval(self, script: _Script, key: str, *args: Any) -> Any:
+        return self._eval_keys(script, (key,), args)
+
+    def _eval_keys(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return self._client.evalsha(script.sha, 1, key, *args)
+            return self._client.evalsha(script.sha, len(keys), *keys, *args)
         except self._noscript:
             # EVAL runs the script and caches it: the next EVALSHA finds it.
-            return self._client.eval(script.source, 1, key, *args)
+            return self._client.eval(script.source, len(keys), *keys, *args)
 
     def probe(self) -> bool:
         try:
@@ -430,6 +513,48 @@ class RedisStore(LimitStore):
                 self._up()
                 return GcraResult(bool(allowed), int(ahead), int(retry))
         return self.fallback.gcra(namespace, key, interval_us, span_us, cost)
+
+    def gcra_many(self, steps: Sequence[GcraStep]) -> list[GcraResult]:
+        if not steps:
+            return []
+        if self._may_try():
+            keys = [redis_key(step.namespace, step.key) for step in steps]
+            args = [n for step in steps for n in (step.interval_us, step.span_us, step.cost)]
+            try:
+                flat = self._eval_keys(_GCRA, keys, args)
+            except self._errors as error:
+                self._down(error)
+            else:
+                self._up()
+                return [GcraResult(bool(flat[i]), int(flat[i + 1]), int(flat[i + 2]))
+                        for i in range(0, len(flat), 3)]
+        return self.fallback.gcra_many(steps)
+
+    async def agcra_many(self, steps: Sequence[GcraStep],
+                         executor: Executor | None = None) -> list[GcraResult]:
+        """gcra_many() on the event loop's own pipelined connection: no thread, no wait
+        on the loop's thread; a failure or a timeout is answered by the fallback."""
+        if steps and self._may_try():
+            keys = [redis_key(step.namespace, step.key) for step in steps]
+            args = [n for step in steps for n in (step.interval_us, step.span_us, step.cost)]
+            try:
+                flat = await self._aeval_keys(_GCRA, keys, args)
+            except self._aerrors as error:
+                self._down(error)
+            else:
+                self._up()
+                return [GcraResult(bool(flat[i]), flat[i + 1], flat[i + 2])
+                        for i in range(0, len(flat), 3)]
+        return self.fallback.gcra_many(steps)
+
+    async def _aeval_keys(self, script: _Script, keys: Sequence[str],
+                          args: Sequence[Any]) -> Any:
+        try:
+            return await self._pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._reply_error as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            return await self._pipe.call("EVAL", script.source, len(keys), *keys, *args)
 
     def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
         if self._may_try():
@@ -467,6 +592,65 @@ class RedisStore(LimitStore):
 
     def close(self) -> None:
         self._client.close()
+        self._pipe.close()
+
+
+class GcraBatcher:
+    """A store's GCRA steps asked from an event loop, gathered into batches.
+
+    One batch is out at a time: the steps asked while it is out go together
+    in the next, sent the moment it comes back (and a step asked while none
+    is out goes as the loop's turn ends, with any others of that turn). So
+    a lone call waits for one round trip, no longer, and under load a round
+    trip answers as many calls as arrived during the one before: the cost of
+    a round trip (two system calls, a script run) is shared, and the more the
+    busier the loop. Used from one event loop at a time.
+    """
+
+    def __init__(self, store: LimitStore, executor: Executor | None = None) -> None:
+        self._store = store
+        self._executor = executor
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[tuple[GcraStep, asyncio.Future[GcraResult]]] = []
+        self._busy = False  # a batch is out, or about to be sent
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def gcra(self, step: GcraStep) -> GcraResult:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (tests run several): start afresh
+            self._loop, self._pending, self._busy = loop, [], False
+        future: asyncio.Future[GcraResult] = loop.create_future()
+        self._pending.append((step, future))
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._send, loop)  # after every call ready this turn has asked
+        return await future
+
+    def _send(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return
+        if not self._pending:
+            self._busy = False
+            return
+        batch, self._pending = self._pending, []
+        task = loop.create_task(self._answer(loop, batch))
+        self._sending.add(task)  # a reference, so the task is not collected mid-flight
+        task.add_done_callback(self._sending.discard)
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop,
+                      batch: list[tuple[GcraStep, asyncio.Future[GcraResult]]]) -> None:
+        try:
+            results = await self._store.agcra_many([step for step, _ in batch], self._executor)
+        except Exception as error:  # a store answers failures itself; this is a bug
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        else:
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():  # not cancelled meanwhile
+                    future.set_result(result)
+        finally:
+            self._send(loop)  # the next batch: everything asked meanwhile
 
 
 def open_store(
@@ -494,11 +678,18 @@ def _steps(requests: int, period_s: float, burst: int) -> tuple[int, int]:
 
 
 class RateLimiter:
-    """Per-key limits (`requests` per `period_s`) over a LimitStore; one GCRA step a check."""
+    """Per-key limits (`requests` per `period_s`) over a LimitStore; one GCRA step a check.
 
-    def __init__(self, store: LimitStore | None = None, namespace: str = "token") -> None:
+    `check` runs the step where it is called; `acheck`, for an event loop, runs
+    a remote store's steps in batches on `executor` (GcraBatcher) and a local
+    store's at once.
+    """
+
+    def __init__(self, store: LimitStore | None = None, namespace: str = "token",
+                 executor: Executor | None = None) -> None:
         self.store = store if store is not None else LocalStore()
         self.namespace = namespace
+        self._batcher = GcraBatcher(self.store, executor) if self.store.remote else None
 
     @property
     def healthy(self) -> bool:
@@ -518,14 +709,41 @@ class RateLimiter:
         `burst` defaults to default_burst(requests); `cost=0` only asks.
         Never raises for a store that is out of reach.
         """
+        step = self._step(key, requests, period_s, cost, burst)
+        return _decision(requests, step, self.store.gcra(*step))
+
+    async def acheck(
+        self,
+        key: str,
+        requests: int,
+        period_s: float,
+        cost: int = 1,
+        burst: int | None = None,
+    ) -> Decision:
+        """check() from an event loop: never waits on the network on the loop's thread."""
+        step = self._step(key, requests, period_s, cost, burst)
+        if self._batcher is None:
+            return _decision(requests, step, self.store.gcra(*step))
+        return _decision(requests, step, await self._batcher.gcra(step))
+
+    def _step(self, key: str, requests: int, period_s: float, cost: int,
+              burst: int | None) -> GcraStep:
         if cost < 0:
             raise ValueError("cost must not be negative")
         interval, span = _steps(requests, period_s, burst or default_burst(requests))
-        allowed, ahead, retry = self.store.gcra(self.namespace, key, interval, span, cost)
-        return Decision(
-            allowed=allowed,
-            limit=requests,
-            remaining=max(0, (span - ahead) // interval),
-            reset_after_s=ahead / MICROS,
-            retry_after_s=retry / MICROS,
-        )
+        return GcraStep(self.namespace, key, interval, span, cost)
+
+
+def _decision(requests: int, step: GcraStep, result: GcraResult) -> Decision:
+    allowed, ahead, retry = result
+    interval, span = step.interval_us, step.span_us
+    burst_left = max(0, (span - ahead) // interval)
+    counted = -(-ahead // interval)  # calls not yet paid back, this one included
+    return Decision(
+        allowed,
+        requests,
+        max(0, requests - counted) if burst_left else 0,
+        ahead / MICROS,
+        retry / MICROS,
+        burst_left,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -33,16 +34,38 @@ ADMIN = "api_token:admin"
 VERIFY = "api_token:verify"
 
 
-def normalise(name: str) -> str:
-    """Scope names compare trimmed and case-insensitively."""
-    return name.strip().lower()
+def why_not_canonical(name: str) -> str | None:
+    """Why `name` cannot be a scope name as written, or None when it can.
+
+    Scope names compare exactly, so a name must already be in the one form it
+    is compared in: NFKC-normal (no look-alikes such as the Kelvin sign for K,
+    no full-width letters) and without white space or control and format
+    characters, which would hide in a log line or a terminal. Nothing is
+    normalised on the way in: a name that would change is refused.
+    """
+    if not name:
+        return "is empty"
+    if unicodedata.normalize("NFKC", name) != name:
+        return "is not in canonical Unicode form (NFKC)"
+    for ch in name:
+        if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zs"):
+            return "contains white space or control characters"
+    return None
 
 
 class ScopeCatalog:
+    """The scopes a token may carry, matched only as the catalog spells them."""
+
     def __init__(self, scopes: Iterable[Scope]) -> None:
         self._scopes = tuple(scopes)
-        self._by_name = {normalise(s.name): s for s in self._scopes}
-        if len(self._by_name) != len(self._scopes):
+        self._by_name = {s.name: s for s in self._scopes}
+        for s in self._scopes:
+            why = why_not_canonical(s.name)
+            if why:
+                raise ValueError(f"scope name {s.name!r} {why}")
+        # Names differing only in case would be told apart by the service and
+        # confused by people: a catalog may not hold both.
+        if len({s.name.casefold() for s in self._scopes}) != len(self._scopes):
             raise ValueError("the scope catalog names a scope twice")
 
     def __iter__(self) -> Iterator[Scope]:
@@ -52,7 +75,8 @@ class ScopeCatalog:
         return len(self._scopes)
 
     def get(self, name: str) -> Scope | None:
-        return self._by_name.get(normalise(name))
+        """The scope spelled exactly `name`; another case or spelling is no scope."""
+        return self._by_name.get(name)
 
     @classmethod
     def default(cls) -> ScopeCatalog:
@@ -82,10 +106,14 @@ class ScopeCatalog:
                     f"scopes file {path}: scope {name!r} needs a string description"
                     " and a boolean api_only"
                 )
-            if not name.strip() or name != name.strip():
-                raise ValueError(f"scopes file {path}: invalid scope name {name!r}")
+            why = why_not_canonical(name)
+            if why:
+                raise ValueError(f"scopes file {path}: scope name {name!r} {why}")
             scopes.append(Scope(name, description, api_only))
-        return cls(scopes)
+        try:
+            return cls(scopes)
+        except ValueError as e:
+            raise ValueError(f"scopes file {path}: {e}") from None
 
     @classmethod
     def load(cls, path: str | None) -> ScopeCatalog:

@@ -20,7 +20,7 @@ from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
-from .db import is_sqlite
+from .db import is_sqlite, open_database
 from .fanout import Fanout
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
@@ -36,6 +36,32 @@ from .tls import ServerTls
 from .usage import UsageRecorder
 
 log = logging.getLogger("tokenservice.server")
+
+
+def grpc_limits(config: Config) -> list[tuple[str, int]]:
+    """What an idle or abusive HTTP/2 client may hold of the gRPC server.
+
+    grpc's defaults let one connection open 2**31 streams, stay forever without a
+    call, and ping as often as the server tolerates (5 minutes between pings
+    without data before it complains).
+    """
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.max_concurrent_streams", config.grpc_max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(config.grpc_max_connection_idle_seconds)),
+        ("grpc.keepalive_time_ms", ms(config.grpc_keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Client pings: no more often than this without data, none with no call in
+        # flight, and GOAWAY (too_many_pings) at the second offence.
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(config.grpc_min_ping_interval_seconds)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms",
+         ms(config.grpc_min_ping_interval_seconds)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_receive_message_length", config.grpc_max_message_bytes),
+    ]
 
 
 class TokenServer:
@@ -61,13 +87,24 @@ class TokenServer:
         self._blocking = futures.ThreadPoolExecutor(
             max_workers=config.grpc_workers, thread_name_prefix="grpc-worker"
         )
+        # Authenticate's read, where it may not run on the loop (PostgreSQL): threads
+        # and connections of its own, so it never queues behind management calls.
+        self._auth_reads = futures.ThreadPoolExecutor(
+            max_workers=config.auth_read_workers, thread_name_prefix="auth-read"
+        )
+        self.auth_store = self.store
+        if not self.store.inline_reads:
+            self.auth_store = Store(open_database(
+                config.database_url, max_connections=config.auth_read_workers + 1, bind=False
+            ))
         self.service = TokenService(
             config,
             self.store,
             self.catalog,
             hasher_for(config, metrics.set_bcrypt_queue_depth),
             self.usage,
-            blocking=self._blocking,
+            blocking=self._auth_reads,
+            auth_store=self.auth_store,
         )
         # Consumers watching token events, and the narrowing changes of every
         # process and replica brought to them (leases.py, fanout.py).
@@ -88,7 +125,12 @@ class TokenServer:
         self._loop_thread.start()
         self._stopped = threading.Event()
         self.health = health.HealthServicer()
-        self.probe = HealthProbe(self.health, self.store, config.health_probe_seconds, self._loop)
+        # Redis (rate limits and throttles shared by every replica) is listed as a
+        # dependency: without it the service keeps serving on per-process counters.
+        dependencies = {"redis": self.service.limits.probe} if config.redis_url else None
+        self.probe = HealthProbe(
+            self.health, self.store, config.health_probe_seconds, self._loop, dependencies
+        )
         self._server = self._call(self._build())
         self.port = 0
 
@@ -119,7 +161,7 @@ class TokenServer:
             ],
             # Refuse to share a port with another process by accident; only the
             # workers of `serve --workers N` share it, on purpose.
-            options=[("grpc.so_reuseport", 1 if config.reuse_port else 0)],
+            options=[("grpc.so_reuseport", 1 if config.reuse_port else 0), *grpc_limits(config)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
             TokenServiceServicer(self.service, config.trusted_proxies, self.hub), server
@@ -191,6 +233,7 @@ class TokenServer:
         self._call(self._server.stop(grace))
         self._call(self.fanout.stop())
         self._blocking.shutdown(wait=True)
+        self._auth_reads.shutdown(wait=True)
         self.service.close()
         self.usage.close()
         rpc_log.flush()
@@ -202,6 +245,8 @@ class TokenServer:
 
         self._call(close_loop_connection())
         self.store.close()
+        if self.auth_store is not self.store:
+            self.auth_store.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(timeout=10)
         self._loop.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -13,17 +14,18 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NoReturn
 
 from . import tokens
 from .config import Config
 from .crypto import SecretHasher, VerifiedCache
 from .errors import (
     AUTH_FAILED,
+    TOKEN_RATE_LIMITED,
     AlreadyExists,
     Conflict,
     FailedPrecondition,
@@ -33,14 +35,18 @@ from .errors import (
     RateLimited,
     Unauthenticated,
     Unavailable,
+    shown,
 )
-from .scopes import ADMIN, MANAGE, VERIFY, ScopeCatalog, normalise
-from .store import UPDATABLE, Store
-from .throttle import FailureBuckets
+from .fairshare import Claimant
+from .ratelimit import Decision, LimitStore, RateLimiter, open_store
+from .scopes import ADMIN, MANAGE, VERIFY, ScopeCatalog, why_not_canonical
+from .store import Store
+from .throttle import FailureBuckets, client_keys
 from .usage import UsageRecorder
 from .values import (
     CLI_ACTOR,
     DAY_MICROS,
+    UPDATABLE,
     Actor,
     AuditEntry,
     AuditEvent,
@@ -53,6 +59,7 @@ from .values import (
     NewToken,
     Principal,
     RateLimit,
+    RateLimitStatus,
     RotatedToken,
     TokenInfo,
     TokenPage,
@@ -71,6 +78,7 @@ MAX_NAME_LENGTH = 200
 BIDI_FORMATTING = frozenset(
     chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 )
+MALFORMED_REQUEST = "the request is not a valid message for this method"
 # A client address, or a function giving it: only the failure paths need it,
 # so the gRPC layer passes it lazily.
 Client = str | Callable[[], str]
@@ -133,8 +141,20 @@ def _throttled(wait: float) -> RateLimited:
     return error
 
 
+def _client_keys(client: Client) -> tuple[str, ...]:
+    """The throttle buckets of a client address (resolved now if given lazily)."""
+    return client_keys(_client(client))
+
+
 def now_micros() -> int:
     return time.time_ns() // 1000
+
+
+# Namespaces of the one LimitStore: per-token limits, failure throttles per
+# client address and per lookup id. Redis keys carry them (tokenservice:rl:<ns>:).
+TOKEN_LIMITS = "token"
+CLIENT_FAILURES = "auth-client"
+LOOKUP_FAILURES = "auth-lookup"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +165,17 @@ class _PendingCheck:
     secret: str
     row: AuthRow
     digest: bytes
+    claimant: Claimant  # whom the check is for: the hasher shares its threads by it
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    """A token found and good, its call still to count against its rate limit."""
+
+    row: AuthRow
+    now: int
+    requests: int
+    period_s: float
 
 
 def validate_name(name: str) -> tuple[str | None, str | None]:
@@ -162,6 +193,19 @@ def validate_name(name: str) -> tuple[str | None, str | None]:
     return clean, None
 
 
+# A page token is base64url("1:<created_at micros>:<token id hex>[:<filters>]").
+# It is not signed: it is only a position in the caller's own listing, whose
+# query is still cut to the caller's reach, so a forged one shows nothing the
+# caller could not list anyway, and replicas need no shared key to read each
+# other's. What a forged one must never do is reach the driver with a value it
+# cannot take (a created_at past 2**63 was a 500 on SQLite): every field is
+# checked against its range, and only the exact encoding this service writes
+# is read.
+PAGE_TOKEN_VERSION = "1"
+MAX_PAGE_TOKEN_CHARS = 120
+LATEST_MICROS = to_micros(datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC))
+
+
 def _fingerprint(filters: str) -> str:
     """What a page token remembers of its filters: enough to tell them apart."""
     return hashlib.sha256(filters.encode()).hexdigest()[:16] if filters else ""
@@ -169,7 +213,7 @@ def _fingerprint(filters: str) -> str:
 
 def encode_page_token(cursor: Cursor, filters: str = "") -> str:
     """An opaque cursor, bound to `filters` (a canonical string of the list's filters)."""
-    text = f"1:{cursor.created_at}:{uuid.UUID(cursor.id).hex}"
+    text = f"{PAGE_TOKEN_VERSION}:{cursor.created_at}:{uuid.UUID(cursor.id).hex}"
     if filters:
         text += ":" + _fingerprint(filters)
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
@@ -178,21 +222,30 @@ def encode_page_token(cursor: Cursor, filters: str = "") -> str:
 def decode_page_token(page_token: str, filters: str = "") -> Cursor:
     """The cursor of a page token issued with the same `filters`; InvalidArgument else."""
     bad = InvalidArgument([("page_token", "is not a page token this service issued")])
+    if len(page_token) > MAX_PAGE_TOKEN_CHARS:
+        raise bad
     try:
         padded = page_token + "=" * (-len(page_token) % 4)
         version, created, token_hex, *bound = (
             base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii").split(":")
         )
-        if version != "1" or len(bound) > 1:
-            raise bad
         cursor = Cursor(int(created), str(uuid.UUID(hex=token_hex)))
     except (ValueError, UnicodeError, binascii.Error):
         raise bad from None
+    if (
+        version != PAGE_TOKEN_VERSION
+        or len(bound) > 1
+        or not 0 <= cursor.created_at <= LATEST_MICROS
+    ):
+        raise bad
     if (bound[0] if bound else "") != _fingerprint(filters):
         raise InvalidArgument([(
             "page_token",
             "was issued for other filters: repeat the filters of the first page, or start over",
         )])
+    # One spelling per cursor: no signs, spaces, leading zeros or other padding.
+    if encode_page_token(cursor, filters) != page_token:
+        raise bad
     return cursor
 
 
@@ -202,6 +255,11 @@ class TokenService:
     The synchronous methods run inside a connection their caller holds
     (`store.connection()`: one per RPC, or per command); `aauthenticate` manages
     its own, because it decides itself what runs on the event loop.
+
+    Per-token rate limits and the failed-authentication throttles keep their
+    counters in one LimitStore (`limits`): Redis when the config names one, so
+    every replica and worker process draws on the same budgets, else this
+    process's own counters.
     """
 
     def __init__(
@@ -213,9 +271,15 @@ class TokenService:
         usage: UsageRecorder | None = None,
         clock: Callable[[], int] = now_micros,
         blocking: Executor | None = None,
+        auth_store: Store | None = None,
+        limits: LimitStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # Where aauthenticate reads, on `blocking`: a Store of its own connections
+        # (PostgreSQL), so management work holding every connection of `store`
+        # never holds up an Authenticate.
+        self.auth_store = store if auth_store is None else auth_store
         self.catalog = catalog
         self.hasher = hasher
         self.usage = usage
@@ -223,106 +287,187 @@ class TokenService:
         # Where aauthenticate runs a store read that may not block the loop.
         self.blocking = blocking
         self.verified = VerifiedCache(config.verified_cache_size)
+        self._owns_limits = limits is None
+        self.limits = limits if limits is not None else open_store(
+            config.redis_url, config.redis_timeout_seconds
+        )
+        # aauthenticate counts a call against a remote store in batches, on `blocking`.
+        self.limiter = RateLimiter(self.limits, TOKEN_LIMITS, blocking)
         self.client_failures = FailureBuckets(
-            config.auth_failure_burst, config.auth_failure_refill_per_second
+            config.auth_failure_burst, config.auth_failure_refill_per_second,
+            store=self.limits, namespace=CLIENT_FAILURES,
         )
         self.lookup_failures = FailureBuckets(
-            config.lookup_failure_burst, config.lookup_failure_refill_per_second
+            config.lookup_failure_burst, config.lookup_failure_refill_per_second,
+            store=self.limits, namespace=LOOKUP_FAILURES,
         )
         # Called with each use a consumer answered from its cache: where the
         # per-token rate limiter charges them (cost=count), as Authenticate
         # charges its own calls.
         self.cached_use_hook: Callable[[CachedUse], None] | None = None
+        # A remote limit store is a network round trip: aauthenticate keeps every
+        # call to it off the event loop's thread.
+        self._inline_limits = not self.limits.remote
         # Token ids whose reuse after rotation this process recorded lately: the
         # store's conditional write decides across replicas; this spares it the
         # write when one client keeps presenting an old secret.
         self._reuse_seen: OrderedDict[str, int] = OrderedDict()
         self._reuse_lock = threading.Lock()
+        # Tokens being created (CreateToken) per calling token.
+        self._minting: dict[str, int] = {}
+        self._minting_lock = threading.Lock()
 
     def close(self) -> None:
         self.hasher.close()
+        if self._owns_limits:
+            self.limits.close()
 
     # Authenticate: the hot path.
 
-    def authenticate(self, raw_token: str, client: Client = "") -> Principal:
+    def authenticate(self, raw_token: str, client: Client = "", *, limited: bool = True
+                     ) -> Principal:
         """Verifies a raw token. Every failure raises Unauthenticated(AUTH_FAILED).
 
         Cost: a checksum, one indexed read of token and user, and either a
         cache hit or exactly one hash check. Revocation, expiry and the user's
-        state come from that read, so they hold on every call.
+        state come from that read, so they hold on every call. With `limited`
+        (the Authenticate RPC) the call counts against the token's rate limit;
+        a management call's own caller does not.
         """
         try:
-            step = self._begin(raw_token, client)
+            step = self._begin(raw_token, client, limited)
             if isinstance(step, _PendingCheck):
-                ok = self.hasher.verify(step.secret, step.row.secret_hash)
-                return self._finish(step, ok, client)
+                ok = self.hasher.verify(step.secret, step.row.secret_hash, step.claimant)
+                step = self._finish(step, ok, client, limited)
+            assert not isinstance(step, _Granted)
             return step
         except _ReusedAfterRotation as reuse:
             # The caller holds a connection: record within it.
             self._record_reuse(reuse.row, client)
             raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
 
-    async def aauthenticate(self, raw_token: str, client: Client = "") -> Principal:
-        """authenticate() for an event loop.
+    async def aauthenticate(self, raw_token: str, client: Client = "", *,
+                            limited: bool = True) -> Principal:
+        """authenticate() for an event loop; nothing that waits runs on the loop's thread.
 
         The one read runs on the loop's thread when the store answers it from
-        memory (SQLite), else on `blocking`; the hash check runs on the
-        hasher's threads. No connection is held across an await: peewee's
-        connection state is per thread, and other calls run on the loop meanwhile.
+        memory (SQLite), else on `blocking`. With limits in this process the
+        rest is CPU and runs there too. With a remote limit store (Redis) the
+        warm path (a known token whose secret was verified before) counts the
+        call through the limiter's batches, which go to Redis off the loop's
+        thread; the failure throttles (an unknown token, a secret still to
+        check) run on `blocking`. The hash check runs on the hasher's threads.
+        No connection is held across an await: peewee's connection state is
+        per thread, and other calls run on the loop meanwhile.
         """
 
-        def read() -> Principal | _PendingCheck | _ReusedAfterRotation:
-            with self.store.connection():
-                try:
-                    return self._begin(raw_token, client)
-                except _ReusedAfterRotation as reuse:
-                    return reuse
+        def read() -> tuple[tokens.ParsedToken | None, AuthRow | None]:
+            with self.auth_store.connection():
+                return self._read(raw_token, self.auth_store)
 
         loop = asyncio.get_running_loop()
-        if self.store.inline_reads:
-            step = read()
+        if self.auth_store.inline_reads:
+            parsed, row = read()
         else:
-            step = await loop.run_in_executor(
+            parsed, row = await loop.run_in_executor(
                 self.blocking, contextvars.copy_context().run, read
             )
         try:
-            if isinstance(step, _ReusedAfterRotation):
-                raise step
-            if isinstance(step, _PendingCheck):
-                ok = await self.hasher.averify(step.secret, step.row.secret_hash)
-                return self._finish(step, ok, client)
-            return step
+            return await self._after_read(parsed, row, client, limited)
         except _ReusedAfterRotation as reuse:
             # A write, rare (once a minute per token at most): never on the loop.
-            address, row = _client(client), reuse.row
+            address, found = _client(client), reuse.row
 
             def record() -> None:
                 with self.store.connection():
-                    self._record_reuse(row, address)
+                    self._record_reuse(found, address)
 
             await loop.run_in_executor(self.blocking, contextvars.copy_context().run, record)
             raise Unauthenticated(AUTH_FAILED, reuse.reason) from None
 
-    def _begin(self, raw_token: str, client: Client) -> Principal | _PendingCheck:
+    async def _after_read(self, parsed: tokens.ParsedToken | None, row: AuthRow | None,
+                          client: Client, limited: bool) -> Principal:
+        """aauthenticate() past its read: throttles, the hash check, the state, the limit."""
+        loop = asyncio.get_running_loop()
+        if self._inline_limits:
+            step = self._decide(parsed, row, client, limited)
+        elif parsed is not None and row is not None and self.verified.is_verified(
+            self.verified.digest(parsed.lookup_id, parsed.secret), row.secret_hash
+        ):
+            step = self._grant(row, limited, defer=True)  # no throttle to ask: no I/O
+        else:
+            # Worked out here, on the loop: where it comes from (an RPC's context)
+            # may not be touched from the executor's thread.
+            client = _client(client)
+            step = await loop.run_in_executor(
+                self.blocking, contextvars.copy_context().run,
+                self._decide, parsed, row, client, limited, True,
+            )
+        if isinstance(step, _PendingCheck):
+            try:
+                ok = await self.hasher.averify(
+                    step.secret, step.row.secret_hash, step.claimant
+                )
+            except RateLimited as busy:
+                # A client that has failed lately, refused a place in the hash
+                # queue: held back like any throttled refusal, or it would spin.
+                busy.client_throttled = step.claimant.failing
+                raise
+            if self._inline_limits:
+                step = self._finish(step, ok, client, limited)
+            else:
+                client = _client(client)
+                step = await loop.run_in_executor(
+                    self.blocking, contextvars.copy_context().run,
+                    self._finish, step, ok, client, limited, True,
+                )
+        if isinstance(step, _Granted):
+            return await self._acount(step)
+        return step
+
+    def _begin(self, raw_token: str, client: Client, limited: bool = True
+               ) -> Principal | _PendingCheck:
         """The store part: a Principal, or the hash check still owed."""
+        parsed, row = self._read(raw_token)
+        step = self._decide(parsed, row, client, limited)
+        assert not isinstance(step, _Granted)
+        return step
+
+    def _read(self, raw_token: str, store: Store | None = None
+              ) -> tuple[tokens.ParsedToken | None, AuthRow | None]:
+        """The one database read: the token and its user (none for a malformed token)."""
         parsed = tokens.parse(raw_token, self.config.token_prefix)
-        row = self.store.find_for_auth(parsed.lookup_id) if parsed else None
+        row = (store or self.store).find_for_auth(parsed.lookup_id) if parsed else None
+        return parsed, row
+
+    def _decide(
+        self,
+        parsed: tokens.ParsedToken | None,
+        row: AuthRow | None,
+        client: Client,
+        limited: bool,
+        defer: bool = False,
+    ) -> Principal | _PendingCheck | _Granted:
+        """After the read (no database access): a refusal, a grant, or a hash check owed."""
         if parsed is None or row is None:
             self._fail(client, None)
         digest = self.verified.digest(parsed.lookup_id, parsed.secret)
         if not self.verified.is_verified(digest, row.secret_hash):
-            self._may_try_secret(client, parsed.lookup_id)
-            return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest)
-        return self._grant(row)
+            claimant = self._may_try_secret(client, parsed.lookup_id, row.org_id)
+            return _PendingCheck(parsed.lookup_id, parsed.secret, row, digest, claimant)
+        return self._grant(row, limited, defer)
 
-    def _finish(self, step: _PendingCheck, ok: bool, client: Client) -> Principal:
-        """After the hash check: no store access."""
+    def _finish(self, step: _PendingCheck, ok: bool, client: Client, limited: bool = True,
+                defer: bool = False) -> Principal | _Granted:
+        """After the hash check: no database access (limits and throttles only)."""
         if not ok:
             self._fail(client, step.lookup_id)
         self.verified.add(step.digest, step.row.secret_hash)
-        return self._grant(step.row)
+        return self._grant(step.row, limited, defer)
 
-    def _grant(self, row: AuthRow) -> Principal:
+    def _grant(self, row: AuthRow, limited: bool = True, defer: bool = False
+               ) -> Principal | _Granted:
+        """The token's state, then its rate limit; `defer`: leave the count to _acount."""
         now = self.clock()
         # The secret was right, so none of these is guessing: nothing to throttle.
         reason = None
@@ -338,6 +483,48 @@ class TokenService:
             raise Unauthenticated(AUTH_FAILED, reason)
         if self.usage is not None:
             self.usage.record(row.token_id, now)
+        limit = self._limit_of(row) if limited else None
+        if limit is None:
+            return self._principal(row, None)
+        if defer:
+            return _Granted(row, now, *limit)
+        decision = self.limiter.check(row.token_id, *limit)
+        return self._principal(row, self._status(decision, now))
+
+    async def _acount(self, granted: _Granted) -> Principal:
+        """Counts a granted call against its limit through the limiter's batches."""
+        decision = await self.limiter.acheck(
+            granted.row.token_id, granted.requests, granted.period_s
+        )
+        return self._principal(granted.row, self._status(decision, granted.now))
+
+    def _limit_of(self, row: AuthRow) -> tuple[int, float] | None:
+        """(requests, period in seconds): the token's own limit, else the default; None: none."""
+        requests, period_us = row.rate_limit_requests, row.rate_limit_period_us
+        if requests is not None and period_us is not None and 1 <= requests <= period_us:
+            return requests, period_us / 1_000_000
+        default = self.config.rate_limit
+        return None if default is None else (default.requests, default.period_s)
+
+    @staticmethod
+    def _status(decision: Decision, now: int) -> RateLimitStatus:
+        """An allowed call's standing; a refused one raises RateLimited(TOKEN_RATE_LIMITED).
+
+        That refusal is no failed authentication (the secret was right): no
+        throttle is charged and no tarpit waits.
+        """
+        if not decision.allowed:
+            raise RateLimited(
+                "this token is over its rate limit; retry later",
+                decision.retry_after_s,
+                reason=TOKEN_RATE_LIMITED,
+            )
+        return RateLimitStatus(
+            decision.limit, decision.remaining, now + round(decision.reset_after_s * 1_000_000)
+        )
+
+    @staticmethod
+    def _principal(row: AuthRow, status: RateLimitStatus | None) -> Principal:
         permissions = set(row.permissions)
         return Principal(
             token_id=row.token_id,
@@ -346,29 +533,46 @@ class TokenService:
             org_id=row.org_id,
             scopes=tuple(s for s in row.scopes if s in permissions),
             expires_at=None if row.expires_at is None else from_micros(row.expires_at),
+            rate_limit=status,
         )
 
     def _fail(self, client: Client, lookup_id: str | None) -> None:
-        client = client() if callable(client) else client
-        wait = self.client_failures.retry_after(client)
+        keys = _client_keys(client)
+        wait = self._client_wait(keys)
         if wait > 0 and lookup_id is None:
             raise _throttled(wait)
-        self.client_failures.fail(client)
+        self._client_failed(keys)
         if lookup_id is not None:
             self.lookup_failures.fail(lookup_id)
         raise Unauthenticated(AUTH_FAILED)
 
-    def _may_try_secret(self, client: Client, lookup_id: str) -> None:
-        """Refuses a hash check to a token being guessed at, or to a throttled client
-        guessing at a token that has failed before. A token's first check from any
-        client goes ahead, so a flood never locks a good token out."""
-        wait = self.lookup_failures.retry_after(lookup_id)
+    def _may_try_secret(self, client: Client, lookup_id: str, org_id: str) -> Claimant:
+        """Whether this client gets a hash check of a secret for this token now,
+        and whom that check is for.
+
+        A token nobody has failed at lately is checked for anyone, so a flood of
+        bad tokens from a client never stops that client's good ones. A token
+        being guessed at (its lookup-id bucket empty) is still checked for a
+        client that has not failed lately: the lookup id is no secret (most of it
+        is the displayed prefix), so refusing everyone would let anyone lock any
+        token out. Clients that have failed lately are refused there, and the
+        refusal is charged to them and tarpitted: guessing costs the guesser,
+        never the token's owner.
+        """
+        keys = _client_keys(client)
+        clean = self._client_clean(keys)
+        # The hasher's queues are per client: an IPv6 client's is its /64's.
+        claimant = Claimant(org_id, keys[-1], failing=not clean)
+        if clean or self.lookup_failures.untouched(lookup_id):
+            return claimant
+        wait = self._client_wait(keys)
         if wait > 0:
-            raise RateLimited("too many failed authentications, slow down", wait)
-        if not self.lookup_failures.untouched(lookup_id):
-            wait = self.client_failures.retry_after(client() if callable(client) else client)
-            if wait > 0:
-                raise _throttled(wait)
+            raise _throttled(wait)
+        lookup_wait = self.lookup_failures.retry_after(lookup_id)
+        if lookup_wait > 0:
+            self._client_failed(keys)
+            raise _throttled(max(lookup_wait, self._client_wait(keys)))
+        return claimant
 
     def _record_reuse(self, row: AuthRow, client: Client) -> None:
         """Writes token.reuse_after_rotation, at most once a minute per token.
@@ -398,9 +602,33 @@ class TokenService:
             log.warning("could not record a rotated token's reuse",
                         extra={"token_id": row.token_id})
 
+    def refuse_malformed(self, client: Client) -> NoReturn:
+        """A request that did not parse: refused with one fixed message, and counted
+        as a failure of its client, as a bad token is (a throttled client is refused
+        as throttled)."""
+        keys = _client_keys(client)
+        wait = self._client_wait(keys)
+        if wait > 0:
+            raise _throttled(wait)
+        self._client_failed(keys)
+        raise InvalidArgument([], MALFORMED_REQUEST)
+
     def tarpitted(self, client: Client, seconds: float) -> None:
-        """A throttled client was kept waiting: its wait does not refill its bucket."""
-        self.client_failures.hold(client() if callable(client) else client, seconds)
+        """A throttled client was kept waiting: its wait does not refill its buckets."""
+        for key in _client_keys(client):
+            self.client_failures.hold(key, seconds)
+
+    def _client_wait(self, keys: tuple[str, ...]) -> float:
+        """Seconds until the client may fail again: its address's or its /64's, the longer."""
+        return max(self.client_failures.retry_after(key) for key in keys)
+
+    def _client_clean(self, keys: tuple[str, ...]) -> bool:
+        """True when the client has no failures that have not refilled yet."""
+        return all(self.client_failures.untouched(key) for key in keys)
+
+    def _client_failed(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self.client_failures.fail(key)
 
     # Management: the caller is a Principal from authenticate(). `client` is
     # the caller's address, for the audit log.
@@ -429,10 +657,38 @@ class TokenService:
     ) -> CreatedToken:
         """A token for the caller's user, minted by the caller's token (its parent)."""
         self._require_manage(caller)
-        return self.mint(
-            caller.user_id, caller.org_id, caller.scopes, name, scopes, expires_at,
-            rate_limit=rate_limit, parent=caller, actor=_actor(caller, client),
-        )
+        with self._minting_slot(caller):
+            return self.mint(
+                caller.user_id, caller.org_id, caller.scopes, name, scopes, expires_at,
+                rate_limit=rate_limit, parent=caller, actor=_actor(caller, client),
+            )
+
+    @contextlib.contextmanager
+    def _minting_slot(self, caller: Principal) -> Iterator[None]:
+        """One of the caller token's few concurrent mints, or RateLimited.
+
+        Minting costs a bcrypt hash and a transaction; without a bound, one
+        caller's flood of CreateToken takes every management worker and
+        connection while the rest of the org waits behind it.
+        """
+        limit = self.config.create_token_concurrency
+        with self._minting_lock:
+            running = self._minting.get(caller.token_id, 0)
+            if running >= limit:
+                raise RateLimited(
+                    f"this token is already creating {limit} tokens; retry when one is done",
+                    retry_after=1.0,
+                )
+            self._minting[caller.token_id] = running + 1
+        try:
+            yield
+        finally:
+            with self._minting_lock:
+                left = self._minting[caller.token_id] - 1
+                if left:
+                    self._minting[caller.token_id] = left
+                else:
+                    del self._minting[caller.token_id]
 
     def mint(
         self,
@@ -492,10 +748,12 @@ class TokenService:
     def _new_secret(self, **fields: Any) -> tuple[str, NewToken]:
         """A fresh raw token and the row that stores its hash (bcrypt: the slow part)."""
         raw, parts = tokens.new_token(self.config.token_prefix)
+        # Hashing shares the bcrypt threads with checks, queued per org and user.
+        claimant = Claimant(fields["org_id"], f"user:{fields['user_id']}")
         return raw, NewToken(
             lookup_id=parts.lookup_id,
             token_prefix=tokens.display_prefix(raw),
-            secret_hash=self.hasher.hash(parts.secret),
+            secret_hash=self.hasher.hash(parts.secret, claimant),
             **fields,
         )
 
@@ -541,23 +799,27 @@ class TokenService:
         if not scopes:
             violations.append((field, "at least one scope is required"))
             return []
-        held_set = {normalise(s) for s in held}
+        # Exact comparisons only: what the store holds was written in the
+        # catalog's spelling, and a request in any other spelling is refused.
+        held_set = set(held)
         chosen: list[str] = []
         seen: set[str] = set()
         for requested in scopes:
-            scope = self.catalog.get(requested)
-            key = normalise(requested)
-            if scope is None:
-                violations.append((field, f"{requested!r} is not a known scope"))
-            elif key in seen:
+            why = why_not_canonical(requested)
+            scope = None if why else self.catalog.get(requested)
+            if why:
+                violations.append((field, f"{shown(requested)} {why}, so it is no scope name"))
+            elif scope is None:
+                violations.append((field, f"{shown(requested)} is not a known scope"))
+            elif requested in seen:
                 violations.append((field, f"{scope.name!r} is listed more than once"))
-            elif key not in held_set:
+            elif requested not in held_set:
                 violations.append(
                     (field, f"{scope.name!r} is not held by the caller, so it cannot be granted")
                 )
             else:
                 chosen.append(scope.name)
-            seen.add(key)
+            seen.add(requested)
         return chosen
 
     @staticmethod
@@ -633,11 +895,6 @@ class TokenService:
             raise NotFound("no such token")
         log.info("token revoked", extra={"token_id": token.id, "children": revoke_children})
         return revoked
-
-    def count_children(self, caller: Principal, token_id: str) -> int:
-        """How many live tokens a token minted, transitively (what revoke_children takes)."""
-        self.get_token(caller, token_id)
-        return self.store.count_children(token_id)
 
     def rotate_token(
         self, caller: Principal, token_id: str, grace_us: int, client: Client = ""
@@ -728,7 +985,7 @@ class TokenService:
             if name not in UPDATABLE:
                 violations.append((
                     "update_mask",
-                    f"{name!r} cannot be changed; the fields that can are "
+                    f"{shown(name)} cannot be changed; the fields that can are "
                     + ", ".join(sorted(UPDATABLE)),
                 ))
         if violations:
@@ -867,14 +1124,14 @@ class TokenService:
                 continue
             row = self.store.find_for_auth(parsed.lookup_id)
             if row is None:
-                self.client_failures.fail(address)
+                self._client_failed(client_keys(address))
                 results.append(LeakResult(prefix, False))
                 continue
             digest = self.verified.digest(parsed.lookup_id, parsed.secret)
             if not self.verified.is_verified(digest, row.secret_hash):
-                self._may_try_secret(address, parsed.lookup_id)
-                if not self.hasher.verify(parsed.secret, row.secret_hash):
-                    self.client_failures.fail(address)
+                claimant = self._may_try_secret(address, parsed.lookup_id, row.org_id)
+                if not self.hasher.verify(parsed.secret, row.secret_hash, claimant):
+                    self._client_failed(client_keys(address))
                     self.lookup_failures.fail(parsed.lookup_id)
                     results.append(LeakResult(prefix, False))
                     continue
@@ -947,9 +1204,12 @@ class TokenService:
     ) -> list[str]:
         chosen: list[str] = []
         for p in permissions:
-            scope = self.catalog.get(p)
-            if scope is None:
-                violations.append(("permissions", f"{p!r} is not a known scope"))
+            why = why_not_canonical(p)
+            scope = None if why else self.catalog.get(p)
+            if why:
+                violations.append(("permissions", f"{shown(p)} {why}, so it is no scope name"))
+            elif scope is None:
+                violations.append(("permissions", f"{shown(p)} is not a known scope"))
             elif scope.name not in chosen:
                 chosen.append(scope.name)
         return chosen

@@ -26,6 +26,7 @@ from .errors import Conflict, Unavailable
 from .models import ApiToken, AuditEvent, LeaseReplica, TokenEventAck, User
 from .values import (
     DAY_MICROS,
+    UPDATABLE,
     AuditEntry,
     AuthRow,
     Cursor,
@@ -52,9 +53,6 @@ ACKS_CHANNEL = "tokenservice_token_event_acks"
 # Every audit event is also one JSON log line on this logger, written once its
 # transaction has committed, for a log shipper to forward.
 audit_log = logging.getLogger("tokenservice.audit")
-
-# Keys a change may set through update_token(), each a column or two.
-UPDATABLE = frozenset({"name", "scopes", "expires_at", "rate_limit"})
 
 
 class _Refused(Exception):
@@ -83,6 +81,8 @@ class Store:
                 User.permissions,
                 User.disabled,
                 ApiToken.replaced_by_id,
+                ApiToken.rate_limit_requests,
+                ApiToken.rate_limit_period_us,
             )
             .join(User)
             .where(ApiToken.lookup_id == "?")
@@ -109,7 +109,7 @@ class Store:
         if row is None:
             return None
         tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled, \
-            replaced_by = row
+            replaced_by, limit_requests, limit_period_us = row
         return AuthRow(
             token_id=_uuid_str(tid),
             secret_hash=secret_hash,
@@ -122,6 +122,8 @@ class Store:
             permissions=json.loads(perms),
             disabled=bool(disabled),
             replaced_by_id=None if replaced_by is None else _uuid_str(replaced_by),
+            rate_limit_requests=limit_requests,
+            rate_limit_period_us=limit_period_us,
         )
 
     def write_last_used(self, last_used: Mapping[str, int]) -> None:
@@ -167,17 +169,6 @@ class Store:
             return None
         token = ApiToken.select(ApiToken, User).join(User).where(ApiToken.id == key).first()
         return None if token is None else _token_info(token, now)
-
-    def count_children(self, token_id: str) -> int:
-        """How many tokens this token minted, transitively, that are not revoked yet."""
-        ids = self._subtree(uuid.UUID(token_id))
-        if not ids:
-            return 0
-        return (
-            ApiToken.select()
-            .where(ApiToken.id.in_(ids) & ApiToken.revoked_at.is_null())
-            .count()
-        )
 
     def _subtree(self, root: uuid.UUID) -> list[uuid.UUID]:
         """Ids of every token below root in the token tree (root excluded)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 
@@ -54,3 +55,19 @@ class FailureBuckets:
 
     def fail(self, key: str) -> None:
         self._store.bucket_fail(self._namespace, key, self._burst, self._rate)
+
+
+# An IPv6 client usually holds a whole /64 (one LAN, one subscriber), so a fresh
+# address costs it nothing: its failures count against its /64 as well.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_keys(address: str) -> tuple[str, ...]:
+    """The buckets a client's failures count in: its address and, for IPv6, its /64."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return (address,)
+    if ip.version == 6:
+        return (address, str(ipaddress.ip_network(f"{ip}/{IPV6_CLIENT_PREFIX}", strict=False)))
+    return (address,)

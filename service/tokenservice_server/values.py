@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 DAY_MICROS = 86_400_000_000
+# The fields of a token that UpdateToken may change.
+UPDATABLE = frozenset({"name", "scopes", "expires_at", "rate_limit"})
 
 
 def to_micros(value: datetime) -> int:
@@ -23,6 +25,17 @@ def from_micros(value: int) -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitStatus:
+    """A token's standing against its rate limit after a call it was allowed."""
+
+    limit: int  # calls per period
+    remaining: int  # calls left in the window after this one (ratelimit.Decision)
+    # When the token is fully rested, in UTC microseconds: built on every call, so
+    # no datetime on the way.
+    reset_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """Who a valid token belongs to and what it may do right now."""
 
@@ -32,6 +45,8 @@ class Principal:
     org_id: str
     scopes: tuple[str, ...]  # token scopes ∩ the user's current permissions
     expires_at: datetime | None
+    # Set by Authenticate for a token with a limit; None when it has none.
+    rate_limit: RateLimitStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +70,9 @@ class AuthRow:
     # Set once the token was rotated: its secret presented after the grace is
     # a reuse worth recording.
     replaced_by_id: str | None = None
+    # The token's own rate limit (both set, or neither: the service default).
+    rate_limit_requests: int | None = None
+    rate_limit_period_us: int | None = None
 
 
 class TokenState(enum.Enum):

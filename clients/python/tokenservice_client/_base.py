@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from tokenservice.v1 import token_service_pb2 as pb
@@ -30,10 +30,62 @@ from .channel import (
 )
 from .errors import TokenServiceError, error_from_rpc_error
 
-__all__ = ["BaseTokenServiceClient", "PreparedCall", "timestamp"]
+__all__ = [
+    "UNSET",
+    "BaseTokenServiceClient",
+    "PreparedCall",
+    "RateLimitSpec",
+    "StateSpec",
+    "duration",
+    "rate_limit",
+    "timestamp",
+]
 
 # grpc.Channel for the sync client, grpc.aio.Channel for the asyncio one.
 ChannelT = TypeVar("ChannelT")
+
+# A token's rate limit: the message, or (requests, period) with the period a
+# timedelta or seconds.
+RateLimitSpec = pb.RateLimit | tuple[int, timedelta | float]
+# A state filter: pb.ApiToken.ACTIVE or its name, "ACTIVE".
+StateSpec = int | str
+
+
+class _Unset:
+    """The default of update_token's fields: not in the update mask."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+def duration(value: timedelta | float | duration_pb2.Duration) -> duration_pb2.Duration:
+    """A protobuf Duration from a timedelta or seconds."""
+    if isinstance(value, duration_pb2.Duration):
+        return value
+    out = duration_pb2.Duration()
+    if isinstance(value, timedelta):
+        out.FromTimedelta(value)
+    else:
+        out.FromNanoseconds(round(value * 1e9))
+    return out
+
+
+def rate_limit(value: RateLimitSpec) -> pb.RateLimit:
+    if isinstance(value, pb.RateLimit):
+        return value
+    requests, period = value
+    return pb.RateLimit(requests=requests, period=duration(period))
+
+
+def _state(value: StateSpec | None) -> int:
+    if value is None:
+        return pb.ApiToken.STATE_UNSPECIFIED
+    if isinstance(value, str):
+        return pb.ApiToken.State.Value(value.upper())
+    return value
 
 
 def timestamp(value: datetime | timestamp_pb2.Timestamp) -> timestamp_pb2.Timestamp:
@@ -140,23 +192,101 @@ class BaseTokenServiceClient(Generic[ChannelT]):
         scopes: Iterable[str],
         expires_at: datetime | timestamp_pb2.Timestamp | None,
         timeout: float | None,
+        limit: RateLimitSpec | None = None,
     ) -> PreparedCall:
         if isinstance(scopes, str):
             raise TypeError("scopes must be an iterable of scope names, not one string")
         request = pb.CreateTokenRequest(name=name, scopes=list(scopes))
         if expires_at is not None:
             request.expires_at.CopyFrom(timestamp(expires_at))
+        if limit is not None:
+            request.rate_limit.CopyFrom(rate_limit(limit))
         return self._prepare(self._stub.CreateToken, request, timeout)
 
-    def _list_tokens(self, page_size: int, page_token: str, timeout: float | None) -> PreparedCall:
-        request = pb.ListTokensRequest(page_size=page_size, page_token=page_token)
+    def _list_tokens(
+        self,
+        page_size: int,
+        page_token: str,
+        timeout: float | None,
+        state: StateSpec | None = None,
+        not_used_since: datetime | timestamp_pb2.Timestamp | None = None,
+    ) -> PreparedCall:
+        request = pb.ListTokensRequest(
+            page_size=page_size, page_token=page_token, state=_state(state)
+        )
+        if not_used_since is not None:
+            request.not_used_since.CopyFrom(timestamp(not_used_since))
         return self._prepare(self._stub.ListTokens, request, timeout)
 
     def _get_token(self, token_id: str, timeout: float | None) -> PreparedCall:
         return self._prepare(self._stub.GetToken, pb.GetTokenRequest(id=token_id), timeout)
 
-    def _revoke_token(self, token_id: str, timeout: float | None) -> PreparedCall:
-        return self._prepare(self._stub.RevokeToken, pb.RevokeTokenRequest(id=token_id), timeout)
+    def _revoke_token(
+        self, token_id: str, timeout: float | None, revoke_children: bool = False
+    ) -> PreparedCall:
+        request = pb.RevokeTokenRequest(id=token_id, revoke_children=revoke_children)
+        return self._prepare(self._stub.RevokeToken, request, timeout)
+
+    def _rotate_token(
+        self,
+        token_id: str,
+        grace_period: timedelta | float | duration_pb2.Duration,
+        timeout: float | None,
+    ) -> PreparedCall:
+        request = pb.RotateTokenRequest(id=token_id, grace_period=duration(grace_period))
+        return self._prepare(self._stub.RotateToken, request, timeout)
+
+    def _update_token(
+        self,
+        token_id: str,
+        name: Any,
+        scopes: Any,
+        expires_at: Any,
+        limit: Any,
+        timeout: float | None,
+    ) -> PreparedCall:
+        """Every field not UNSET goes into the update mask; None clears expiry or limit."""
+        token = pb.ApiToken(id=token_id)
+        paths = []
+        if name is not UNSET:
+            token.name = name
+            paths.append("name")
+        if scopes is not UNSET:
+            if isinstance(scopes, str):
+                raise TypeError("scopes must be an iterable of scope names, not one string")
+            token.scopes.extend(scopes)
+            paths.append("scopes")
+        if expires_at is not UNSET:
+            if expires_at is not None:
+                token.expires_at.CopyFrom(timestamp(expires_at))
+            paths.append("expires_at")
+        if limit is not UNSET:
+            if limit is not None:
+                token.rate_limit.CopyFrom(rate_limit(limit))
+            paths.append("rate_limit")
+        if not paths:
+            raise TypeError("update_token needs at least one field to change")
+        request = pb.UpdateTokenRequest(
+            api_token=token, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return self._prepare(self._stub.UpdateToken, request, timeout)
+
+    def _list_audit_events(
+        self, page_size: int, page_token: str, token_id: str, action: str,
+        timeout: float | None,
+    ) -> PreparedCall:
+        request = pb.ListAuditEventsRequest(
+            page_size=page_size, page_token=page_token, token_id=token_id, action=action
+        )
+        return self._prepare(self._stub.ListAuditEvents, request, timeout)
+
+    def _report_leaked_tokens(
+        self, tokens: Iterable[str], source: str, timeout: float | None
+    ) -> PreparedCall:
+        if isinstance(tokens, str):
+            raise TypeError("tokens must be an iterable of raw tokens, not one string")
+        request = pb.ReportLeakedTokensRequest(tokens=list(tokens), source=source)
+        return self._prepare(self._stub.ReportLeakedTokens, request, timeout)
 
     def _authenticate(
         self, token: str, timeout: float | None, metadata: Sequence[tuple[str, str]]

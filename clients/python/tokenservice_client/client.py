@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from tokenservice.v1 import token_service_pb2 as pb
 
-from ._base import BaseTokenServiceClient, PreparedCall
+from ._base import UNSET, BaseTokenServiceClient, PreparedCall, RateLimitSpec, StateSpec
 from .channel import ChannelOptions
 
 __all__ = ["TokenServiceClient"]
@@ -23,7 +23,7 @@ class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
 
     `target` is a gRPC target such as `"localhost:50051"` or `"tokens.example.com:443"`.
     `token` is sent as `authorization: Bearer <token>` through gRPC call credentials;
-    only CreateToken, ListTokens, GetToken and RevokeToken need one.
+    every call needs one except Authenticate, ListScopes and ReportLeakedTokens.
 
     Channel security: `channel_credentials` if given (`tls_channel_credentials(ca, cert,
     key)` for your own CA and a client certificate); otherwise local credentials for a
@@ -55,24 +55,47 @@ class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
         scopes: Iterable[str],
         expires_at: datetime | timestamp_pb2.Timestamp | None = None,
         *,
+        rate_limit: RateLimitSpec | None = None,
         timeout: float | None = None,
     ) -> pb.CreateTokenResponse:
-        """Creates a token for the calling user; `.token` is the raw secret, shown once."""
-        return self._send(self._create_token(name, scopes, expires_at, timeout))
+        """Creates a token for the calling user; `.token` is the raw secret, shown once.
+
+        `rate_limit`: `(requests, period)` (period a timedelta or seconds) or a
+        `RateLimit` message; unset for the service default.
+        """
+        return self._send(self._create_token(name, scopes, expires_at, timeout, rate_limit))
 
     def list_tokens(
-        self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        state: StateSpec | None = None,
+        not_used_since: datetime | timestamp_pb2.Timestamp | None = None,
+        timeout: float | None = None,
     ) -> pb.ListTokensResponse:
-        """One page of tokens, newest first; an empty `next_page_token` ends the list."""
-        return self._send(self._list_tokens(page_size, page_token, timeout))
+        """One page of tokens, newest first; an empty `next_page_token` ends the list.
+
+        `state` ("ACTIVE", "EXPIRED", "REVOKED") and `not_used_since` filter; a
+        page token works only with the filters it came with.
+        """
+        return self._send(
+            self._list_tokens(page_size, page_token, timeout, state, not_used_since)
+        )
 
     def iter_tokens(
-        self, page_size: int = 0, *, timeout: float | None = None
+        self,
+        page_size: int = 0,
+        *,
+        state: StateSpec | None = None,
+        not_used_since: datetime | timestamp_pb2.Timestamp | None = None,
+        timeout: float | None = None,
     ) -> Iterator[pb.ApiToken]:
-        """Every token, following page tokens; `timeout` applies to each page."""
+        """Every token matching the filters, following page tokens; `timeout` is per page."""
         page_token = ""
         while True:
-            page = self.list_tokens(page_size, page_token, timeout=timeout)
+            page = self.list_tokens(page_size, page_token, state=state,
+                                    not_used_since=not_used_since, timeout=timeout)
             yield from page.tokens
             if not page.next_page_token:
                 return
@@ -81,9 +104,85 @@ class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
     def get_token(self, token_id: str, *, timeout: float | None = None) -> pb.ApiToken:
         return self._send(self._get_token(token_id, timeout))
 
-    def revoke_token(self, token_id: str, *, timeout: float | None = None) -> pb.ApiToken:
-        """Revokes at once; revoking a revoked token returns it unchanged."""
-        return self._send(self._revoke_token(token_id, timeout))
+    def revoke_token(
+        self, token_id: str, *, revoke_children: bool = False, timeout: float | None = None
+    ) -> pb.ApiToken:
+        """Revokes at once; revoking a revoked token returns it unchanged.
+
+        `revoke_children` also revokes every token it minted, transitively.
+        """
+        return self._send(self._revoke_token(token_id, timeout, revoke_children))
+
+    def rotate_token(
+        self,
+        token_id: str,
+        grace_period: timedelta | float | duration_pb2.Duration = 0,
+        *,
+        timeout: float | None = None,
+    ) -> pb.RotateTokenResponse:
+        """Replaces a token; `.token` is the new raw secret, shown once.
+
+        The old token keeps working for `grace_period` (0 to 7 days; 0 revokes
+        it at once). Raises FailedPrecondition if it is not active or was
+        already rotated.
+        """
+        return self._send(self._rotate_token(token_id, grace_period, timeout))
+
+    def update_token(
+        self,
+        token_id: str,
+        *,
+        name: str = UNSET,
+        scopes: Iterable[str] = UNSET,
+        expires_at: datetime | timestamp_pb2.Timestamp | None = UNSET,
+        rate_limit: RateLimitSpec | None = UNSET,
+        timeout: float | None = None,
+    ) -> pb.ApiToken:
+        """Changes the fields given, and only those; `None` removes an expiry or a rate limit."""
+        return self._send(
+            self._update_token(token_id, name, scopes, expires_at, rate_limit, timeout)
+        )
+
+    def list_audit_events(
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        token_id: str = "",
+        action: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListAuditEventsResponse:
+        """One page of the org's audit log, newest first (needs `api_token:admin`)."""
+        return self._send(
+            self._list_audit_events(page_size, page_token, token_id, action, timeout)
+        )
+
+    def iter_audit_events(
+        self,
+        page_size: int = 0,
+        *,
+        token_id: str = "",
+        action: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[pb.AuditEvent]:
+        """Every audit event matching the filters, newest first, following page tokens."""
+        page_token = ""
+        while True:
+            page = self.list_audit_events(page_size, page_token, token_id=token_id,
+                                          action=action, timeout=timeout)
+            yield from page.events
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
+    def report_leaked_tokens(
+        self, tokens: Iterable[str], source: str = "", *, timeout: float | None = None
+    ) -> pb.ReportLeakedTokensResponse:
+        """Reports raw tokens found in public (at most 100 a call); needs no credentials.
+
+        Each one that is a real token is revoked with every token it minted.
+        """
+        return self._send(self._report_leaked_tokens(tokens, source, timeout))
 
     def authenticate(
         self,

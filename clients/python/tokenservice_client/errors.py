@@ -1,9 +1,10 @@
 """Typed exceptions for tokenservice calls.
 
 Every failed RPC surfaces as a `TokenServiceError` (or a subclass picked by its status
-code), carrying the code, the message, the `google.rpc.BadRequest` field violations and
-the `google.rpc.ErrorInfo` reason when the server sent them. Catch the subclass you can
-act on; the original `grpc.RpcError` is chained as `__cause__`.
+code), carrying the code, the message, the `google.rpc.BadRequest` field violations,
+the `google.rpc.ErrorInfo` reason and the `google.rpc.RetryInfo` delay when the server
+sent them. Catch the subclass you can act on; the original `grpc.RpcError` is chained
+as `__cause__`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 __all__ = [
+    "TOKEN_RATE_LIMITED",
     "DeadlineExceeded",
     "ErrorInfo",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
@@ -28,6 +31,11 @@ __all__ = [
     "Unavailable",
     "error_from_rpc_error",
 ]
+
+
+# The ErrorInfo reason of a valid token over its own rate limit (RateLimited): not a
+# failed authentication, and over once `retry_delay` has passed.
+TOKEN_RATE_LIMITED = "TOKEN_RATE_LIMITED"
 
 
 @dataclass(frozen=True)
@@ -56,12 +64,20 @@ class TokenServiceError(Exception):
         message: str,
         field_violations: tuple[FieldViolation, ...] = (),
         error_info: ErrorInfo | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}" if message else code.name)
         self.code = code
         self.message = message
         self.field_violations = field_violations
         self.error_info = error_info
+        # Seconds to wait before the same call may succeed (RetryInfo), when given.
+        self.retry_delay = retry_delay
+
+    @property
+    def reason(self) -> str:
+        """The ErrorInfo reason, or "" when the server sent none."""
+        return self.error_info.reason if self.error_info is not None else ""
 
     @property
     def fields(self) -> list[str]:
@@ -85,8 +101,13 @@ class NotFound(TokenServiceError):
     """NOT_FOUND: no such token within the caller's reach."""
 
 
+class FailedPrecondition(TokenServiceError):
+    """FAILED_PRECONDITION: the token's state forbids it (rotating a revoked or rotated token)."""
+
+
 class RateLimited(TokenServiceError):
-    """RESOURCE_EXHAUSTED: too many failed authentications from this address."""
+    """RESOURCE_EXHAUSTED: too many failed authentications from this address, or (reason
+    TOKEN_RATE_LIMITED) a valid token over its rate limit; `retry_delay` says when to retry."""
 
 
 class Unavailable(TokenServiceError):
@@ -102,6 +123,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TokenServiceError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
@@ -125,6 +147,7 @@ def error_from_rpc_error(err: grpc.RpcError) -> TokenServiceError:
     message: str = err.details() or ""  # type: ignore[attr-defined]
     violations: list[FieldViolation] = []
     info: ErrorInfo | None = None
+    retry_delay: float | None = None
     status = _rich_status(err)
     if status is not None:
         for detail in status.details:
@@ -138,5 +161,9 @@ def error_from_rpc_error(err: grpc.RpcError) -> TokenServiceError:
                 error_info = error_details_pb2.ErrorInfo()
                 detail.Unpack(error_info)
                 info = ErrorInfo(error_info.reason, error_info.domain, dict(error_info.metadata))
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) and retry_delay is None:
+                retry_info = error_details_pb2.RetryInfo()
+                detail.Unpack(retry_info)
+                retry_delay = retry_info.retry_delay.ToNanoseconds() / 1e9
     cls = _BY_CODE.get(code, TokenServiceError)
-    return cls(code, message, tuple(violations), info)
+    return cls(code, message, tuple(violations), info, retry_delay)

@@ -39,12 +39,23 @@ Throttling: tokenservice throttles failed authentications per client address. Wi
 `forward_client_address=True` (the default) the interceptor names its own caller in
 `x-forwarded-for`, which tokenservice honours only from its trusted proxies, so one
 bad caller does not get this whole service throttled.
+
+Rate limits: every Authenticate counts one call against the token's rate limit. The
+interceptor passes the token's standing on to its caller as the IETF headers, in the
+protected call's trailing metadata: `ratelimit-limit`, `ratelimit-remaining` (calls
+left in the window after this one) and `ratelimit-reset` (seconds until the token is
+fully rested). A token over its limit is refused with RESOURCE_EXHAUSTED, a
+`google.rpc.RetryInfo` saying when to retry and the ErrorInfo reason
+TOKEN_RATE_LIMITED; until that delay has passed the interceptor refuses the token
+itself, without asking tokenservice. Calls answered from the cache (`cache_ttl`) are
+not counted and carry no rate limit headers.
 """
 
 from __future__ import annotations
 
 import collections
 import contextvars
+import dataclasses
 import hashlib
 import hmac
 import inspect
@@ -60,11 +71,21 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
+from .addresses import peer_address
 from .aio import AsyncTokenServiceClient
 from .client import TokenServiceClient
 from .credentials import parse_bearer
-from .errors import InvalidArgument, RateLimited, TokenServiceError, Unauthenticated
+from .errors import (
+    TOKEN_RATE_LIMITED,
+    InvalidArgument,
+    RateLimited,
+    TokenServiceError,
+    Unauthenticated,
+)
 from .lease import AsyncLeaseCache, LeaseCache
 from .principal import _CURRENT, Principal
 
@@ -87,6 +108,9 @@ DEFAULT_PUBLIC_METHODS: tuple[str, ...] = (
 _SCOPES_ATTR = "__tokenservice_scopes__"
 _TOKEN_SYNTAX = re.compile(r"[A-Za-z0-9_]{1,512}")
 _UNAUTHENTICATED = "missing or invalid API token"
+_OVER_LIMIT = "this token is over its rate limit; retry later"
+# The ErrorInfo domain of the refusals passed on from tokenservice.
+_ERROR_DOMAIN = "tokenservice.dev"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -163,6 +187,51 @@ class PrincipalCache:
         return len(self._entries)
 
 
+class _Refusals:
+    """Tokens refused for their rate limit, and until when: refused here, not asked again.
+
+    Keyed like PrincipalCache (an HMAC under a per-process key); at most `max_entries`,
+    the soonest to end dropped first.
+    """
+
+    def __init__(self, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_entries = max_entries
+        self._clock = clock
+        self._key = os.urandom(32)
+        self._until: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def _digest(self, token: str) -> bytes:
+        return hmac.new(self._key, token.encode(), hashlib.sha256).digest()
+
+    def wait(self, token: str) -> float:
+        """Seconds the token must still wait; 0 when it is not refused."""
+        if not self._until:  # the usual case: nobody is over a limit
+            return 0.0
+        key = self._digest(token)
+        now = self._clock()
+        with self._lock:
+            until = self._until.get(key)
+            if until is None:
+                return 0.0
+            if until <= now:
+                del self._until[key]
+                return 0.0
+            return until - now
+
+    def refuse(self, token: str, seconds: float) -> None:
+        key = self._digest(token)
+        with self._lock:
+            self._until[key] = self._clock() + seconds
+            if len(self._until) > self._max_entries:
+                now = self._clock()
+                for stale in [k for k, t in self._until.items() if t <= now]:
+                    del self._until[stale]
+                while len(self._until) > self._max_entries:
+                    del self._until[min(self._until, key=self._until.__getitem__)]
+
+
 def _expired(principal: Principal) -> bool:
     return principal.expires_at is not None and principal.expires_at <= datetime.now(UTC)
 
@@ -178,19 +247,59 @@ def _bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
 
 
 class _Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A refusal: a status code and message, and for a rate limit when to retry and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None,
+                 reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+        self.reason = reason
+
+    def status(self) -> grpc.Status | None:
+        """The status with RetryInfo and ErrorInfo details; None when there is no delay."""
+        if self.retry_after is None:
+            return None
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1, int(self.retry_after * 1e9)))
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=self.message)
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        if self.reason:
+            status.details.add().Pack(
+                error_details_pb2.ErrorInfo(reason=self.reason, domain=_ERROR_DOMAIN)
+            )
+        return rpc_status.to_status(status)
+
+
+def _over_limit(seconds: float) -> _Denied:
+    return _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, _OVER_LIMIT, seconds, TOKEN_RATE_LIMITED)
 
 
 def _deny_for(err: TokenServiceError) -> _Denied:
     if isinstance(err, Unauthenticated | InvalidArgument):
         return _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
     if isinstance(err, RateLimited):
-        return _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many failed authentications")
+        if err.reason == TOKEN_RATE_LIMITED:
+            return _over_limit(err.retry_delay or 1.0)
+        return _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many failed authentications",
+                       err.retry_delay, err.reason)
     log.warning("tokenservice Authenticate failed: %s", err.code.name)
     return _Denied(grpc.StatusCode.UNAVAILABLE, "authentication service unavailable")
+
+
+def _rate_limit_metadata(principal: Principal) -> tuple[tuple[str, str], ...]:
+    """The ratelimit-* response metadata for a principal fresh from Authenticate."""
+    return principal.rate_limit.headers() if principal.rate_limit is not None else ()
+
+
+def _keep_trailing(context: Any, ours: tuple[tuple[str, str], ...]) -> None:
+    """Puts our metadata back beside whatever trailing metadata the handler set."""
+    if not ours:
+        return
+    current = tuple(context.trailing_metadata() or ())
+    if not set(ours) <= set(current):
+        context.set_trailing_metadata(current + ours)
 
 
 class _Policy:
@@ -261,13 +370,8 @@ def _check_scopes(principal: Principal, required: frozenset[str] | None) -> None
 
 
 def _peer_ip(context: Any) -> str | None:
-    """The caller's IP from `context.peer()` ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
-    kind, _, rest = (context.peer() or "").partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        return rest.rsplit(":", 1)[0].strip("[]")
-    return None
+    """The caller's IP from `context.peer()` ("ipv4:1.2.3.4:5", "ipv6:%5B::1%5D:5")."""
+    return peer_address(context.peer() or "")
 
 
 def _forwarded(context: Any, forward: bool) -> tuple[tuple[str, str], ...]:
@@ -335,6 +439,7 @@ class _BaseAuthInterceptor(Generic[ClientT]):
         self._cache = (
             cache if cache is not None else PrincipalCache(cache_ttl) if cache_ttl > 0 else None
         )
+        self._refusals = _Refusals()
 
     def _connect(self, tokenservice: ClientT | str) -> ClientT | None:
         """The client to use from now on, or None to open one later."""
@@ -356,7 +461,17 @@ class _BaseAuthInterceptor(Generic[ClientT]):
         token = _bearer_token(metadata)
         if token is None:
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        wait = self._refusals.wait(token)
+        if wait > 0:
+            # Over its rate limit a moment ago: refused here until it may retry.
+            raise _over_limit(wait)
         return token
+
+    def _refused(self, token: str, err: TokenServiceError) -> _Denied:
+        denied = _deny_for(err)
+        if denied.reason == TOKEN_RATE_LIMITED and denied.retry_after:
+            self._refusals.refuse(token, denied.retry_after)
+        return denied
 
     def _cached(self, token: str) -> Principal | None:
         return self._cache.get(token) if self._cache is not None else None
@@ -375,7 +490,8 @@ class _BaseAuthInterceptor(Generic[ClientT]):
     def _principal(self, token: str, response: Any, ticket: int | None) -> Principal:
         principal = Principal.from_response(response)
         if self._cache is not None:
-            self._cache.put(token, principal, ticket)
+            # A cached answer is no Authenticate call: it carries no rate limit standing.
+            self._cache.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
         return principal
 
 
@@ -402,7 +518,7 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
                 token, **self._call_options(self._client, context)
             )
         except TokenServiceError as err:
-            raise _deny_for(err) from None
+            raise self._refused(token, err) from None
         return self._principal(token, response, ticket)
 
     def intercept_service(
@@ -416,30 +532,43 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
             return handler
         behavior = guarded.behavior
 
-        def admit(context: grpc.ServicerContext) -> contextvars.Context:
+        def admit(
+            context: grpc.ServicerContext,
+        ) -> tuple[contextvars.Context, tuple[tuple[str, str], ...]]:
             try:
                 principal = self.authenticate(guarded.metadata, context)
                 _check_scopes(principal, guarded.required)
             except _Denied as denied:
+                status = denied.status()
+                if status is not None:
+                    context.abort_with_status(status)
                 context.abort(denied.code, denied.message)
             ctx = contextvars.copy_context()
             ctx.run(_CURRENT.set, principal)
-            return ctx
+            # Set now, so an error from the handler carries them too.
+            headers = _rate_limit_metadata(principal)
+            if headers:
+                context.set_trailing_metadata(headers)
+            return ctx, headers
 
         if guarded.kind in ("unary_unary", "stream_unary"):
 
             def unary_response(request: Any, context: grpc.ServicerContext) -> Any:
-                return admit(context).run(behavior, request, context)
+                ctx, headers = admit(context)
+                result = ctx.run(behavior, request, context)
+                _keep_trailing(context, headers)
+                return result
 
             return guarded.wrap(unary_response)
 
         def stream_response(request: Any, context: grpc.ServicerContext) -> Any:
-            ctx = admit(context)
+            ctx, headers = admit(context)
             responses = ctx.run(behavior, request, context)
             while True:
                 try:
                     item = ctx.run(next, responses)
                 except StopIteration:
+                    _keep_trailing(context, headers)
                     return
                 yield item
 
@@ -484,7 +613,7 @@ class AsyncAuthInterceptor(
         try:
             response = await client.authenticate(token, **self._call_options(client, context))
         except TokenServiceError as err:
-            raise _deny_for(err) from None
+            raise self._refused(token, err) from None
         return self._principal(token, response, ticket)
 
     async def close(self) -> None:
@@ -504,36 +633,49 @@ class AsyncAuthInterceptor(
             return handler
         behavior = guarded.behavior
 
-        async def admit(context: grpc.aio.ServicerContext) -> Principal:
+        async def admit(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+            """Sets the caller's principal for this call; returns the rate limit metadata."""
             try:
                 principal = await self.authenticate(guarded.metadata, context)
                 _check_scopes(principal, guarded.required)
             except _Denied as denied:
+                status = denied.status()
+                if status is not None:
+                    await context.abort(status.code, status.details, status.trailing_metadata)
                 await context.abort(denied.code, denied.message)
-            return principal
+            # Each aio RPC runs in its own task, so the variable stays with this call.
+            _CURRENT.set(principal)
+            headers = _rate_limit_metadata(principal)
+            if headers:
+                context.set_trailing_metadata(headers)
+            return headers
 
         if guarded.kind in ("unary_unary", "stream_unary"):
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                # Each aio RPC runs in its own task, so the variable stays with this call.
-                _CURRENT.set(await admit(context))
+                headers = await admit(context)
                 result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
+                result = await result if inspect.isawaitable(result) else result
+                _keep_trailing(context, headers)
+                return result
 
             return guarded.wrap(unary_response)
 
         if inspect.isasyncgenfunction(behavior):
 
             async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                _CURRENT.set(await admit(context))
+                headers = await admit(context)
                 async for item in behavior(request, context):
                     yield item
+                _keep_trailing(context, headers)
 
             return guarded.wrap(stream_response)
 
         async def write_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
             # A streaming handler written as a coroutine that calls context.write().
-            _CURRENT.set(await admit(context))
-            return await behavior(request, context)
+            headers = await admit(context)
+            result = await behavior(request, context)
+            _keep_trailing(context, headers)
+            return result
 
         return guarded.wrap(write_response)

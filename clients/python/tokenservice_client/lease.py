@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -321,7 +322,8 @@ class LeaseCache(_LeaseState):
             return hit
         ticket = self.ticket()
         principal = Principal.from_response(self._client.authenticate(token, timeout=timeout))
-        self.put(token, principal, ticket)
+        # A cached answer is no Authenticate call: it carries no rate limit standing.
+        self.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
         return principal
 
     def wait_leased(self, timeout: float) -> bool:
@@ -464,7 +466,7 @@ class AsyncLeaseCache(_LeaseState):
         ticket = self.ticket()
         response = await self._client.authenticate(token, timeout=timeout)
         principal = Principal.from_response(response)
-        self.put(token, principal, ticket)
+        self.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
         return principal
 
     async def wait_leased(self, timeout: float) -> bool:

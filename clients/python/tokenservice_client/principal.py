@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import contextvars
+import math
 from dataclasses import dataclass
 from datetime import UTC as _UTC
 from datetime import datetime
 
 from tokenservice.v1 import token_service_pb2 as pb
 
-__all__ = ["Principal", "current_principal"]
+__all__ = ["Principal", "RateLimitStatus", "current_principal"]
+
+
+@dataclass(frozen=True)
+class RateLimitStatus:
+    """The calling token's standing against its rate limit, as of its Authenticate call."""
+
+    # The calls the token may make per period.
+    limit: int
+    # The calls left in the window after this one; 0 when a call made at once would be
+    # refused.
+    remaining: int
+    # When the token is fully rested (remaining back at limit).
+    reset_time: datetime
+
+    @classmethod
+    def from_proto(cls, status: pb.RateLimitStatus) -> RateLimitStatus:
+        return cls(status.limit, status.remaining, status.reset_time.ToDatetime(tzinfo=_UTC))
+
+    def headers(self, now: datetime | None = None) -> tuple[tuple[str, str], ...]:
+        """The IETF `ratelimit-limit`, `-remaining` and `-reset` (whole seconds, rounded up)."""
+        now = now or datetime.now(_UTC)
+        reset = max(0, math.ceil((self.reset_time - now).total_seconds()))
+        return (
+            ("ratelimit-limit", str(self.limit)),
+            ("ratelimit-remaining", str(self.remaining)),
+            ("ratelimit-reset", str(reset)),
+        )
 
 
 @dataclass(frozen=True)
@@ -22,11 +50,17 @@ class Principal:
     org_id: str
     scopes: frozenset[str]
     expires_at: datetime | None = None
+    # Set when the token has a rate limit (its own, or the service default).
+    rate_limit: RateLimitStatus | None = None
 
     @classmethod
     def from_response(cls, response: pb.AuthenticateResponse) -> Principal:
         expires_at = (
             response.expires_at.ToDatetime(tzinfo=_UTC) if response.HasField("expires_at") else None
+        )
+        rate_limit = (
+            RateLimitStatus.from_proto(response.rate_limit)
+            if response.HasField("rate_limit") else None
         )
         return cls(
             token_id=response.token_id,
@@ -35,6 +69,7 @@ class Principal:
             org_id=response.org_id,
             scopes=frozenset(response.scopes),
             expires_at=expires_at,
+            rate_limit=rate_limit,
         )
 
     def has_scopes(self, *scopes: str) -> bool:

@@ -5,9 +5,10 @@
   `tokenservice serve`; `start()`, `port`, `stop(grace)`.
 - `run_rest(grpc_target, host, port)`: the same in the foreground, for
   `tokenservice rest`, until SIGINT/SIGTERM.
+- `RestLimits`: connections and deadlines an idle or slow client cannot stretch.
 """
 
 from .app import RestApp, create_app
-from .server import RestServer, run_rest
+from .server import RestLimits, RestServer, run_rest
 
-__all__ = ["RestApp", "RestServer", "create_app", "run_rest"]
+__all__ = ["RestApp", "RestLimits", "RestServer", "create_app", "run_rest"]

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from tokenservice_client import parse_bearer
@@ -27,6 +27,7 @@ from ..health import DEPENDENCIES, DEPENDENCY_PREFIX
 from ..tls import SUBJECT_METADATA
 from . import apidocs
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
+from .headers import RESPONSE_HEADERS
 from .openapi import build_openapi
 from .routes import Route, build_routes
 from .transcode import build_request, parse_json, render_response
@@ -189,6 +190,8 @@ class RestApp:
             response = await self._dispatch(request)
         except ApiError as error:
             response = error_response(error)
+        except ClientDisconnect:
+            return  # gone before its body arrived (or closed for being too slow)
         except Exception:
             # Logged without the request: it may carry a token.
             log.exception("unexpected failure in the REST shim")
@@ -307,7 +310,9 @@ class RestApp:
         except grpc.aio.AioRpcError as err:
             body_field = route.body if route.body != "*" else ""
             raise from_rpc_error(err, route.method.input_type, body_field) from None
-        return json_response(route.success_status, render_response(route, reply))
+        headers = RESPONSE_HEADERS.get(reply.DESCRIPTOR.full_name)
+        return json_response(route.success_status, render_response(route, reply),
+                             headers(reply) if headers else None)
 
     async def _health(self) -> Response:
         """200 while the service serves; the body names each dependency's state."""

@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor
 from google.rpc import error_details_pb2, status_pb2
 
+from ..errors import cap_violations
 from .routes import resolve_prefix
 
 # gRPC status -> (HTTP status, error code). Anything not listed is a 500.
@@ -70,7 +71,8 @@ class ApiError(Exception):
 
 
 def validation_error(message: str, *violations: tuple[str, str]) -> ApiError:
-    details = [{"field": f, "description": d} for f, d in violations]
+    """A 422; like the server's errors it echoes at most a few clipped violations."""
+    details = [{"field": f, "description": d} for f, d in cap_violations(list(violations))]
     return ApiError(422, "validation_error", message, details)
 
 

@@ -16,6 +16,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from .. import __version__
 from ..policy import Caller, caller_for
+from .headers import RESPONSE_HEADER_DOCS
 from .routes import Route, is_map, is_repeated, is_scalar_like, resolve_field_path
 from .transcode import CREDENTIAL_QUERY_PARAMS
 
@@ -38,7 +39,8 @@ _ERROR_RESPONSES = {
     "404": "No such resource, or one outside the caller's reach.",
     "409": "The token's state forbids this change (revoked, expired or already rotated).",
     "422": "Invalid request: malformed JSON, an unknown or invalid field.",
-    "429": "Too many failed attempts; retry after the Retry-After delay.",
+    "429": "Too many failed attempts, or the token is over its rate limit; retry after "
+           "the Retry-After delay.",
     "500": "An internal error.",
     "503": "The service is unavailable.",
 }
@@ -219,7 +221,7 @@ def _parameters(route: Route, schemas: _Schemas) -> list[dict[str, Any]]:
         fds = resolve_field_path(route.method.input_type, var.field_path)
         params.append(
             {
-                "name": var.field_path[-1],
+                "name": var.openapi_name,
                 "in": "path",
                 "required": True,
                 "schema": schemas.value(fds[-1], output=False),
@@ -280,6 +282,7 @@ def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
             "description": "Success.",
             "headers": {
                 "Cache-Control": {"schema": {"type": "string", "const": "no-store"}},
+                **RESPONSE_HEADER_DOCS.get(route.method.output_type.full_name, {}),
             },
             "content": {"application/json": {"schema": response_schema}},
         }

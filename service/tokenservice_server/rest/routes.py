@@ -96,6 +96,10 @@ class Variable:
 
     field_path: tuple[str, ...]
     group: str
+    # The parameter's name in OpenAPI: the field's own name where the template
+    # has no other variable of that name (`{api_token.id}` is `{id}`), so two
+    # templates of one URL shape document as one path, as OpenAPI requires.
+    openapi_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,17 +167,22 @@ def parse_template(template: str) -> PathTemplate:
             group = f"v{len(variables)}"
             sub = "/".join(_segment_regex(s) for s in _split_segments(pattern or "*"))
             parts.append(f"(?P<{group}>{sub})")
-            # OpenAPI names a path parameter by its last field: `{api_token.id}` is
-            # documented as `{id}`, so a path has one path item whichever message the
-            # id sits in (PATCH beside GET and DELETE).
-            if any(v.field_path[-1] == path[-1] for v in variables):
-                raise ValueError(f"two variables end in {path[-1]!r} in {template!r}")
-            openapi.append("{" + path[-1] + "}")
+            openapi.append("\0" + group)  # named below, once every variable is known
             variables.append(Variable(path, group))
         else:
             parts.append(_segment_regex(segment))
             openapi.append(segment)
     regex = "/" + "/".join(parts) + (":" + re.escape(verb) if verb else "")
+    leaves = [v.field_path[-1] for v in variables]
+    variables = [
+        Variable(
+            v.field_path, v.group,
+            v.field_path[-1] if leaves.count(v.field_path[-1]) == 1 else ".".join(v.field_path),
+        )
+        for v in variables
+    ]
+    names = {"\0" + v.group: "{" + v.openapi_name + "}" for v in variables}
+    openapi = [names.get(segment, segment) for segment in openapi]
     openapi_path = "/" + "/".join(openapi) + (":" + verb if verb else "")
     return PathTemplate(template, re.compile(regex), tuple(variables), openapi_path)
 

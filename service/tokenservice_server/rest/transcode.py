@@ -84,30 +84,42 @@ def _has_plain_json(desc: Descriptor) -> bool:
     return not desc.full_name.startswith("google.protobuf.")
 
 
-def _unknown_fields(value: Any, desc: Descriptor, prefix: str) -> list[tuple[str, str]]:
-    """Paths of JSON keys that name no field, at any depth."""
+UNKNOWN_FIELD = "unknown field"
+
+
+def _bad_keys(value: Any, desc: Descriptor, prefix: str) -> list[tuple[str, str]]:
+    """Paths of JSON keys that name no field, or name a field another key named too
+    (`expires_at` beside `expiresAt`: json_format would let the last one win
+    silently), at any depth."""
     if not isinstance(value, dict) or not _has_plain_json(desc):
         return []
     found: list[tuple[str, str]] = []
+    spelled: dict[int, str] = {}
     for key, item in value.items():
         fd = find_field(desc, key, json_names=True)
         if fd is None:
-            found.append((prefix + key, "unknown field"))
-            continue
-        if fd.type != FieldDescriptor.TYPE_MESSAGE:
+            found.append((prefix + key, UNKNOWN_FIELD))
             continue
         path = prefix + fd.json_name
+        if fd.number in spelled:
+            found.append(
+                (path, f"given twice, as {spelled[fd.number]} and as {key}: send it once")
+            )
+            continue
+        spelled[fd.number] = key
+        if fd.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
         if is_map(fd):
             value_fd = fd.message_type.fields_by_name["value"]
             if value_fd.type == FieldDescriptor.TYPE_MESSAGE and isinstance(item, dict):
                 for k, v in item.items():
-                    found += _unknown_fields(v, value_fd.message_type, f"{path}[{k}].")
+                    found += _bad_keys(v, value_fd.message_type, f"{path}[{k}].")
         elif is_repeated(fd):
             if isinstance(item, list):
                 for i, element in enumerate(item):
-                    found += _unknown_fields(element, fd.message_type, f"{path}[{i}].")
+                    found += _bad_keys(element, fd.message_type, f"{path}[{i}].")
         else:
-            found += _unknown_fields(item, fd.message_type, path + ".")
+            found += _bad_keys(item, fd.message_type, path + ".")
     return found
 
 
@@ -236,9 +248,14 @@ def build_request(
         _merge(data, query_to_dict(route, query))
     _imply_update_mask(route, data, body)
 
-    unknown = _unknown_fields(data, desc, "")
-    if unknown:
-        raise validation_error("The request names fields that do not exist.", *unknown)
+    bad_keys = _bad_keys(data, desc, "")
+    if bad_keys:
+        message = (
+            "The request names fields that do not exist."
+            if all(why == UNKNOWN_FIELD for _, why in bad_keys)
+            else "The request names a field twice, or fields that do not exist."
+        )
+        raise validation_error(message, *bad_keys)
 
     for path, text in path_values.items():
         fds = resolve_field_path(desc, path)

@@ -153,20 +153,32 @@ class AuthenticateRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class AuthenticateResponse(_message.Message):
-    __slots__ = ("token_id", "user_id", "user_email", "org_id", "scopes", "expires_at")
+    __slots__ = ("token_id", "user_id", "user_email", "org_id", "scopes", "expires_at", "rate_limit")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     USER_EMAIL_FIELD_NUMBER: _ClassVar[int]
     ORG_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     token_id: str
     user_id: str
     user_email: str
     org_id: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, token_id: _Optional[str] = ..., user_id: _Optional[str] = ..., user_email: _Optional[str] = ..., org_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    rate_limit: RateLimitStatus
+    def __init__(self, token_id: _Optional[str] = ..., user_id: _Optional[str] = ..., user_email: _Optional[str] = ..., org_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate_limit: _Optional[_Union[RateLimitStatus, _Mapping]] = ...) -> None: ...
+
+class RateLimitStatus(_message.Message):
+    __slots__ = ("limit", "remaining", "reset_time")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_TIME_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    remaining: int
+    reset_time: _timestamp_pb2.Timestamp
+    def __init__(self, limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListScopesRequest(_message.Message):
     __slots__ = ()

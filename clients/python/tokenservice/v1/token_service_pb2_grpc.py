@@ -170,7 +170,9 @@ class TokenServiceServicer:
     def Authenticate(self, request, context):
         """Verifies a raw token and says who it belongs to and what it may do. Needs
         no caller credentials: the token is the argument. Every failure is
-        UNAUTHENTICATED with the same message.
+        UNAUTHENTICATED with the same message. Each success counts one call
+        against the token's rate limit; a token over it is RESOURCE_EXHAUSTED
+        with a RetryInfo and the ErrorInfo reason TOKEN_RATE_LIMITED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
