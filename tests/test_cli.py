@@ -47,7 +47,7 @@ def test_scopes_prints_the_catalog(tmp_path: Path) -> None:
     result = cli("scopes")
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert len(lines) == 10
+    assert len(lines) == 11
     assert lines[0].split()[0] == "api_token:manage" and "api_only" in lines[0]
     assert "api_only" not in [ln for ln in lines if ln.startswith("pass:read")][0]
 

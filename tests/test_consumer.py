@@ -31,12 +31,17 @@ def database_url(sqlite_database_url: str) -> str:
 
 
 @contextlib.contextmanager
-def running_consumer(tokenservice: str, kind: str) -> Iterator[str]:
-    """`python examples/consumer/server.py` on a free port; yields its target."""
+def running_consumer(tokenservice: str, kind: str, lease_token: str | None = None
+                     ) -> Iterator[str]:
+    """`python examples/consumer/server.py` on a free port; yields its target.
+
+    With `lease_token` it answers repeated tokens from its lease-kept cache."""
     args = [sys.executable, str(EXAMPLE / "server.py"), "--tokenservice", tokenservice,
             "--port", "0"]
     if kind == "aio":
         args.append("--aio")
+    if lease_token:
+        args += ["--lease-cache-token", lease_token]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         stdin=subprocess.DEVNULL,
@@ -51,9 +56,17 @@ def running_consumer(tokenservice: str, kind: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(params=["sync", "aio"])
+@pytest.fixture(params=["sync", "aio", "sync-lease-cache", "aio-lease-cache"])
 def consumer(request: pytest.FixtureRequest, ts) -> Iterator[str]:
-    with running_consumer(ts.target, request.param) as target:
+    """The lease-cache variants answer repeated tokens from memory: the test's
+    revocation must still be refused by the very next call."""
+    kind, _, cached = request.param.partition("-")
+    lease_token = None
+    if cached:
+        watcher = f"watcher-{uuid.uuid4().hex[:8]}@example.com"
+        ts.add_user(watcher, "acme", ["api_token:verify"])
+        lease_token = ts.mint(watcher, ["api_token:verify"])
+    with running_consumer(ts.target, kind, lease_token) as target:
         yield target
 
 

@@ -247,8 +247,9 @@ def test_a_disabled_users_tokens_stop_at_once(ts: RunningServer) -> None:
 def test_listscopes_needs_no_credentials_and_reports_the_catalog(ts: RunningServer) -> None:
     scopes = ts.stub.ListScopes(pb.ListScopesRequest()).scopes
     by_name = {s.name: s for s in scopes}
-    assert len(scopes) == 10
+    assert len(scopes) == 11
     assert by_name["api_token:manage"].api_only and by_name["app:manage"].api_only
+    assert by_name["api_token:verify"].api_only
     assert not by_name["invoice.view"].api_only
     assert by_name["pass:read"].description
 

@@ -1,5 +1,6 @@
 """The Node example (clients/node) against a real tokenservice: `npm ci`, then
-`node index.js` calls ListScopes, CreateToken, Authenticate and RevokeToken."""
+`node index.js` calls ListScopes, CreateToken, Authenticate and RevokeToken, and
+`node lease.js` caches verifications under a lease and still honours a revocation."""
 
 from __future__ import annotations
 
@@ -97,3 +98,40 @@ def test_node_example_reports_grpc_errors(node_example: Path, ts) -> None:
     too_strong = run_node(ts.target, bootstrap, "--scopes", "loyalty:manage")
     assert too_strong.returncode == 1
     assert too_strong.stderr.startswith("INVALID_ARGUMENT")
+
+
+def test_node_lease_cache_answers_from_memory_and_refuses_once_revoke_returns(
+    node_example: Path, ts
+) -> None:
+    email = f"node-{uuid.uuid4().hex[:8]}@example.com"
+    ts.add_user(email, "acme", ["api_token:manage", "api_token:verify", "pass:read"])
+    manager = TokenServiceClient(ts.target, token=ts.mint(email, ["api_token:manage", "pass:read"]))
+    made = manager.create_token("watched", ["pass:read"])
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TOKENSERVICE_TARGET": ts.target,
+        "TOKENSERVICE_VERIFY_TOKEN": ts.mint(email, ["api_token:verify"]),
+        "GOOGLEAPIS_PROTO_DIR": str(GOOGLEAPIS),
+    }
+    node = subprocess.Popen(["node", "lease.js"], cwd=NODE_DIR, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert node.stdin is not None and node.stdout is not None
+
+    def check(raw: str) -> dict:
+        node.stdin.write(raw + "\n")
+        node.stdin.flush()
+        line = node.stdout.readline()
+        assert line, node.stderr.read() if node.stderr else ""
+        return json.loads(line)
+
+    try:
+        assert json.loads(node.stdout.readline()) == {"ready": True}
+        assert check(made.token) == {"ok": True, "tokenId": made.api_token.id, "cached": False}
+        assert check(made.token) == {"ok": True, "tokenId": made.api_token.id, "cached": True}
+        manager.revoke_token(made.api_token.id, timeout=30)
+        assert check(made.token) == {"ok": False, "code": "UNAUTHENTICATED"}
+    finally:
+        node.stdin.close()
+        node.wait(timeout=30)
+        manager.close()

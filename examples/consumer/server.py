@@ -5,6 +5,10 @@
 GetPass and ListPasses need `pass:read`, CreatePass needs `pass:create` (declared with
 the decorator), WhoAmI needs any valid token. Passes live in memory, per organization.
 `--aio` serves the same methods from a `grpc.aio` server.
+
+`--lease-cache-token TOKEN` (a token holding `api_token:verify`) answers repeated
+tokens from memory instead of calling Authenticate each time, and still refuses a
+token as soon as its revocation has returned (see LeaseCache).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import passes_pb2 as pb  # noqa: E402
 import passes_pb2_grpc as pb_grpc  # noqa: E402
 from tokenservice_client import (  # noqa: E402
     AsyncAuthInterceptor,
+    AsyncLeaseCache,
     AuthInterceptor,
+    LeaseCache,
     current_principal,
     requires_scopes,
 )
@@ -143,10 +149,16 @@ class AsyncPassServicer(pb_grpc.PassServiceServicer):
 
 
 def build_server(
-    tokenservice: str, host: str = "127.0.0.1", port: int = 0, cache_ttl: float = 0.0
+    tokenservice: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    cache_ttl: float = 0.0,
+    lease_cache_token: str | None = None,
 ) -> tuple[grpc.Server, int]:
     """A started sync server and its bound port (port 0 picks a free one)."""
-    interceptor = AuthInterceptor(tokenservice, SCOPES, cache_ttl=cache_ttl)
+    # The lease-kept cache: opt-in, and revocation stays immediate.
+    cache = LeaseCache(tokenservice, lease_cache_token) if lease_cache_token else None
+    interceptor = AuthInterceptor(tokenservice, SCOPES, cache_ttl=cache_ttl, cache=cache)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor])
     pb_grpc.add_PassServiceServicer_to_server(PassServicer(PassStore()), server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -155,10 +167,15 @@ def build_server(
 
 
 async def build_aio_server(
-    tokenservice: str, host: str = "127.0.0.1", port: int = 0, cache_ttl: float = 0.0
+    tokenservice: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    cache_ttl: float = 0.0,
+    lease_cache_token: str | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started asyncio server and its bound port."""
-    interceptor = AsyncAuthInterceptor(tokenservice, SCOPES, cache_ttl=cache_ttl)
+    cache = AsyncLeaseCache(tokenservice, lease_cache_token) if lease_cache_token else None
+    interceptor = AsyncAuthInterceptor(tokenservice, SCOPES, cache_ttl=cache_ttl, cache=cache)
     server = grpc.aio.server(interceptors=[interceptor])
     pb_grpc.add_PassServiceServicer_to_server(AsyncPassServicer(PassStore()), server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -177,20 +194,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=50061)
     parser.add_argument("--cache-ttl", type=float, default=0.0,
                         help="seconds to cache successful authentications; delays revocation")
+    parser.add_argument(
+        "--lease-cache-token",
+        default=os.environ.get("TOKENSERVICE_VERIFY_TOKEN"),
+        help="a token with api_token:verify: cache answers under a lease, revocation"
+        " still immediate (env TOKENSERVICE_VERIFY_TOKEN)",
+    )
     parser.add_argument("--aio", action="store_true", help="serve with grpc.aio")
     args = parser.parse_args(argv)
 
     if args.aio:
         async def run() -> None:
             server, port = await build_aio_server(
-                args.tokenservice, args.host, args.port, args.cache_ttl
+                args.tokenservice, args.host, args.port, args.cache_ttl, args.lease_cache_token
             )
             print(f"passes (aio) listening on {args.host}:{port}", flush=True)
             await server.wait_for_termination()
 
         asyncio.run(run())
         return
-    server, port = build_server(args.tokenservice, args.host, args.port, args.cache_ttl)
+    server, port = build_server(
+        args.tokenservice, args.host, args.port, args.cache_ttl, args.lease_cache_token
+    )
     print(f"passes listening on {args.host}:{port}", flush=True)
     try:
         server.wait_for_termination()

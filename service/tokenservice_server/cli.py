@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from . import logs
+from . import logs, narrowing
 from .config import (
     ENV_PREFIX,
     Config,
@@ -28,6 +30,7 @@ from .config import (
 from .crypto import hasher_for
 from .db import DB_ERRORS, DatabaseURLError, open_database
 from .errors import DomainError, InvalidArgument
+from .fanout import settle_blocking
 from .migrations import migrate, open_migrated
 from .scopes import ScopeCatalog
 from .service import TokenService
@@ -474,6 +477,24 @@ def run(argv: Sequence[str]) -> int:
               + (f" (applied {', '.join(map(str, applied))})" if applied else ""))
         return 0
     service = _service(config)
+    # A command that narrows tokens returns only once every consumer caching
+    # Authenticate's answers, on every replica, has dropped them (narrowing.py);
+    # what it prints is shown then too, so nobody reads "revoked" too early.
+    narrowed: list = []
+    collecting = narrowing.collect(narrowed)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            _run_command(args, service)
+    finally:
+        narrowing.stop(collecting)
+        settle_blocking(service.store, narrowed)
+        sys.stdout.write(out.getvalue())
+    return 0
+
+
+def _run_command(args: argparse.Namespace, service: TokenService) -> None:
+    """Runs a user, token or audit command in one connection."""
     with service.store.connection():
         if args.command == "user" and args.user_command == "add":
             service.add_user(args.email, args.org, _split(args.permissions))
@@ -524,7 +545,6 @@ def run(argv: Sequence[str]) -> int:
                   f" expires={info.expires_at.isoformat() if info.expires_at else 'never'}")
             print("store it now, it will not be shown again:")
             print(created.raw)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

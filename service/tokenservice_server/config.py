@@ -38,6 +38,9 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Limits count in whole microseconds (one timestamp per key), and a period past a
 # day is no rate limit but a quota.
 MAX_PERIOD_SECONDS = 86_400.0
+# The longest lease WatchTokenEvents grants: the most a narrowing change waits
+# for a consumer that stopped answering.
+MAX_LEASE_SECONDS = 5.0
 
 
 def parse_rate_limit(text: str, source: str = "rate limit") -> RateLimit | None:
@@ -129,6 +132,10 @@ class Config:
     # A Redis call slower than this counts as Redis down: the check falls back to the
     # process's own counters rather than hold up Authenticate.
     redis_timeout_seconds: float = 0.1
+    # WatchTokenEvents: how long a consumer's lease holds (at most 5 s). Every
+    # narrowing change waits at most this long for a consumer that stopped
+    # answering; a shorter lease costs more renewals.
+    lease_seconds: float = 2.0
     # Peers allowed to name the real client in x-forwarded-for (the REST shim):
     # addresses or CIDR ranges.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -239,6 +246,8 @@ def validate(config: Config) -> None:
         raise ConfigError("bcrypt max waiting must be at least 0, and per client at least 1")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
+    if not 0.05 <= config.lease_seconds <= MAX_LEASE_SECONDS:
+        raise ConfigError(f"the lease must be between 0.05 and {MAX_LEASE_SECONDS:g} seconds")
     if config.rate_limit is not None:
         check_rate_limit(config.rate_limit)
     if config.redis_url is not None:

@@ -12,7 +12,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent import futures
 from contextlib import AbstractContextManager
 from datetime import UTC
@@ -28,7 +28,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 from tokenservice_client import parse_bearer
 
-from . import peers
+from . import narrowing, peers
 from .errors import (
     CALLER_UNAUTHENTICATED,
     TOKEN_RATE_LIMITED,
@@ -42,12 +42,23 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .leases import Event, Invalidation, LeaseHub, Subscriber
 from .logs import rpc_log
 from .metrics import RpcMetrics
 from .peers import TrustedProxies
 from .policy import SERVICE_NAME, Caller, caller_for
 from .service import TokenService
-from .values import UPDATABLE, AuditEvent, Principal, RateLimit, TokenInfo, TokenState
+from .values import (
+    UPDATABLE,
+    AuditEvent,
+    CachedUse,
+    Narrowed,
+    Principal,
+    RateLimit,
+    TokenInfo,
+    TokenState,
+    to_micros,
+)
 
 log = logging.getLogger("tokenservice.rpc")
 
@@ -56,6 +67,9 @@ ERROR_DOMAIN = "tokenservice.dev"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
 _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
+# A stream's caller token as presented: the stream checks it again after an
+# Invalidate that names it.
+_raw_caller: contextvars.ContextVar[str] = contextvars.ContextVar("raw_caller")
 # The caller's address, worked out on the event loop's thread before a method runs
 # on a worker: a grpc.aio call's context is not for other threads, and once the
 # call has ended (a deadline passed) touching it there can crash the process.
@@ -166,8 +180,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         trusted_proxies: tuple[str, ...],
         blocking: futures.Executor | None = None,
         metrics: RpcMetrics | None = None,
+        settle: Callable[[Sequence[Narrowed]], Awaitable[None]] | None = None,
     ) -> None:
         self._service = service
+        # Awaited after a call's rules have returned and before it answers, with
+        # the narrowing changes the call committed (narrowing.py).
+        self._settle = settle
         self._metrics = metrics
         self._connection = connection
         self._trusted = TrustedProxies(trusted_proxies)
@@ -184,7 +202,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None:
             return cached
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return handler
+        if handler.stream_stream is not None and method.startswith(_PREFIX):
+            wrapped = handler._replace(
+                stream_stream=self._wrap_stream(method, handler.stream_stream)
+            )
+            self._wrapped[method] = wrapped
+            return wrapped
+        if handler.unary_unary is None:
             return handler
         wrapped = handler._replace(
             unary_unary=self._wrap(method, handler.unary_unary),
@@ -199,11 +225,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         needs_caller = ours and caller_for(method) is not Caller.ANONYMOUS
         tarpit = method in TARPITTED
         is_async = inspect.iscoroutinefunction(behavior)
+        # Authenticate never narrows anything: its hot path skips the collector.
+        collects = ours and is_async and method != AUTHENTICATE
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
+        settle = self._settle
 
-        def run_blocking(request: Any, context: Any, raw: str | None, address: str) -> Any:
+        def run_blocking(
+            request: Any, context: Any, raw: str | None, address: str, narrowed: list[Narrowed]
+        ) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
+            narrowing.collect(narrowed)
             with connection():
                 if needs_caller:
                     try:
@@ -228,18 +260,36 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if not ours or is_async:
                     # Health, reflection and Authenticate: coroutines that manage
                     # their own (short) database use.
-                    return await behavior(request, context)
+                    if not collects:
+                        return await behavior(request, context)
+                    # A coroutine method of ours that may narrow tokens: its store
+                    # calls run in copies of this context (as aauthenticate's do),
+                    # so their events land here.
+                    narrowed_async: list[Narrowed] = []
+                    collecting = narrowing.collect(narrowed_async)
+                    try:
+                        return await behavior(request, context)
+                    finally:
+                        narrowing.stop(collecting)
+                        if narrowed_async and settle is not None:
+                            await settle(narrowed_async)
                 raw = bearer_token(context) if needs_caller else None
                 address = client_address(context, trusted)
                 ctx = contextvars.copy_context()
                 ctx.run(_client_address.set, address)
                 loop = asyncio.get_running_loop()
+                narrowed: list[Narrowed] = []
                 try:
                     return await loop.run_in_executor(
-                        blocking, ctx.run, run_blocking, request, context, raw, address
+                        blocking, ctx.run, run_blocking, request, context, raw, address,
+                        narrowed,
                     )
                 finally:
                     _token_id.set(ctx.get(_token_id))
+                    if narrowed and settle is not None:
+                        # Committed: no consumer may use a cached answer for these
+                        # tokens once this call has answered.
+                        await settle(narrowed)
             except DomainError as error:
                 code = _CODES[type(error)][1]
                 outcome = _outcome(error)
@@ -283,6 +333,56 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 if rpc_log.enabled():
                     rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), _token_id.get())
                 _token_id.reset(token_ctx)
+
+        return handle
+
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """A streaming method of ours (a coroutine writing with context.write()): the caller
+        authenticated once, when the stream opens."""
+        needs_caller = caller_for(method) is not Caller.ANONYMOUS
+        service, trusted, metrics = self._service, self._trusted, self._metrics
+
+        async def handle(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            # Not a context variable: a stream may be finished from another task.
+            token_id: str | None = None
+            try:
+                if needs_caller:
+                    raw = bearer_token(context)
+                    try:
+                        if raw is None:
+                            raise Unauthenticated(CALLER_UNAUTHENTICATED)
+                        caller = await service.aauthenticate(
+                            raw, lambda: client_address(context, trusted)
+                        )
+                    except Unauthenticated:
+                        raise Unauthenticated(CALLER_UNAUTHENTICATED) from None
+                    token_id = caller.token_id
+                    _caller.set(caller)
+                    _raw_caller.set(raw)
+                await behavior(requests, context)  # it writes with context.write()
+            except DomainError as error:
+                code = _CODES[type(error)][1]
+                status = status_for(error)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.error("unexpected error", exc_info=True, extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                elapsed = time.perf_counter() - start
+                if metrics is not None:
+                    metrics.rpc(method, code.name, elapsed)
+                if rpc_log.enabled():
+                    rpc_log.rpc(method, code.name, round(elapsed * 1000, 3), token_id)
 
         return handle
 
@@ -375,9 +475,15 @@ def _rate_limit(message: Any) -> RateLimit | None:
 class TokenServiceServicer(pb_grpc.TokenServiceServicer):
     """Protos in, service calls, protos out. Nothing else lives here."""
 
-    def __init__(self, service: TokenService, trusted_proxies: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        service: TokenService,
+        trusted_proxies: tuple[str, ...],
+        hub: LeaseHub | None = None,
+    ) -> None:
         self._service = service
         self._trusted = TrustedProxies(trusted_proxies)
+        self._hub = hub
 
     def _client(self, context: Any) -> Any:
         """The caller's address, for the audit log: as the interceptor worked it out
@@ -505,3 +611,95 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                 for s in self._service.catalog
             ]
         )
+
+    async def WatchTokenEvents(
+        self, requests: AsyncIterator[pb.WatchTokenEventsRequest], context: Any
+    ) -> None:
+        # context.write() rather than yield: with a thousand streams, one
+        # async-generator hop less per event is a measurable share of the fan-out.
+        caller = _caller.get()
+        self._service.require_verify(caller)
+        if self._hub is None:
+            raise Unavailable("this server does not stream token events")
+        hub = self._hub
+        sub = hub.subscribe()
+        # Set when an Invalidate named the caller's own token or user: its
+        # token is checked again at the next Renew, and the stream ends if it
+        # no longer may watch.
+        recheck = asyncio.Event()
+        failure: list[DomainError] = []
+        # Set when the consumer ended its side: it has dropped its cache.
+        said_goodbye = asyncio.Event()
+        reader = asyncio.create_task(
+            self._read_watch(requests, sub, _raw_caller.get(), recheck, failure, said_goodbye)
+        )
+        try:
+            while (event := await sub.next_event()) is not None:
+                if isinstance(event, Invalidation) and (
+                    caller.token_id in event.token_ids or caller.user_id in event.user_ids
+                ):
+                    recheck.set()
+                await context.write(_event_pb(event))
+            if failure:
+                raise failure[0]
+        finally:
+            reader.cancel()
+            hub.unsubscribe(sub, dropped=said_goodbye.is_set())
+
+    async def _read_watch(
+        self,
+        requests: AsyncIterator[pb.WatchTokenEventsRequest],
+        sub: Subscriber,
+        raw: str,
+        recheck: asyncio.Event,
+        failure: list[DomainError],
+        said_goodbye: asyncio.Event,
+    ) -> None:
+        """Applies the consumer's Renew, Ack and UsageReport messages; ends the stream after."""
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "renew":
+                    if recheck.is_set():
+                        recheck.clear()
+                        again = await self._service.aauthenticate(raw)
+                        self._service.require_verify(again)
+                    sub.renew(request.renew.id)
+                elif kind == "ack":
+                    sub.ack(request.ack.sequence)
+                elif kind == "usage":
+                    now = self._service.clock()
+                    self._service.record_cached_uses(
+                        [CachedUse(u.token_id, u.count, _micros_or(u, now))
+                         for u in request.usage.uses]
+                    )
+            said_goodbye.set()
+        except DomainError as error:
+            if isinstance(error, Unauthenticated):
+                error = Unauthenticated(CALLER_UNAUTHENTICATED)
+            failure.append(error)
+        except grpc.RpcError:
+            pass  # the stream broke: the writer side ends too
+        finally:
+            # The consumer closed its side, or failed: end ours.
+            sub.outbox.put_nowait(None)
+
+
+def _micros_or(use: pb.TokenUse, default: int) -> int:
+    if not use.HasField("last_used_at"):
+        return default
+    try:
+        return to_micros(use.last_used_at.ToDatetime(tzinfo=UTC))
+    except (ValueError, OverflowError):
+        return default
+
+
+def _event_pb(event: Event) -> pb.TokenEvent:
+    if isinstance(event, Invalidation):
+        return pb.TokenEvent(
+            sequence=event.sequence,
+            invalidate=pb.Invalidate(token_ids=event.token_ids, user_ids=event.user_ids),
+        )
+    lease = pb.Lease(renew_id=event.renew_id)
+    lease.duration.FromNanoseconds(int(event.duration * 1e9))
+    return pb.TokenEvent(sequence=event.sequence, lease=lease)

@@ -55,6 +55,16 @@ class _Metrics:
             "tokenservice_database_up", "1 while the database answers the health probe, else 0.",
             multiprocess_mode="livemin",
         )
+        self.token_watchers = Gauge(
+            "tokenservice_token_watchers",
+            "WatchTokenEvents streams open: consumer processes caching verifications.",
+            multiprocess_mode="livesum",
+        )
+        self.narrowing_waits_capped = Counter(
+            "tokenservice_narrowing_waits_capped_total",
+            "Narrowing changes that stopped waiting for a replica that heartbeats but never"
+            " acknowledges (a broken replica: see its log).",
+        )
         for outcome in OUTCOMES:  # every outcome shows, at 0, from the first scrape
             self.authentications.labels(outcome)
 
@@ -89,6 +99,14 @@ class RpcMetrics:
 
 def set_bcrypt_queue_depth(depth: int) -> None:
     _metrics().bcrypt_queue.set(depth)
+
+
+def set_token_watchers(count: int) -> None:
+    _metrics().token_watchers.set(count)
+
+
+def narrowing_wait_capped() -> None:
+    _metrics().narrowing_waits_capped.inc()
 
 
 def set_database_up(up: bool) -> None:

@@ -166,10 +166,46 @@ def _m0003_lifecycle(db: peewee.Database) -> None:
     db.create_tables([AuditEvent])
 
 
+def _m0004_token_events(db: peewee.Database) -> None:
+    """What consumers caching Authenticate's answers need across processes and replicas.
+
+    - token_events: one row per committed change that narrows tokens (written
+      in that change's transaction), numbered in commit order; every server
+      process reads the new ones and tells its watching consumers;
+    - lease_replicas: per server process with watching consumers, until when a
+      lease it granted may still hold (the store's clock), and the first event
+      it is answerable for;
+    - token_event_acks: which process has told all its consumers of which event.
+
+    The id of token_events never goes back (AUTOINCREMENT on SQLite, a
+    sequence on PostgreSQL), so "the events after the last one read" is exact.
+    """
+    if is_sqlite(db):
+        db.execute_sql(
+            "CREATE TABLE token_events (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " created_at BIGINT NOT NULL, token_ids TEXT NOT NULL, user_ids TEXT NOT NULL)"
+        )
+    else:
+        db.execute_sql(
+            "CREATE TABLE token_events (id BIGSERIAL PRIMARY KEY,"
+            " created_at BIGINT NOT NULL, token_ids TEXT NOT NULL, user_ids TEXT NOT NULL)"
+        )
+    db.execute_sql("CREATE INDEX token_events_created_at ON token_events (created_at)")
+    db.execute_sql(
+        "CREATE TABLE lease_replicas (replica_id VARCHAR(36) PRIMARY KEY,"
+        " watch_from BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL, lease_until BIGINT NOT NULL)"
+    )
+    db.execute_sql(
+        "CREATE TABLE token_event_acks (event_id BIGINT NOT NULL,"
+        " replica_id VARCHAR(36) NOT NULL, PRIMARY KEY (event_id, replica_id))"
+    )
+
+
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, _m0001_initial),
     (2, _m0002_hot_last_used),
     (3, _m0003_lifecycle),
+    (4, _m0004_token_events),
 )
 LATEST = MIGRATIONS[-1][0]
 

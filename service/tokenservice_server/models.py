@@ -15,6 +15,7 @@ from peewee import (
     BigIntegerField,
     BooleanField,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     ForeignKeyField,
     IntegerField,
@@ -122,6 +123,42 @@ class AuditEvent(BaseModel):
 
     class Meta:
         table_name = "audit_events"
+
+
+class TokenEvent(BaseModel):
+    """A committed change that narrowed tokens, for the processes whose consumers cache."""
+
+    id = BigIntegerField(primary_key=True)  # AUTOINCREMENT / BIGSERIAL (migration 4)
+    created_at = BigIntegerField()  # micros, the store's clock
+    token_ids = StringListField()
+    user_ids = StringListField()
+
+    class Meta:
+        table_name = "token_events"
+
+
+class LeaseReplica(BaseModel):
+    """A server process with watching consumers: until when their leases may hold."""
+
+    replica_id = CharField(max_length=36, primary_key=True)
+    # Events with a greater id are this process's to deliver; earlier ones predate it.
+    watch_from = BigIntegerField()
+    heartbeat_at = BigIntegerField()
+    lease_until = BigIntegerField()
+
+    class Meta:
+        table_name = "lease_replicas"
+
+
+class TokenEventAck(BaseModel):
+    """A process has delivered an event to each of its consumers (or their leases ran out)."""
+
+    event_id = BigIntegerField()
+    replica_id = CharField(max_length=36)
+
+    class Meta:
+        table_name = "token_event_acks"
+        primary_key = CompositeKey("event_id", "replica_id")
 
 
 class SchemaVersion(BaseModel):

@@ -34,6 +34,9 @@ CALLER_POLICY: dict[str, Caller] = {
     # may have it revoked. Throttled like Authenticate.
     "ReportLeakedTokens": Caller.ANONYMOUS,
     "ListScopes": Caller.ANONYMOUS,
+    # A stream: the interceptor authenticates the caller when the stream opens,
+    # and the rules require the scope api_token:verify.
+    "WatchTokenEvents": Caller.BEARER,
 }
 
 

@@ -19,6 +19,7 @@ DEFAULT_SCOPES: tuple[Scope, ...] = (
     Scope("api_token:manage", "create, list and revoke API tokens", True),
     Scope("api_token:admin", "list and revoke every token in the caller's org", True),
     Scope("app:manage", "manage OAuth apps", True),
+    Scope("api_token:verify", "watch token events to cache verifications", True),
     Scope("user:read", "read users"),
     Scope("pass:read", "read passes"),
     Scope("pass:create", "create passes"),
@@ -30,6 +31,7 @@ DEFAULT_SCOPES: tuple[Scope, ...] = (
 
 MANAGE = "api_token:manage"
 ADMIN = "api_token:admin"
+VERIFY = "api_token:verify"
 
 
 def why_not_canonical(name: str) -> str | None:

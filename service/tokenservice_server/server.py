@@ -21,8 +21,10 @@ from . import metrics
 from .config import Config, grpc_address
 from .crypto import hasher_for
 from .db import is_sqlite, open_database
+from .fanout import Fanout
 from .grpc_api import RpcInterceptor, TokenServiceServicer
 from .health import HealthProbe
+from .leases import LeaseHub
 from .logs import rpc_log
 from .migrations import open_migrated
 from .policy import SERVICE_NAME
@@ -104,6 +106,14 @@ class TokenServer:
             blocking=self._auth_reads,
             auth_store=self.auth_store,
         )
+        # Consumers watching token events, and the narrowing changes of every
+        # process and replica brought to them (leases.py, fanout.py).
+        self.hub = LeaseHub(
+            config.lease_seconds,
+            needs_grant=lambda: self.fanout.wake(),
+            on_count=metrics.set_token_watchers,
+        )
+        self.fanout = Fanout(self.store, self.hub, config.lease_seconds, self._blocking)
         self.pruner = AuditPruner(
             self.prune_audit, config.audit_prune_seconds, config.audit_prune_batch,
             on_exit=self._close_thread_connection,
@@ -146,6 +156,7 @@ class TokenServer:
                     config.trusted_proxies,
                     self._blocking,
                     metrics.RpcMetrics(),
+                    settle=self.fanout.settle,
                 )
             ],
             # Refuse to share a port with another process by accident; only the
@@ -153,7 +164,7 @@ class TokenServer:
             options=[("grpc.so_reuseport", 1 if config.reuse_port else 0), *grpc_limits(config)],
         )
         pb_grpc.add_TokenServiceServicer_to_server(
-            TokenServiceServicer(self.service, config.trusted_proxies), server
+            TokenServiceServicer(self.service, config.trusted_proxies, self.hub), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -196,6 +207,7 @@ class TokenServer:
             # private to this user, so the port above is the only way in from outside.
             self._server.add_insecure_port("unix:" + self.config.local_socket)
         self._call(self._server.start())
+        self._call(self.fanout.start())
         self.usage.start()
         self.pruner.start()
         self.probe.start()
@@ -211,7 +223,15 @@ class TokenServer:
             return
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         self.probe.stop()
+
+        async def end_streams() -> None:
+            # Watch streams never end by themselves: end them so the drain does
+            # not wait for them (their consumers reconnect to another replica).
+            self.hub.close_all()
+
+        self._call(end_streams())
         self._call(self._server.stop(grace))
+        self._call(self.fanout.stop())
         self._blocking.shutdown(wait=True)
         self._auth_reads.shutdown(wait=True)
         self.service.close()

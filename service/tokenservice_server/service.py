@@ -39,7 +39,7 @@ from .errors import (
 )
 from .fairshare import Claimant
 from .ratelimit import Decision, LimitStore, RateLimiter, open_store
-from .scopes import ADMIN, MANAGE, ScopeCatalog, why_not_canonical
+from .scopes import ADMIN, MANAGE, VERIFY, ScopeCatalog, why_not_canonical
 from .store import Store
 from .throttle import FailureBuckets, client_keys
 from .usage import UsageRecorder
@@ -52,6 +52,7 @@ from .values import (
     AuditEvent,
     AuditPage,
     AuthRow,
+    CachedUse,
     CreatedToken,
     Cursor,
     LeakResult,
@@ -71,6 +72,7 @@ from .values import (
 log = logging.getLogger("tokenservice.service")
 
 DEFAULT_PAGE_SIZE = 50
+MAX_USES_PER_REPORT = 10_000
 MAX_PAGE_SIZE = 1000
 MAX_NAME_LENGTH = 200
 BIDI_FORMATTING = frozenset(
@@ -299,6 +301,10 @@ class TokenService:
             config.lookup_failure_burst, config.lookup_failure_refill_per_second,
             store=self.limits, namespace=LOOKUP_FAILURES,
         )
+        # Called with each use a consumer answered from its cache: where the
+        # per-token rate limiter charges them (cost=count), as Authenticate
+        # charges its own calls.
+        self.cached_use_hook: Callable[[CachedUse], None] | None = None
         # A remote limit store is a network round trip: aauthenticate keeps every
         # call to it off the event loop's thread.
         self._inline_limits = not self.limits.remote
@@ -1145,6 +1151,34 @@ class TokenService:
             # Revoked before: nothing changed, but the owner learns where it was found.
             self.store.append_audit([entry], now)
         log.warning("leaked token revoked", extra={"token_id": row.token_id})
+
+    # Consumers that cache Authenticate's answers (WatchTokenEvents).
+
+    def require_verify(self, caller: Principal) -> None:
+        """Watching token events needs api_token:verify: the events name tokens of every org."""
+        if VERIFY not in caller.scopes:
+            raise PermissionDenied(f"this call needs the scope {VERIFY}")
+
+    def record_cached_uses(self, uses: Sequence[CachedUse]) -> None:
+        """Uses a consumer answered from its cache count as Authenticate calls do.
+
+        last_used_at moves to the reported time (never past now); the
+        cached-use hook sees each use. Entries naming no token id are dropped.
+        """
+        if len(uses) > MAX_USES_PER_REPORT:
+            raise InvalidArgument([("uses", f"at most {MAX_USES_PER_REPORT} per report")])
+        now = self.clock()
+        for use in uses:
+            try:
+                token_id = str(uuid.UUID(use.token_id))
+            except ValueError:
+                continue
+            if use.count <= 0:
+                continue
+            if self.usage is not None:
+                self.usage.record(token_id, min(use.last_used_at, now))
+            if self.cached_use_hook is not None:
+                self.cached_use_hook(use)
 
     # Users, for the command line (actor "cli").
 

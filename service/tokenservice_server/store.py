@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -19,14 +21,16 @@ import peewee
 from peewee import Tuple
 
 from . import db as dbmod
-from .errors import Conflict
-from .models import ApiToken, AuditEvent, User
+from . import narrowing
+from .errors import Conflict, Unavailable
+from .models import ApiToken, AuditEvent, LeaseReplica, TokenEventAck, User
 from .values import (
     DAY_MICROS,
     UPDATABLE,
     AuditEntry,
     AuthRow,
     Cursor,
+    Narrowed,
     NewToken,
     RateLimit,
     TokenInfo,
@@ -36,6 +40,15 @@ from .values import (
     token_state,
 )
 from .values import AuditEvent as AuditEventValue
+
+# PostgreSQL: narrowing transactions take this advisory lock just before they
+# write their event, so events commit in id order and "every event after the
+# last one read" misses none (a sequence alone hands out ids in one order and
+# transactions may commit in another).
+EVENTS_LOCK = 7401284
+EVENTS_CHANNEL = "tokenservice_token_events"
+_PG_NOW = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
+ACKS_CHANNEL = "tokenservice_token_event_acks"
 
 # Every audit event is also one JSON log line on this logger, written once its
 # transaction has committed, for a log shipper to forward.
@@ -190,6 +203,7 @@ class Store:
                 (ApiToken.id == root) & ApiToken.revoked_at.is_null()
             ).execute()
             events = self._append([audit], now) if changed else []
+            revoked = [token_id] if changed else []
             if children is not None:
                 # Row by row, each conditional: an event is written exactly for
                 # each token this call revoked, whatever ran beside it.
@@ -198,6 +212,9 @@ class Store:
                         (ApiToken.id == child) & ApiToken.revoked_at.is_null()
                     ).execute():
                         events += self._append([_with_token(children, str(child))], now)
+                        revoked.append(str(child))
+            if revoked:
+                self.narrowed(token_ids=revoked)
         _emit(events)
         return self.get_token(token_id, now)
 
@@ -237,6 +254,9 @@ class Store:
                     raise _Refused
                 ApiToken.update(parent_id=new_key).where(ApiToken.parent_id == old).execute()
                 events = self._append(audit, now)
+                # The old token now ends at the grace (or now): cached answers
+                # for it carry the old expiry.
+                self.narrowed(token_ids=[old_id])
         except _Refused:
             return None
         except peewee.IntegrityError:
@@ -282,6 +302,7 @@ class Store:
                     ).execute()
                     if updated != 1:
                         raise _Refused
+                narrowed = [token_id] if {"scopes", "expires_at"} & changes.keys() else []
                 if clamp_children_to is not None:
                     below = self._subtree(key)
                     if below:
@@ -290,7 +311,12 @@ class Store:
                             & (ApiToken.expires_at.is_null()
                                | (ApiToken.expires_at > clamp_children_to))
                         ).execute()
+                        narrowed += [str(child) for child in below]
                 events = self._append([audit], now)
+                # Cached answers carry scopes and expiry: any change to them is
+                # pushed (a widening too, harmlessly: the next answer is fresh).
+                if narrowed:
+                    self.narrowed(token_ids=narrowed)
         except _Refused:
             return None
         _emit(events)
@@ -483,11 +509,15 @@ class Store:
         The event is written only when the state changed.
         """
         with self.db.atomic():
+            # The write first: on SQLite a transaction that read before it writes
+            # fails at once ("database is locked") if another write committed meanwhile.
             changed = User.update(disabled=disabled).where(
                 (User.email == email) & (User.disabled != disabled)
             ).execute()
             events = self._append([audit], now) if changed and audit is not None else []
             exists = changed > 0 or User.select().where(User.email == email).exists()
+            if changed and disabled:
+                self.narrowed(user_ids=[self._user_id(email)])
         _emit(events)
         return exists
 
@@ -500,8 +530,14 @@ class Store:
                 User.email == email
             ).execute()
             events = self._append([audit], now) if changed else []
+            if changed:
+                # Every token's scopes are cut to its user's permissions.
+                self.narrowed(user_ids=[self._user_id(email)])
         _emit(events)
         return changed > 0
+
+    def _user_id(self, email: str) -> str:
+        return _uuid_str(User.select(User.id).where(User.email == email).scalar())
 
     def tokens_of_user(self, user_id: str, now: int) -> list[TokenInfo]:
         """Every token of one user, newest first (the command line's `token list`)."""
@@ -511,6 +547,199 @@ class Store:
             .order_by(ApiToken.created_at.desc(), ApiToken.id.desc())
         )
         return [_token_info(t, now) for t in query]
+
+    # Token events: what consumers caching Authenticate's answers must hear of.
+
+    def narrowed(self, *, token_ids: Iterable[str] = (), user_ids: Iterable[str] = ()) -> Narrowed:
+        """Writes the event for a change that narrows these tokens, or every token of these users.
+
+        Call it inside the transaction making the change, as its last statement
+        (on PostgreSQL it takes a lock held until commit), after the change's
+        own writes (on SQLite a transaction that reads first cannot write once
+        another write has committed): the event commits or rolls back with the
+        change. It also records the event for the call's
+        collector (narrowing.py), whose runner waits for the consumers.
+        """
+        tokens, users = tuple(token_ids), tuple(user_ids)
+        if not dbmod.is_sqlite(self.db):
+            self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+        now = self.clock_micros()
+        params = (now, json.dumps(list(tokens)), json.dumps(list(users)))
+        if dbmod.is_sqlite(self.db):
+            cursor = self.db.execute_sql(
+                "INSERT INTO token_events (created_at, token_ids, user_ids) VALUES (?, ?, ?)",
+                params,
+            )
+            event_id = int(cursor.lastrowid)
+        else:
+            cursor = self.db.execute_sql(
+                "INSERT INTO token_events (created_at, token_ids, user_ids)"
+                " VALUES (%s, %s, %s) RETURNING id",
+                params,
+            )
+            event_id = int(cursor.fetchone()[0])
+            # Delivered at commit, to every listening replica; none on rollback.
+            self.db.execute_sql("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, str(event_id)))
+        event = Narrowed(event_id, now, tokens, users)
+        narrowing.record(event)
+        return event
+
+    def clock_micros(self) -> int:
+        """Now on the store's clock: PostgreSQL's for every replica alike, else this machine's."""
+        if dbmod.is_sqlite(self.db):
+            return time.time_ns() // 1000
+        row = self.db.execute_sql(f"SELECT {_PG_NOW}").fetchone()
+        return int(row[0])
+
+    def last_event_id(self) -> int:
+        row = self.db.execute_sql("SELECT COALESCE(MAX(id), 0) FROM token_events").fetchone()
+        return int(row[0])
+
+    def events_after(self, after: int, limit: int) -> list[Narrowed]:
+        """Events with an id above `after`, oldest first."""
+        p = self._param
+        rows = self.db.execute_sql(
+            "SELECT id, created_at, token_ids, user_ids FROM token_events"
+            f" WHERE id > {p} ORDER BY id LIMIT {p}",
+            (after, limit),
+        ).fetchall()
+        return [
+            Narrowed(int(i), int(at), tuple(json.loads(t)), tuple(json.loads(u)))
+            for i, at, t, u in rows
+        ]
+
+    def heartbeat(self, replica_id: str, watch_from: int, lease_us: int) -> None:
+        """Says leases this process grants hold until at most now + lease_us (store clock)."""
+        with self.db.atomic():
+            now = self.clock_micros()
+            LeaseReplica.insert(
+                replica_id=replica_id, watch_from=watch_from, heartbeat_at=now,
+                lease_until=now + lease_us,
+            ).on_conflict(
+                conflict_target=[LeaseReplica.replica_id],
+                update={LeaseReplica.heartbeat_at: now, LeaseReplica.lease_until: now + lease_us},
+            ).execute()
+
+    def add_acks(self, replica_id: str, event_ids: Sequence[int]) -> None:
+        """This process has delivered these events to every consumer it answers for."""
+        with self.db.atomic():
+            TokenEventAck.insert_many(
+                [{"event_id": e, "replica_id": replica_id} for e in event_ids]
+            ).on_conflict_ignore().execute()
+            if not dbmod.is_sqlite(self.db):
+                self.db.execute_sql("SELECT pg_notify(%s, '')", (ACKS_CHANNEL,))
+
+    def unsettled(self, event_ids: Sequence[int], exclude_replica: str | None) -> set[int]:
+        """The events some other process may still have to deliver.
+
+        An event is settled once every process that was granting leases when it
+        was written (lease_until after its created_at), and is answerable for it
+        (watch_from below it), has acknowledged it or seen its lease_until pass
+        with no fresh heartbeat. An event that does not exist (its transaction
+        rolled back) is settled.
+        """
+        if not event_ids:
+            return set()
+        p = self._param
+        if dbmod.is_sqlite(self.db):
+            now, params = p, (self.clock_micros(),)
+        else:  # the store's clock, in the same round trip
+            now, params = _PG_NOW, ()
+        marks = ", ".join([p] * len(event_ids))
+        rows = self.db.execute_sql(
+            "SELECT DISTINCT e.id FROM token_events e"
+            " JOIN lease_replicas r ON r.lease_until > e.created_at"
+            f"  AND r.lease_until > {now} AND r.watch_from < e.id AND r.replica_id <> {p}"
+            " LEFT JOIN token_event_acks a ON a.event_id = e.id AND a.replica_id = r.replica_id"
+            f" WHERE e.id IN ({marks}) AND a.event_id IS NULL",
+            (*params, exclude_replica or "", *event_ids),
+        ).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def prune_events(self, older_than_us: int, batch: int) -> int:
+        """Deletes up to `batch` old events (never the newest) with their acks; returns how many."""
+        p = self._param
+        # IMMEDIATE on SQLite: this transaction reads before it writes.
+        with self.db.atomic("IMMEDIATE") if dbmod.is_sqlite(self.db) else self.db.atomic():
+            newest = self.last_event_id()
+            rows = self.db.execute_sql(
+                f"SELECT id FROM token_events WHERE created_at < {p} AND id < {p}"
+                f" ORDER BY id LIMIT {p}",
+                (older_than_us, newest, batch),
+            ).fetchall()
+            if not rows:
+                return 0
+            top = max(int(r[0]) for r in rows)
+            self.db.execute_sql(f"DELETE FROM token_events WHERE id <= {p}", (top,))
+            self.db.execute_sql(f"DELETE FROM token_event_acks WHERE event_id <= {p}", (top,))
+            self.db.execute_sql(
+                f"DELETE FROM lease_replicas WHERE lease_until < {p}", (older_than_us,)
+            )
+        return len(rows)
+
+    @property
+    def _param(self) -> str:
+        return "?" if dbmod.is_sqlite(self.db) else "%s"
+
+    def listener(self) -> EventListener | None:
+        """A connection of its own that hears events and acks as they commit (PostgreSQL only)."""
+        if dbmod.is_sqlite(self.db):
+            return None
+        return EventListener(self.db.database, dict(self.db.connect_params))
+
+
+class EventListener:
+    """A dedicated PostgreSQL connection LISTENing for events and acks.
+
+    Not pooled: it sits idle in LISTEN, which a pooled connection must not. A
+    lost connection raises from wait(); the caller reconnects with `open()`.
+    """
+
+    def __init__(self, database: str, params: dict[str, Any]) -> None:
+        self._database = database
+        self._params = params
+        self._conn: Any = None
+
+    def open(self) -> None:
+        import psycopg2
+
+        self.close()
+        try:
+            conn = psycopg2.connect(database=self._database, **self._params)
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(f"LISTEN {EVENTS_CHANNEL}; LISTEN {ACKS_CHANNEL}")
+        except psycopg2.Error as e:
+            raise Unavailable(dbmod.UNAVAILABLE_MESSAGE) from e
+        self._conn = conn
+
+    def wait(self, timeout: float) -> set[str]:
+        """The channels notified within `timeout` seconds (empty if none)."""
+        import psycopg2
+
+        if self._conn is None:
+            self.open()
+        conn = self._conn
+        try:
+            if not conn.notifies:
+                ready, _, _ = select.select([conn], [], [], timeout)
+                if not ready:
+                    return set()
+            conn.poll()
+        except (psycopg2.Error, OSError, ValueError) as e:
+            self.close()
+            raise Unavailable(dbmod.UNAVAILABLE_MESSAGE) from e
+        channels = {n.channel for n in conn.notifies}
+        conn.notifies.clear()
+        return channels
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a connection that is already gone
+                pass
+            self._conn = None
 
 
 def _new_token_row(token_id: uuid.UUID, new: NewToken) -> dict[str, Any]:

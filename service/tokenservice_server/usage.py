@@ -23,7 +23,8 @@ class UsageRecorder:
     def record(self, token_id: str, when_micros: int) -> None:
         # A plain dict store under a lock: the cheapest thing on the hot path.
         with self._lock:
-            self._pending[token_id] = when_micros
+            if self._pending.get(token_id, 0) < when_micros:
+                self._pending[token_id] = when_micros
 
     def flush(self) -> int:
         """Writes what is pending; on failure keeps it for the next try."""

@@ -228,3 +228,26 @@ class Cursor:
 class TokenPage:
     tokens: tuple[TokenInfo, ...]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Narrowed:
+    """A committed change that narrowed tokens: consumers' cached answers for them must go.
+
+    `event_id` numbers it in the store's token_events (commit order);
+    `created_at` is the store's clock, in micros, when it was written.
+    """
+
+    event_id: int
+    created_at: int
+    token_ids: tuple[str, ...]
+    user_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedUse:
+    """Uses of a token a consumer answered from its cache, as it reported them."""
+
+    token_id: str
+    count: int
+    last_used_at: int  # micros

@@ -5,6 +5,8 @@
 - `AuthInterceptor` / `AsyncAuthInterceptor`: protect a consumer gRPC service with
   tokenservice tokens; handlers read the caller through `current_principal()`, and
   callers get the token's rate limit standing as `ratelimit-*` metadata.
+- `LeaseCache` / `AsyncLeaseCache`: the interceptors' opt-in cache of Authenticate's
+  answers, kept safe by a lease: revocation stays immediate.
 - `token_credentials`: the call credentials a client uses to present its token;
   `parse_bearer` reads one back from an `authorization` value.
 - `tls_channel_credentials`: TLS to tokenservice with your own CA and, for mTLS,
@@ -48,6 +50,7 @@ from .interceptor import (
     PrincipalCache,
     requires_scopes,
 )
+from .lease import AsyncLeaseCache, CacheStats, LeaseCache
 from .principal import Principal, RateLimitStatus, current_principal
 from .scanning import TOKEN_REGEX, find_tokens, is_token
 
@@ -57,14 +60,17 @@ __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
     "AsyncAuthInterceptor",
+    "AsyncLeaseCache",
     "AsyncTokenServiceClient",
     "AuthInterceptor",
     "TOKEN_REGEX",
+    "CacheStats",
     "DeadlineExceeded",
     "ErrorInfo",
     "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
+    "LeaseCache",
     "NotFound",
     "PermissionDenied",
     "Principal",

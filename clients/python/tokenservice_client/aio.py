@@ -161,6 +161,15 @@ class AsyncTokenServiceClient(BaseTokenServiceClient[grpc.aio.Channel]):
     async def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
         return await self._send(self._list_scopes(timeout))
 
+    def watch_token_events(self) -> Any:
+        """Opens the WatchTokenEvents stream (the client's token needs `api_token:verify`).
+
+        Returns the grpc.aio call: `write()` requests, `read()` TokenEvents. No
+        deadline: the stream lasts until either side ends it. AsyncLeaseCache
+        speaks the protocol for you.
+        """
+        return self._stub.WatchTokenEvents(metadata=self._metadata)
+
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close()

@@ -201,6 +201,17 @@ class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
     def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
         return self._send(self._list_scopes(timeout))
 
+    def watch_token_events(
+        self, requests: Iterator[pb.WatchTokenEventsRequest]
+    ) -> Iterator[pb.TokenEvent]:
+        """Opens the WatchTokenEvents stream (the client's token needs `api_token:verify`).
+
+        No deadline: the stream lasts until either side ends it. Iterate the
+        result for TokenEvents; it raises grpc.RpcError when the stream breaks,
+        and `.cancel()` ends it. LeaseCache speaks the protocol for you.
+        """
+        return self._stub.WatchTokenEvents(requests, metadata=self._metadata)
+
     def close(self) -> None:
         """Closes the channel if this client opened it."""
         if self._owns_channel:

@@ -19,11 +19,15 @@ Methods with no declared scopes are refused (fail closed) unless `default_scopes
 otherwise; `public` methods (by default the health and reflection services) are let
 through without a token.
 
-Caching: `cache_ttl=0` (the default) asks tokenservice on every call, so a revoked
-token stops working at once. A positive `cache_ttl` remembers successful
-authentications for that many seconds: it saves a round trip per call but DELAYS
-REVOCATION (and user disabling, and scope changes) BY UP TO `cache_ttl` SECONDS for
-this process. Failures are never cached.
+Caching: by default the interceptor asks tokenservice on every call, so a revoked
+token stops working at once. `cache=LeaseCache(target, token=VERIFY_TOKEN)`
+(`AsyncLeaseCache` for the asyncio interceptor) answers repeated tokens from
+memory and keeps revocation immediate: the cache holds a lease from tokenservice,
+and every revocation returns only once this process has dropped the token (see
+lease.py). A positive `cache_ttl` instead remembers successful authentications for
+that many seconds with no lease: it DELAYS REVOCATION (and user disabling, and
+scope changes) BY UP TO `cache_ttl` SECONDS for this process. Failures are never
+cached.
 
 TLS: given a target string, the interceptor dials tokenservice with
 `channel_credentials` if given (for example `tls_channel_credentials(ca_file, cert_file,
@@ -82,6 +86,7 @@ from .errors import (
     TokenServiceError,
     Unauthenticated,
 )
+from .lease import AsyncLeaseCache, LeaseCache
 from .principal import _CURRENT, Principal
 
 __all__ = [
@@ -161,7 +166,11 @@ class PrincipalCache:
             self._entries.move_to_end(key)
             return principal
 
-    def put(self, token: str, principal: Principal) -> None:
+    def ticket(self) -> int:
+        """For the interceptor, which asks every cache for one before Authenticate."""
+        return 0
+
+    def put(self, token: str, principal: Principal, ticket: int | None = None) -> None:
         key = self._digest(token)
         deadline = self._clock() + self._ttl
         with self._lock:
@@ -417,11 +426,12 @@ class _BaseAuthInterceptor(Generic[ClientT]):
         public: Iterable[str] = DEFAULT_PUBLIC_METHODS,
         default_scopes: Iterable[str] | None = None,
         cache_ttl: float = 0.0,
-        cache: PrincipalCache | None = None,
+        cache: PrincipalCache | LeaseCache | AsyncLeaseCache | None = None,
         forward_client_address: bool = True,
         channel_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._forward = forward_client_address
+        self._given_cache = cache
         self._credentials = channel_credentials
         self._target = tokenservice if isinstance(tokenservice, str) else None
         self._client = self._connect(tokenservice)
@@ -466,6 +476,10 @@ class _BaseAuthInterceptor(Generic[ClientT]):
     def _cached(self, token: str) -> Principal | None:
         return self._cache.get(token) if self._cache is not None else None
 
+    def _ticket(self) -> int | None:
+        """Taken before Authenticate: a LeaseCache keeps the answer only if nothing changed."""
+        return self._cache.ticket() if self._cache is not None else None
+
     def _call_options(self, client: ClientT, context: Any) -> dict[str, Any]:
         """Authenticate's deadline (within the caller's) and forwarded address."""
         return {
@@ -473,11 +487,11 @@ class _BaseAuthInterceptor(Generic[ClientT]):
             "metadata": _forwarded(context, self._forward),
         }
 
-    def _principal(self, token: str, response: Any) -> Principal:
+    def _principal(self, token: str, response: Any, ticket: int | None) -> Principal:
         principal = Principal.from_response(response)
         if self._cache is not None:
             # A cached answer is no Authenticate call: it carries no rate limit standing.
-            self._cache.put(token, dataclasses.replace(principal, rate_limit=None))
+            self._cache.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
         return principal
 
 
@@ -487,6 +501,8 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
     _client: TokenServiceClient
 
     def _connect(self, tokenservice: TokenServiceClient | str) -> TokenServiceClient:
+        if isinstance(self._given_cache, AsyncLeaseCache):
+            raise TypeError("AuthInterceptor takes a LeaseCache; AsyncLeaseCache is for asyncio")
         if isinstance(tokenservice, str):
             return TokenServiceClient(tokenservice, channel_credentials=self._credentials)
         return tokenservice
@@ -496,13 +512,14 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
         token = self._token(metadata)
         if (hit := self._cached(token)) is not None:
             return hit
+        ticket = self._ticket()
         try:
             response = self._client.authenticate(
                 token, **self._call_options(self._client, context)
             )
         except TokenServiceError as err:
             raise self._refused(token, err) from None
-        return self._principal(token, response)
+        return self._principal(token, response, ticket)
 
     def intercept_service(
         self,
@@ -570,6 +587,8 @@ class AsyncAuthInterceptor(
     def _connect(
         self, tokenservice: AsyncTokenServiceClient | str
     ) -> AsyncTokenServiceClient | None:
+        if isinstance(self._given_cache, LeaseCache):
+            raise TypeError("AsyncAuthInterceptor takes an AsyncLeaseCache, not a LeaseCache")
         return None if isinstance(tokenservice, str) else tokenservice
 
     def _tokenservice(self) -> AsyncTokenServiceClient:
@@ -587,12 +606,15 @@ class AsyncAuthInterceptor(
         token = self._token(metadata)
         if (hit := self._cached(token)) is not None:
             return hit
+        if isinstance(self._cache, AsyncLeaseCache):
+            self._cache.start()  # on the server's loop, at the first call
         client = self._tokenservice()
+        ticket = self._ticket()
         try:
             response = await client.authenticate(token, **self._call_options(client, context))
         except TokenServiceError as err:
             raise self._refused(token, err) from None
-        return self._principal(token, response)
+        return self._principal(token, response, ticket)
 
     async def close(self) -> None:
         """Closes the tokenservice channel if this interceptor opened it."""

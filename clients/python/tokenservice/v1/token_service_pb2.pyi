@@ -265,3 +265,67 @@ class Scope(_message.Message):
     description: str
     api_only: bool
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., api_only: _Optional[bool] = ...) -> None: ...
+
+class WatchTokenEventsRequest(_message.Message):
+    __slots__ = ("renew", "ack", "usage")
+    RENEW_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    renew: Renew
+    ack: Ack
+    usage: UsageReport
+    def __init__(self, renew: _Optional[_Union[Renew, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., usage: _Optional[_Union[UsageReport, _Mapping]] = ...) -> None: ...
+
+class Renew(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("uses",)
+    USES_FIELD_NUMBER: _ClassVar[int]
+    uses: _containers.RepeatedCompositeFieldContainer[TokenUse]
+    def __init__(self, uses: _Optional[_Iterable[_Union[TokenUse, _Mapping]]] = ...) -> None: ...
+
+class TokenUse(_message.Message):
+    __slots__ = ("token_id", "count", "last_used_at")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    count: int
+    last_used_at: _timestamp_pb2.Timestamp
+    def __init__(self, token_id: _Optional[str] = ..., count: _Optional[int] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("sequence", "lease", "invalidate")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    lease: Lease
+    invalidate: Invalidate
+    def __init__(self, sequence: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., invalidate: _Optional[_Union[Invalidate, _Mapping]] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("renew_id", "duration")
+    RENEW_ID_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    renew_id: int
+    duration: _duration_pb2.Duration
+    def __init__(self, renew_id: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Invalidate(_message.Message):
+    __slots__ = ("token_ids", "user_ids")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[str]
+    user_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_ids: _Optional[_Iterable[str]] = ..., user_ids: _Optional[_Iterable[str]] = ...) -> None: ...

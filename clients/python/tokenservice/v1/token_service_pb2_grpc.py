@@ -85,6 +85,11 @@ class TokenServiceStub:
                 request_serializer=tokenservice_dot_v1_dot_token__service__pb2.ListScopesRequest.SerializeToString,
                 response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ListScopesResponse.FromString,
                 _registered_method=True)
+        self.WatchTokenEvents = channel.stream_stream(
+                '/tokenservice.v1.TokenService/WatchTokenEvents',
+                request_serializer=tokenservice_dot_v1_dot_token__service__pb2.WatchTokenEventsRequest.SerializeToString,
+                response_deserializer=tokenservice_dot_v1_dot_token__service__pb2.TokenEvent.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -180,6 +185,20 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTokenEvents(self, request_iterator, context):
+        """Streams the events a consumer service needs to cache Authenticate's
+        answers in its own process: leases (in reply to Renew) and invalidations
+        (after every change that narrows a token). A cached answer may be used
+        only while the consumer's lease holds; every narrowing change returns
+        only after each watching consumer has acknowledged its Invalidate or its
+        lease has run out. A consumer that ends its side of the stream must have
+        dropped its cache first: nothing waits for it after that. Needs the scope
+        `api_token:verify`. A stream has no REST face.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +251,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.ListScopes,
                     request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.ListScopesRequest.FromString,
                     response_serializer=tokenservice_dot_v1_dot_token__service__pb2.ListScopesResponse.SerializeToString,
+            ),
+            'WatchTokenEvents': grpc.stream_stream_rpc_method_handler(
+                    servicer.WatchTokenEvents,
+                    request_deserializer=tokenservice_dot_v1_dot_token__service__pb2.WatchTokenEventsRequest.FromString,
+                    response_serializer=tokenservice_dot_v1_dot_token__service__pb2.TokenEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -505,6 +529,33 @@ class TokenService:
             '/tokenservice.v1.TokenService/ListScopes',
             tokenservice_dot_v1_dot_token__service__pb2.ListScopesRequest.SerializeToString,
             tokenservice_dot_v1_dot_token__service__pb2.ListScopesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTokenEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenservice.v1.TokenService/WatchTokenEvents',
+            tokenservice_dot_v1_dot_token__service__pb2.WatchTokenEventsRequest.SerializeToString,
+            tokenservice_dot_v1_dot_token__service__pb2.TokenEvent.FromString,
             options,
             channel_credentials,
             insecure,

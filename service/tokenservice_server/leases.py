@@ -1,0 +1,239 @@
+"""Leases and invalidations for consumers watching token events: pure asyncio, on one loop.
+
+Each WatchTokenEvents stream is a `Subscriber`. A consumer may answer from its
+cache only while it holds a lease; the hub grants one for each Renew and
+remembers each subscriber's `bound`, the loop time its latest lease ends by
+(the consumer's own window ends earlier: it counts from when it sent the
+Renew, the hub from when it received it).
+
+`invalidate()` pushes an Invalidate to every subscriber, then waits until each
+subscriber that held a lease has acknowledged it or the bound its lease had
+when the Invalidate was pushed has passed. A consumer applies events in stream
+order, so a Lease pushed later cannot let it use an answer the Invalidate
+dropped. A stream that ends is still waited for until its bound: the consumer
+may not have noticed yet, and keeps its cache until its lease runs out.
+
+The hub never grants past `grant_until`, which the process moves forward only
+after the store has recorded that this process's leases may hold that long
+(fanout.py): an origin on another replica then knows how long to wait for us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+# A grant shorter than this is not worth sending: the renewal waits for the
+# next heartbeat instead.
+MIN_GRANT_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGranted:
+    sequence: int
+    renew_id: int
+    duration: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    sequence: int
+    token_ids: tuple[str, ...]
+    user_ids: tuple[str, ...]
+
+
+Event = LeaseGranted | Invalidation
+
+
+class _Barrier:
+    """Done once each pending subscriber has acked, or its bound has passed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pending: dict[Subscriber, float]) -> None:
+        self._loop = loop
+        self.pending = pending
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def release(self, sub: Subscriber) -> None:
+        if self.pending.pop(sub, None) is not None and not self.pending:
+            self._finish()
+
+    def _arm(self) -> None:
+        if not self.pending:
+            self._finish()
+            return
+        self._timer = self._loop.call_at(min(self.pending.values()), self._expire)
+
+    def _expire(self) -> None:
+        now = self._loop.time()
+        for sub, bound in list(self.pending.items()):
+            if bound <= now:
+                del self.pending[sub]
+        self._arm()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Subscriber:
+    """One watching consumer: its outbox, its sequence numbers, its acks and its lease."""
+
+    def __init__(self, hub: LeaseHub) -> None:
+        self._hub = hub
+        self.outbox: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.sequence = 0  # the last event pushed
+        self.acked = 0  # the last event the consumer says it applied
+        self.bound = 0.0  # loop time the latest lease granted ends by
+        self.closed = False
+        self._barriers: list[tuple[int, _Barrier]] = []
+
+    def renew(self, renew_id: int) -> None:
+        self._hub.renew(self, renew_id)
+
+    def ack(self, sequence: int) -> None:
+        """Every event up to `sequence` is applied (a sequence never pushed counts as the last)."""
+        sequence = min(sequence, self.sequence)
+        if sequence <= self.acked:
+            return
+        self.acked = sequence
+        keep = []
+        for seq, barrier in self._barriers:
+            if seq <= sequence:
+                barrier.release(self)
+            elif not barrier.done.done():
+                keep.append((seq, barrier))
+        self._barriers = keep
+
+    async def next_event(self) -> Event | None:
+        """The next event to send; None when the stream is to end."""
+        return await self.outbox.get()
+
+    def _push_lease(self, renew_id: int, duration: float) -> None:
+        self.sequence += 1
+        self.outbox.put_nowait(LeaseGranted(self.sequence, renew_id, duration))
+
+    def _push_invalidation(self, token_ids: tuple[str, ...], user_ids: tuple[str, ...]) -> int:
+        self.sequence += 1
+        self.outbox.put_nowait(Invalidation(self.sequence, token_ids, user_ids))
+        return self.sequence
+
+    def _wait_on(self, sequence: int, barrier: _Barrier) -> None:
+        self._barriers = [(s, b) for s, b in self._barriers if not b.done.done()]
+        self._barriers.append((sequence, barrier))
+
+
+class LeaseHub:
+    """Every subscriber of this process; used from the event loop's thread only."""
+
+    def __init__(
+        self,
+        lease_seconds: float,
+        needs_grant: Callable[[], None] | None = None,
+        on_count: Callable[[int], None] | None = None,
+    ) -> None:
+        self.lease_seconds = lease_seconds
+        self._needs_grant = needs_grant
+        self._on_count = on_count  # told the number of subscribers when it changes
+        self._subs: set[Subscriber] = set()
+        # Ended streams whose last lease may not have run out yet.
+        self._lingering: list[Subscriber] = []
+        self._waiting_grant: dict[Subscriber, int] = {}
+        self._grant_until = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    @property
+    def wants_grant(self) -> bool:
+        """A renewal waits for the store to record a longer lease for this process."""
+        return bool(self._waiting_grant)
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber(self)
+        self._subs.add(sub)
+        if self._on_count is not None:
+            self._on_count(len(self._subs))
+        return sub
+
+    def unsubscribe(self, sub: Subscriber, dropped: bool = False) -> None:
+        """The stream ended. Its lease still holds until its bound, unless the
+        consumer ended it itself (`dropped`): it does so only after dropping
+        its cache, so nothing need wait for it any more."""
+        if sub.closed:
+            return
+        sub.closed = True
+        self._subs.discard(sub)
+        self._waiting_grant.pop(sub, None)
+        if self._on_count is not None:
+            self._on_count(len(self._subs))
+        if dropped:
+            for _, barrier in sub._barriers:
+                barrier.release(sub)
+            sub._barriers = []
+        elif sub.bound > self._now():
+            self._lingering.append(sub)
+
+    def close_all(self) -> None:
+        """Ends every stream (at shutdown): each consumer drops its cache and reconnects."""
+        for sub in list(self._subs):
+            sub.outbox.put_nowait(None)
+
+    def max_bound(self) -> float:
+        """The loop time the last lease granted by this process ends by (0: none)."""
+        subs = [*self._subs, *self._lingering]
+        return max((s.bound for s in subs), default=0.0)
+
+    def extend_grants(self, until: float) -> None:
+        """Leases may now end as late as `until` (loop time): the store says so."""
+        if until > self._grant_until:
+            self._grant_until = until
+        waiting, self._waiting_grant = self._waiting_grant, {}
+        for sub, renew_id in waiting.items():
+            self.renew(sub, renew_id)
+
+    def renew(self, sub: Subscriber, renew_id: int) -> None:
+        if sub.closed:
+            return
+        now = self._now()
+        duration = min(self.lease_seconds, self._grant_until - now)
+        if duration < MIN_GRANT_SECONDS:
+            self._waiting_grant[sub] = renew_id
+            if self._needs_grant is not None:
+                self._needs_grant()
+            return
+        sub.bound = max(sub.bound, now + duration)
+        sub._push_lease(renew_id, duration)
+
+    async def invalidate(self, token_ids: Iterable[str], user_ids: Iterable[str]) -> None:
+        """Pushes an Invalidate to every subscriber; returns once each leased one has acked
+        it or its lease (as it stood at the push) has run out."""
+        tokens, users = tuple(token_ids), tuple(user_ids)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending: dict[Subscriber, float] = {}
+        acks: list[tuple[Subscriber, int]] = []
+        for sub in self._subs:
+            sequence = sub._push_invalidation(tokens, users)
+            if sub.bound > now:
+                pending[sub] = sub.bound
+                acks.append((sub, sequence))
+        self._lingering = [s for s in self._lingering if s.bound > now]
+        for sub in self._lingering:
+            pending[sub] = sub.bound  # can no longer ack: wait out its lease
+        if not pending:
+            return
+        barrier = _Barrier(loop, pending)
+        for sub, sequence in acks:
+            sub._wait_on(sequence, barrier)
+        await barrier.done

@@ -1,0 +1,122 @@
+"""The lease hub alone (pure asyncio, no server): whom an invalidation waits for, how long."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tokenservice_server.leases import Invalidation, LeaseGranted, LeaseHub, Subscriber
+
+LEASE = 0.3
+
+
+def drain(sub: Subscriber) -> list:
+    events = []
+    while not sub.outbox.empty():
+        events.append(sub.outbox.get_nowait())
+    return events
+
+
+async def leased_hub(count: int) -> tuple[LeaseHub, list[Subscriber]]:
+    hub = LeaseHub(LEASE)
+    hub.extend_grants(asyncio.get_running_loop().time() + LEASE)
+    subs = [hub.subscribe() for _ in range(count)]
+    for i, sub in enumerate(subs):
+        sub.renew(i + 1)
+        assert [type(e) for e in drain(sub)] == [LeaseGranted]
+    return hub, subs
+
+
+def test_invalidate_returns_once_every_leased_subscriber_has_acked() -> None:
+    async def main() -> None:
+        hub, (a, b) = await leased_hub(2)
+        done = asyncio.create_task(hub.invalidate(["t1"], []))
+        await asyncio.sleep(0.01)
+        assert not done.done()
+        (event_a,) = drain(a)
+        assert isinstance(event_a, Invalidation) and event_a.token_ids == ("t1",)
+        a.ack(event_a.sequence)
+        await asyncio.sleep(0.01)
+        assert not done.done(), "returned before the second consumer applied it"
+        b.ack(drain(b)[0].sequence)
+        await asyncio.wait_for(done, 0.05)  # well before the lease runs out
+
+    asyncio.run(main())
+
+
+def test_a_silent_subscriber_is_waited_for_until_its_lease_ends_and_no_longer() -> None:
+    async def main() -> None:
+        hub, (silent,) = await leased_hub(1)
+        loop = asyncio.get_running_loop()
+        bound = silent.bound
+        await asyncio.wait_for(hub.invalidate(["t1"], []), LEASE * 3)
+        assert loop.time() >= bound, "returned while the silent consumer's lease still held"
+
+    asyncio.run(main())
+
+
+def test_a_subscriber_without_a_lease_is_told_but_not_waited_for() -> None:
+    async def main() -> None:
+        hub = LeaseHub(LEASE)
+        sub = hub.subscribe()
+        await asyncio.wait_for(hub.invalidate([], ["u1"]), 0.05)
+        assert [e.user_ids for e in drain(sub)] == [("u1",)]
+
+    asyncio.run(main())
+
+
+def test_an_ended_stream_is_waited_for_until_its_lease_ends() -> None:
+    async def main() -> None:
+        hub, (gone,) = await leased_hub(1)
+        bound = gone.bound
+        hub.unsubscribe(gone)  # the consumer may not know yet, and keeps its cache
+        await hub.invalidate(["t1"], [])
+        assert asyncio.get_running_loop().time() >= bound
+        assert drain(gone) == [], "a closed stream is sent nothing"
+
+    asyncio.run(main())
+
+
+def test_no_lease_outlasts_what_the_store_has_recorded() -> None:
+    async def main() -> None:
+        asked: list[bool] = []
+        hub = LeaseHub(LEASE, needs_grant=lambda: asked.append(True))
+        sub = hub.subscribe()
+        sub.renew(7)
+        assert drain(sub) == [] and asked == [True] and hub.wants_grant
+        loop = asyncio.get_running_loop()
+        until = loop.time() + LEASE / 2
+        hub.extend_grants(until)
+        (lease,) = drain(sub)
+        assert isinstance(lease, LeaseGranted) and lease.renew_id == 7
+        assert lease.duration <= LEASE / 2 and sub.bound <= until
+
+    asyncio.run(main())
+
+
+def test_an_invalidation_comes_before_any_later_lease_on_the_stream() -> None:
+    async def main() -> None:
+        hub, (sub,) = await leased_hub(1)
+        waiting = asyncio.create_task(hub.invalidate(["t1"], []))
+        await asyncio.sleep(0)
+        sub.renew(2)
+        events = drain(sub)
+        assert [type(e) for e in events] == [Invalidation, LeaseGranted]
+        assert events[0].sequence < events[1].sequence
+        sub.ack(events[0].sequence)
+        await asyncio.wait_for(waiting, 0.05)
+
+    asyncio.run(main())
+
+
+def test_acking_the_later_lease_acks_the_invalidation_before_it() -> None:
+    async def main() -> None:
+        hub, (sub,) = await leased_hub(1)
+        waiting = asyncio.create_task(hub.invalidate(["t1"], []))
+        await asyncio.sleep(0)
+        sub.renew(2)
+        sub.ack(drain(sub)[-1].sequence)
+        await asyncio.wait_for(waiting, 0.05)
+        sub.ack(10**9)  # beyond anything sent: counts as the last one, changes nothing
+        assert sub.acked == sub.sequence
+
+    asyncio.run(main())
