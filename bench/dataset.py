@@ -118,7 +118,7 @@ class Dataset:
         fields = [
             ApiToken.id, ApiToken.lookup_id, ApiToken.token_prefix, ApiToken.secret_hash,
             ApiToken.name, ApiToken.scopes, ApiToken.expires_at, ApiToken.revoked_at,
-            ApiToken.created_at, ApiToken.user, ApiToken.org_id,
+            ApiToken.created_at, ApiToken.user, ApiToken.org_id, ApiToken.last_used_day,
         ]
         # The model writes the statement; SQLite then runs it with executemany (one
         # prepared statement, no per-row SQL), PostgreSQL gets multi-row VALUES.
@@ -168,6 +168,7 @@ class Dataset:
             created,
             self.filler_users[i % FILLER_USERS],
             ORG,
+            0,  # last_used_day: never used
         )
 
     def sample(self, warm: int, cold: int) -> Sample:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,20 @@ def py_spy() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
-def record(pids: list[int], seconds: float, tmp: Path, top: int = 25) -> dict[str, Any]:
+def record(pids: list[int], seconds: float, tmp: Path, top: int = 25,
+           native: bool = False) -> dict[str, Any]:
     """Samples the server (and its workers) for `seconds`; returns the top frames."""
     exe = py_spy()
     if exe is None:
         return {"error": "py-spy is not installed (pip install py-spy==0.4.3)"}
-    out = tmp / "profile.txt"
+    out = tmp / f"profile-{time.monotonic_ns()}.txt"
     command = [exe, "record", "--pid", str(pids[0]), "--duration", str(int(seconds)),
-               "--rate", "200", "--format", "raw", "--nonblocking", "--gil", "--output", str(out)]
+               "--rate", "200", "--format", "raw", "--gil", "--output", str(out)]
     if len(pids) > 1:
         command.append("--subprocesses")
+    # --native reads C frames too (grpc's Cython core), which needs the process paused
+    # for each sample; Python frames alone are read without pausing it.
+    command.append("--native" if native else "--nonblocking")
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if done.returncode != 0 or not out.exists():
         return {"error": (done.stderr or done.stdout)[-500:]}
