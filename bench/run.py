@@ -130,6 +130,7 @@ class Bench:
         self.samples: dict[int, Sample] = {}
         self.sqlite_sample: Sample | None = None
         self.peer_key = ""
+        self.best_rate: dict[str, float] = {}
         self.peer_secret = secrets.token_urlsafe(32)  # Django's SECRET_KEY, this run only
         self.rss: dict[str, dict[str, float]] = {}
         self.load_seconds: dict[int, float] = {}
@@ -437,9 +438,14 @@ class Bench:
                                    f" ({server.tail()})")
 
     def resize(self, phase: Phase, rate: float) -> None:
-        """A by-count phase's calls: as many as `duration` seconds at the last rate seen."""
+        """A by-count phase's calls: as many as `duration` seconds at the best rate seen yet.
+
+        The best, not the last: a round in which a busy neighbour starved the
+        server would otherwise make the next one too short to say anything.
+        """
         assert phase.load is not None
-        calls = max(200, round(rate * self.args.duration))
+        best = self.best_rate[phase.name] = max(rate, self.best_rate.get(phase.name, 0.0))
+        calls = max(200, round(best * self.args.duration))
         phase.load = replace(phase.load, requests=calls)
 
     def measure(self, phase: Phase, round_: int) -> dict[str, Any]:
