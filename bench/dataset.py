@@ -127,6 +127,11 @@ class Dataset:
         with connection(self.db):
             if sqlite:
                 self.db.execute_sql("PRAGMA synchronous = OFF")
+            else:
+                # The server's statement timeout guards requests, not a bulk load on a
+                # busy machine: this session only.
+                self.db.execute_sql("SET statement_timeout = 0")
+                self.db.execute_sql("SET idle_in_transaction_session_timeout = 0")
             sql, params = one_row.sql()
             assert len(params) == len(fields) and sql.index('"user_id"') < sql.index('"org_id"')
             while self.count < target:
