@@ -115,6 +115,12 @@ def section(results: dict[str, Any]) -> str:
     for name, rss in results["rss_mb"].items():
         detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""
         lines.append(f"| {name} | {rss['sum']}{detail} |")
+    again = [f"{p['title']} (round {r['round'] + 1}: {r['starved_first']['server_busy']:.2f}"
+             " of a core)" for p in phases.values() for r in p["rounds"] if "starved_first" in r]
+    if again:
+        lines += ["", "Measured once more because a neighbour starved the server (under half a"
+                  " core over the phase; the table has the second measurement): "
+                  + "; ".join(again) + "."]
     busy = [(p["title"], p["median"]["process_busy"]) for p in phases.values()
             if p["median"].get("process_busy")]
     if busy:
