@@ -115,6 +115,12 @@ def section(results: dict[str, Any]) -> str:
     for name, rss in results["rss_mb"].items():
         detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""
         lines.append(f"| {name} | {rss['sum']}{detail} |")
+    db = [(p["title"], p["median"]["db_cpu_ms_per_call"]) for p in phases.values()
+          if p["median"].get("db_cpu_ms_per_call") is not None]
+    if db:
+        lines += ["", "PostgreSQL's own processes (on the server's cores) used, per call, on top"
+                  " of the server CPU column: "
+                  + "; ".join(f"{title} {ms:.3f} ms" for title, ms in db) + "."]
     again = [f"{p['title']} (round {r['round'] + 1}: {r['starved_first']['server_busy']:.2f}"
              " of a core)" for p in phases.values() for r in p["rounds"] if "starved_first" in r]
     if again:
