@@ -115,6 +115,11 @@ def section(results: dict[str, Any]) -> str:
     for name, rss in results["rss_mb"].items():
         detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""
         lines.append(f"| {name} | {rss['sum']}{detail} |")
+    for name, crash in (results.get("crashes") or {}).items():
+        lines += ["", f"**{name} exited with code {crash['exit_code']}** during"
+                  f" {crash['phase']} in round {crash['round'] + 1}; its phases after that are"
+                  " marked failed. The end of its log:", "", "```",
+                  crash["log_tail"].strip()[-2500:], "```"]
     db = [(p["title"], p["median"]["db_cpu_ms_per_call"]) for p in phases.values()
           if p["median"].get("db_cpu_ms_per_call") is not None]
     if db:

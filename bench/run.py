@@ -132,6 +132,7 @@ class Bench:
         self.sqlite_sample: Sample | None = None
         self.peer_key = ""
         self.best_rate: dict[str, float] = {}
+        self.crashes: dict[str, dict[str, Any]] = {}
         self.peer_secret = secrets.token_urlsafe(32)  # Django's SECRET_KEY, this run only
         self.rss: dict[str, dict[str, float]] = {}
         self.load_seconds: dict[int, float] = {}
@@ -447,6 +448,32 @@ class Bench:
                 raise RuntimeError(f"priming {phase.name}: the probe answered {status}"
                                    f" ({server.tail()})")
 
+    def measure_or_crash(self, phase: Phase, round_: int) -> dict[str, Any]:
+        """measure(), except that a server that died is recorded, not the end of the run.
+
+        Its phases fail from then on (a crash is a finding, and the other
+        servers' phases still say something); its log's tail is kept.
+        """
+        server = self.servers[phase.server]
+        if server.proc.poll() is None:
+            try:
+                return self.measure(phase, round_)
+            except (OSError, RuntimeError) as e:
+                if server.proc.poll() is None:
+                    raise
+                error = repr(e)
+        else:
+            error = "the server had exited"
+        code = server.proc.returncode
+        if phase.server not in self.crashes:
+            self.crashes[phase.server] = {"exit_code": code, "phase": phase.name,
+                                          "round": round_,
+                                          "log_tail": server.tail(6000, rpc_lines=False)}
+            self.log(f"{phase.server} exited {code} during {phase.name}: its phases fail")
+        return {"round": round_, "rate": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "verified": False,
+                "error": f"{phase.server} exited {code}: {error}",
+                "check": f"{phase.server} exited {code}"}
+
     def resize(self, phase: Phase, rate: float) -> None:
         """A by-count phase's calls: as many as `duration` seconds at the best rate seen yet.
 
@@ -558,13 +585,13 @@ class Bench:
             if r % 2:
                 order.reverse()
             for phase in order:
-                result = self.measure(phase, r)
+                result = self.measure_or_crash(phase, r)
                 if starved(result):
                     # A neighbour had the server's core: this says nothing about the
                     # server. Measured once more, in place; both are in the results.
                     self.log(f"{phase.name}: the server got {result['server_busy']:.2f} of a"
                              " core (starved by another process); once more")
-                    first, result = result, self.measure(phase, r)
+                    first, result = result, self.measure_or_crash(phase, r)
                     result["starved_first"] = {k: first.get(k) for k in
                                                ("rate", "server_busy", "server_cpu_ms_per_call")}
                 results[phase.name].append(result)
@@ -604,6 +631,7 @@ class Bench:
             "ratios": all_ratios,
             "rss_mb": self.rss,
             "profile": profile,
+            "crashes": self.crashes,
             "elapsed_s": round(time.monotonic() - self.started, 1),
         }
 
@@ -620,6 +648,8 @@ class Bench:
             if phase.name not in PROFILED or phase.load is None:
                 continue
             server = self.servers[phase.server]
+            if server.proc.poll() is not None:
+                continue
             seconds = max(4.0, self.args.duration * 2)
             load = replace(phase.load, duration=seconds + 2, warmup=0.5, requests=0)
             for _ in range(2):  # py-spy now and then gets a handful of samples: once more

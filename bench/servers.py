@@ -136,9 +136,13 @@ class Server:
             counts.setdefault(line.get("method", "?"), Counter())[line.get("status", "?")] += 1
         return {m: dict(c) for m, c in counts.items()}
 
-    def tail(self) -> str:
+    def tail(self, chars: int = 1500, rpc_lines: bool = True) -> str:
+        """The end of the log; without the per-RPC lines, what else the server said."""
         with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-1500:]
+            text = self.log_path.read_text(errors="replace")
+            if not rpc_lines:
+                text = "\n".join(line for line in text.splitlines() if '"msg": "rpc"' not in line)
+            return text[-chars:]
         return ""
 
     def stop(self) -> int | None:
@@ -164,7 +168,9 @@ def start_tokenservice(name: str, url: str, workdir: Path, cpus: set[int] | None
     command += ["--http-port", str(http_port)] if rest else ["--no-rest"]
     if workers > 1:
         command += ["--workers", str(workers)]
-    env = {**os.environ, "GRPC_VERBOSITY": "NONE", "TOKENSERVICE_LOG_LEVEL": log_level}
+    # A crash (a segfault in a C extension) prints every thread's Python stack to the log.
+    env = {**os.environ, "GRPC_VERBOSITY": "NONE", "TOKENSERVICE_LOG_LEVEL": log_level,
+           "PYTHONFAULTHANDLER": "1"}
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env,
