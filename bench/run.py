@@ -913,6 +913,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def peer_missing() -> str | None:
+    """None when the peer can be served here, else what to install."""
+    import importlib.util
+
+    from .servers import GUNICORN
+
+    if importlib.util.find_spec("rest_framework_api_key") is None or not Path(GUNICORN).exists():
+        return ("the peer (djangorestframework-api-key on gunicorn) is not installed:"
+                " pip install -e '.[bench]', or leave it out with --phases")
+    return None
+
+
 def output_path(args: argparse.Namespace) -> Path:
     if args.out:
         return args.out
@@ -924,7 +936,7 @@ def output_path(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    missing = h2load.available()
+    missing = h2load.available() or (peer_missing() if "peer" in args.groups else None)
     if missing:
         print(f"bench: {missing}", file=sys.stderr)
         return 2
