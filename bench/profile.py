@@ -37,7 +37,13 @@ def record(pids: list[int], seconds: float, tmp: Path, top: int = 25,
 
 
 def _frame_name(frame: str) -> str:
-    # py-spy raw frames look like "function (path/to/file.py:123)".
+    # py-spy raw frames look like "function (path/to/file.py:123)"; with
+    # --subprocesses each stack starts with 'process PID:"command line"', which
+    # names paths of this machine: only the process's part is kept.
+    if frame.startswith("process "):
+        pid = frame.split(":", 1)[0].removeprefix("process ")
+        child = "--reuse-port" in frame or " -c " in frame or "worker" in frame
+        return f"process {pid} ({'a child' if child else 'the parent'})"
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
     path = where.rsplit(":", 1)[0]
