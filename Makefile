@@ -34,7 +34,8 @@ test: install
 
 # The benchmark suite (not part of `make test`): BENCH_ARGS="--quick" for a short
 # run, "--backend postgres" for PostgreSQL, "--update-doc" to rewrite BENCHMARKS.md.
-# The load comes from h2load (Debian's nghttp2-client), installed here if missing.
+# The load comes from h2load (Debian's nghttp2-client), installed here if missing; the
+# bench extra brings py-spy and the peer (Django, DRF, drf-api-key, gunicorn).
 bench: install
 	command -v h2load >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -118,7 +118,7 @@ class Dataset:
         fields = [
             ApiToken.id, ApiToken.lookup_id, ApiToken.token_prefix, ApiToken.secret_hash,
             ApiToken.name, ApiToken.scopes, ApiToken.expires_at, ApiToken.revoked_at,
-            ApiToken.created_at, ApiToken.user, ApiToken.org_id,
+            ApiToken.created_at, ApiToken.user, ApiToken.org_id, ApiToken.last_used_day,
         ]
         # The model writes the statement; SQLite then runs it with executemany (one
         # prepared statement, no per-row SQL), PostgreSQL gets multi-row VALUES.
@@ -135,6 +135,11 @@ class Dataset:
         with connection(self.db):
             if sqlite:
                 self.db.execute_sql("PRAGMA synchronous = OFF")
+            else:
+                # The server's statement timeout guards requests, not a bulk load on a
+                # busy machine: this session only.
+                self.db.execute_sql("SET statement_timeout = 0")
+                self.db.execute_sql("SET idle_in_transaction_session_timeout = 0")
             sql, params = one_row.sql()
             assert len(params) == len(fields) and sql.index('"user_id"') < sql.index('"org_id"')
             while self.count < target:
@@ -180,6 +185,7 @@ class Dataset:
             created,
             self.filler_users[i % FILLER_USERS],
             ORG,
+            0,  # last_used_day: never used
         )
 
     def _event(self, row: tuple) -> tuple:

@@ -24,11 +24,17 @@ def _range(m: dict[str, Any], key: str, fmt: str = "{:.0f}") -> str:
     return f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
+def _la(values: list[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values)
+
+
 def _checked_by(phase: dict[str, Any]) -> str:
     if phase["load"].get("python"):
         return "the Python driver reads every status"
     if phase["load"].get("h1"):
-        return "HTTP statuses, and the server log"
+        if phase["method"]:
+            return "HTTP statuses, and the server log"
+        return "HTTP statuses, one call before and after"
     if phase["method"]:
         return "the server log, per status"
     return "one call before and after"
@@ -58,10 +64,12 @@ def section(results: dict[str, Any]) -> str:
     lines = [
         f"Run of {results['date']} on {results['backend']}: `{results['command']}`"
         f" ({results['elapsed_s']:.0f} s in all). Machine: {m['cpu']}, {m['cores']} cores,"
-        f" Python {m['python']}; load average {la['start'][0]} at the start, {la['end'][0]} at"
-        f" the end (the machine is shared). Driver: {results['driver']} on core(s)"
+        f" Python {m['python']}; load average (1, 5, 15 min) {_la(la['start'])} at the start,"
+        f" {_la(la['end'])} at the end (the machine is shared)."
+        f" Driver: {results['driver']} on core(s)"
         f" {','.join(map(str, s['driver_cores']))}; servers on core(s)"
-        f" {','.join(map(str, s['server_cores']))} (the `--workers` phases: every core)."
+        f" {','.join(map(str, s['server_cores']))}"
+        " (the `--workers` phases and the peer: every core)."
         f" gRPC: `-c {s['grpc_connections']} -m {s['grpc_streams']}`; REST:"
         f" `--h1 -c {s['rest_connections']}`; {s['duration_s']:g} s measured after"
         f" {s['warmup_s']:g} s of warm-up; {s['rounds']} rounds, interleaved in rotating order;"
@@ -89,8 +97,8 @@ def section(results: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     for r in results["ratios"]:
         holds = {True: "yes", False: "**no**", None: ""}[r["holds"]]
-        lines.append(f"| {r['ratio']} | {r['median']:.3f} | {r['min']:.3f}–{r['max']:.3f} |"
-                     f" {r['goal']} | {holds} |")
+        spread = f"{r['min']:.3f}–{r['max']:.3f}" if r["min"] != r["max"] else ""
+        lines.append(f"| {r['ratio']} | {r['median']:.3f} | {spread} | {r['goal']} | {holds} |")
     flood = phases.get("flood")
     if flood:
         f = [r.get("flood", {}) for r in flood["rounds"]]
@@ -112,25 +120,59 @@ def section(results: dict[str, Any]) -> str:
     for name, rss in results["rss_mb"].items():
         detail = f" ({rss['processes']} processes)" if rss["processes"] > 1 else ""
         lines.append(f"| {name} | {rss['sum']}{detail} |")
-    profile = results.get("profile")
-    if profile and "self_pct" in profile:
-        lines += ["", f"py-spy under warm Authenticate ({profile['samples']} samples with the GIL"
-                  " held; own time of the innermost frame):", "",
-                  "| frame | % |", "|---|---|"]
-        for frame, pct in list(profile["self_pct"].items())[:12]:
-            lines.append(f"| `{frame}` | {pct} |")
-        ours = [(f, pct) for f, pct in profile["inclusive_pct"].items()
-                if any(k in f for k in ("tokenservice_server/", "logging/", "peewee", "json/"))]
-        if ours:
-            lines += ["", "Inclusive (the frame and what it calls), tokenservice's code, logging,"
-                      " peewee and json only:", "", "| frame | % |", "|---|---|"]
-            lines += [f"| `{frame}` | {pct} |" for frame, pct in ours[:12]]
+    for name, crash in (results.get("crashes") or {}).items():
+        lines += ["", f"**{name} exited with code {crash['exit_code']}** during"
+                  f" {crash['phase']} in round {crash['round'] + 1}; its phases after that are"
+                  " marked failed. The end of its log:", "", "```",
+                  crash["log_tail"].strip()[-2500:], "```"]
+    db = [(p["title"], p["median"]["db_cpu_ms_per_call"]) for p in phases.values()
+          if p["median"].get("db_cpu_ms_per_call") is not None]
+    if db:
+        lines += ["", "PostgreSQL's own processes (on the server's cores) used, per call, on top"
+                  " of the server CPU column: "
+                  + "; ".join(f"{title} {ms:.3f} ms" for title, ms in db) + "."]
+    again = [f"{p['title']} (round {r['round'] + 1}: {r['starved_first']['server_busy']:.2f}"
+             " of a core)" for p in phases.values() for r in p["rounds"] if "starved_first" in r]
+    if again:
+        lines += ["", "Measured once more because a neighbour starved the server (under half a"
+                  " core over the phase; the table has the second measurement): "
+                  + "; ".join(again) + "."]
+    busy = [(p["title"], p["median"]["process_busy"]) for p in phases.values()
+            if p["median"].get("process_busy")]
+    if busy:
+        lines += ["", "Where the CPU went in the multi-process servers (share of a core, median"
+                  " over the rounds; the first process, then each child):", ""]
+        lines += [f"- {title}: " + " + ".join(f"{b:.2f}" for b in shares) for title, shares in busy]
+    profile = results.get("profile") or {}
+    if "self_pct" in profile:  # one profile, from before --profile covered REST too
+        profile = {"auth": {**profile, "title": "warm Authenticate"}}
+    for report in profile.values():
+        if "self_pct" not in report:
+            continue
+        lines += _profile(report)
     return "\n".join(lines) + "\n"
+
+
+def _profile(report: dict[str, Any]) -> list[str]:
+    lines = ["", f"py-spy under {report['title']} ({report['samples']} samples with the GIL held;"
+             " own time of the innermost frame):", "", "| frame | % |", "|---|---|"]
+    for frame, pct in list(report["self_pct"].items())[:12]:
+        lines.append(f"| `{frame}` | {pct} |")
+    ours = [(f, pct) for f, pct in report["inclusive_pct"].items()
+            if any(k in f for k in ("tokenservice_server/", "logging/", "peewee", "json/",
+                                    "prometheus_client/", "grpc/", "uvicorn/", "starlette/"))]
+    if ours:
+        lines += ["", "Inclusive (the frame and what it calls): tokenservice's code, grpc's"
+                  " Python layer, uvicorn, starlette, peewee, logging, json and metrics only:",
+                  "", "| frame | % |", "|---|---|"]
+        lines += [f"| `{frame}` | {pct} |" for frame, pct in ours[:14]]
+    return lines
 
 
 def update(path: Path) -> None:
     results = json.loads(Path(path).read_text())
-    label = "h2load-" + results["backend"] + (f"-{results['label']}" if results["label"] else "")
+    label = ("h2load-" + results["backend"] + ("-quick" if results.get("quick") else "")
+             + (f"-{results['label']}" if results["label"] else ""))
     begin, end = f"<!-- bench:{label}:begin -->", f"<!-- bench:{label}:end -->"
     body = f"{begin}\n{section(results)}{end}"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"

@@ -2,10 +2,12 @@
 
 Every server of the run starts at once and stays up: the bare grpc.aio
 server (the ceiling), one `tokenservice serve` per store size, one logging at
-WARNING (what the per-RPC log line costs), and one and two worker processes
-for `--workers`. Then every phase runs once per round, rounds interleaved in a
-rotating order, so a machine that drifts moves every phase alike, and each
-ratio is taken within a round. h2load (and the server) are pinned to cores of
+WARNING (what the per-RPC log line costs), one and two worker processes for
+`--workers`, the peer (djangorestframework-api-key on gunicorn, bench/peer_drf/)
+and, on PostgreSQL, one on a SQLite store of the smallest size. Then every
+phase runs once per round, rounds interleaved in a rotating order, so a
+machine that drifts moves every phase alike, and each ratio is taken within
+a round. h2load (and the server) are pinned to cores of
 their own with taskset when there are two or more.
 
 Nothing tracked is written unless --update-doc is given: results go to a new
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 import random
+import secrets
 import shutil
 import statistics
 import sys
@@ -29,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -42,9 +45,12 @@ from .h2load import GRPC_HEADERS, JSON_HEADERS, Load, Outcome, grpc_frame
 from .servers import (
     HOST,
     Server,
+    load_peer,
     process_cpu_seconds,
     start_bare,
+    start_peer,
     start_tokenservice,
+    tree_cpu_seconds,
     wait_ready,
 )
 
@@ -58,9 +64,16 @@ HEALTH = "/grpc.health.v1.Health/Check"
 # on a real network. An address from TEST-NET-3, never routed.
 FLOOD_CLIENT = "203.0.113.9"
 # Phase groups, in the order of a round; `size` and `workers` expand per size / per worker count.
+# `peer` (drf-api-key on gunicorn, always on SQLite) runs by default on SQLite, `sqlite`
+# (the same Authenticate on a SQLite store, beside the PostgreSQL ones) on PostgreSQL.
 GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits",
-          "list", "create", "cold")
-QUICK_GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits")
+          "peer", "sqlite", "list", "create", "cold")
+QUICK_GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits",
+                "peer", "sqlite")
+BACKEND_ONLY = {"peer": "sqlite", "sqlite": "postgres"}
+PEER = "drf-api-key"
+PROFILED = ("auth", "rest", "w2_rest")  # --profile: py-spy under these phases' loads
+PEER_WORKERS = 2
 # The `limits` phases: a limit no call of the run reaches (T = 1.2 µs), so every
 # call is let through and the phase prices the check itself, not refusals.
 BENCH_LIMIT = "50000000/60s"
@@ -85,6 +98,8 @@ class Phase:
     flood: Load | None = None  # a second h2load at the same time
     probe: Callable[[], str] | None = None  # one call like the load's; returns its status
     expect_failures: tuple[str, ...] = ()  # statuses the server may log besides OK
+    # Sized in calls (`h2load -n`), not seconds: re-sized to `duration` from each round's rate.
+    by_count: bool = False
 
 
 def invalid_token(rng: random.Random) -> str:
@@ -125,11 +140,25 @@ class Bench:
         self.all_cpus = set(os.sched_getaffinity(0))
         self.driver_cpus, self.server_cpus = split_cpus(not args.no_pin)
         self.samples: dict[int, Sample] = {}
+        self.sqlite_sample: Sample | None = None
+        self.peer_key = ""
+        self.best_rate: dict[str, float] = {}
+        self.crashes: dict[str, dict[str, Any]] = {}
+        self.peer_secret = secrets.token_urlsafe(32)  # Django's SECRET_KEY, this run only
         self.rss: dict[str, dict[str, float]] = {}
         self.load_seconds: dict[int, float] = {}
 
     def log(self, message: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def db_cpu_seconds(self, server: str) -> float | None:
+        """PostgreSQL's CPU so far, for a server whose store it is (None: SQLite, or none)."""
+        if self.cluster is None or server in ("bare", "ts_sqlite", "peer"):
+            return None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+            return tree_cpu_seconds(pid)
+        return None
 
     def check_time(self) -> None:
         if time.monotonic() - self.started > self.args.max_minutes * 60:
@@ -137,8 +166,8 @@ class Bench:
 
     # The stores: one database per size, each loaded by dataset.py.
 
-    def database_url(self, n: int) -> str:
-        if self.args.backend == "sqlite":
+    def database_url(self, n: int, backend: str = "") -> str:
+        if (backend or self.args.backend) == "sqlite":
             return f"sqlite:///{self.tmp / f'bench-{n}.db'}"
         if self.cluster is None:
             sys.path.insert(0, str(ROOT / "tests"))
@@ -170,6 +199,20 @@ class Bench:
             dataset.close()
             urls[n] = url
             self.log(f"{_n(n)} tokens loaded in {self.load_seconds[n]} s")
+        base = a.sizes[0]
+        if "sqlite" in a.groups and a.backend != "sqlite":
+            url = self.database_url(base, "sqlite")
+            dataset = Dataset(url, a.rounds)
+            dataset.setup(hashes)
+            dataset.grow(base)
+            self.sqlite_sample = dataset.sample(1, 0)
+            dataset.close()
+            urls[-1] = url
+            self.log(f"{_n(base)} tokens loaded on SQLite too")
+        if "peer" in a.groups:
+            t0 = time.monotonic()
+            self.peer_key = load_peer(self.tmp / "peer.db", base, self.peer_secret)
+            self.log(f"{PEER}: {_n(base)} keys loaded in {time.monotonic() - t0:.1f} s")
         return urls
 
     def cold_tokens_needed(self) -> int:
@@ -208,6 +251,13 @@ class Bench:
                 self.servers[name] = start_tokenservice(
                     name, urls[base], self.tmp, self.server_cpus, rest=False,
                     rate_limit=limit, redis_url=redis, **kw)
+        if "peer" in groups:
+            # Every core, as `serve --workers 2`: one sync worker per core.
+            self.servers["peer"] = start_peer("peer", self.tmp / "peer.db", self.peer_secret,
+                                              self.tmp, None, PEER_WORKERS)
+        if -1 in urls:
+            self.servers["ts_sqlite"] = start_tokenservice(
+                "ts_sqlite", urls[-1], self.tmp, self.server_cpus, rest=False, **kw)
         wait_ready(list(self.servers.values()))
         self.log("servers ready: " + ", ".join(
             f"{s.name} (cores {','.join(map(str, sorted(s.cpus or self.all_cpus)))})"
@@ -250,15 +300,17 @@ class Bench:
 
         return probe
 
-    def rest_probe(self, server: str, body: bytes) -> Callable[[], str]:
+    def rest_probe(self, server: str, body: bytes,
+                   headers: tuple[tuple[str, str], ...] = JSON_HEADERS,
+                   field: str = "tokenId") -> Callable[[], str]:
+        """One REST call like the load's: OK when it answers 200 and names whose token it is."""
         def probe() -> str:
             conn = http.client.HTTPConnection(HOST, self.servers[server].http_port, timeout=30)
             try:
-                conn.request("POST", "/api/v1/authenticate", body,
-                             {"content-type": "application/json"})
+                conn.request("POST", "/api/v1/authenticate", body, dict(headers))
                 reply = conn.getresponse()
                 data = json.loads(reply.read() or b"{}")
-                return "OK" if reply.status == 200 and data.get("tokenId") else \
+                return "OK" if reply.status == 200 and data.get(field) else \
                     f"HTTP_{reply.status}"
             finally:
                 conn.close()
@@ -358,6 +410,27 @@ class Bench:
                 out.append(Phase(name, title, name, grpc_load(name, AUTHENTICATE, auth_body),
                                  AUTHENTICATE,
                                  probe=self.grpc_probe(name, AUTHENTICATE, auth_raw)))
+        if "peer" in groups:
+            # gunicorn's sync workers close every connection, and h2load -D then hangs at
+            # the end of the window: the peer runs -n calls, sized to `duration` seconds
+            # from its previous rate (prime() measures the first).
+            headers = (*JSON_HEADERS, ("authorization", f"Api-Key {self.peer_key}"))
+            peer_body = b"{}"
+            out.append(Phase(
+                "peer", f"{PEER}: Django + DRF, HasAPIKey + get_from_key, gunicorn"
+                f" {PEER_WORKERS} sync workers (all cores)", "peer",
+                Load(f"http://{HOST}:{self.servers['peer'].http_port}/api/v1/authenticate",
+                     self.body("peer", peer_body), connections=a.rest_connections, streams=1,
+                     requests=1000, warmup=0.0, h1=True, headers=headers),
+                probe=self.rest_probe("peer", peer_body, headers, "prefix"), by_count=True))
+        if "sqlite" in groups and self.sqlite_sample is not None:
+            raw = grpc_frame(pb.AuthenticateRequest(token=self.sqlite_sample.warm[0])
+                             .SerializeToString())
+            out.append(Phase("auth_sqlite", f"Authenticate, warm ({_n(base)} tokens), SQLite"
+                             " store, same run", "ts_sqlite",
+                             grpc_load("ts_sqlite", AUTHENTICATE, self.body("auth-sqlite", raw)),
+                             AUTHENTICATE,
+                             probe=self.grpc_probe("ts_sqlite", AUTHENTICATE, raw)))
         admin = (("authorization", f"Bearer {self.samples[base].admin}"),)
         if "list" in groups:
             for n in a.sizes:
@@ -405,10 +478,52 @@ class Bench:
             out = h2load.run(load, self.tmp, self.driver_cpus, tag=f"prime-{phase.name}")
             if out.error:
                 raise RuntimeError(f"priming {phase.name}: {out.error}")
+            if phase.by_count:
+                out = h2load.run(phase.load, self.tmp, self.driver_cpus, tag=f"size-{phase.name}")
+                if out.error or not out.rate:
+                    raise RuntimeError(f"sizing {phase.name}: {out.error}")
+                self.resize(phase, out.rate)
             status = phase.probe() if phase.probe else "OK"
             if status != "OK":
                 raise RuntimeError(f"priming {phase.name}: the probe answered {status}"
                                    f" ({server.tail()})")
+
+    def measure_or_crash(self, phase: Phase, round_: int) -> dict[str, Any]:
+        """measure(), except that a server that died is recorded, not the end of the run.
+
+        Its phases fail from then on (a crash is a finding, and the other
+        servers' phases still say something); its log's tail is kept.
+        """
+        server = self.servers[phase.server]
+        if server.proc.poll() is None:
+            try:
+                return self.measure(phase, round_)
+            except (OSError, RuntimeError) as e:
+                if server.proc.poll() is None:
+                    raise
+                error = repr(e)
+        else:
+            error = "the server had exited"
+        code = server.proc.returncode
+        if phase.server not in self.crashes:
+            self.crashes[phase.server] = {"exit_code": code, "phase": phase.name,
+                                          "round": round_,
+                                          "log_tail": server.tail(6000, rpc_lines=False)}
+            self.log(f"{phase.server} exited {code} during {phase.name}: its phases fail")
+        return {"round": round_, "rate": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "verified": False,
+                "error": f"{phase.server} exited {code}: {error}",
+                "check": f"{phase.server} exited {code}"}
+
+    def resize(self, phase: Phase, rate: float) -> None:
+        """A by-count phase's calls: as many as `duration` seconds at the best rate seen yet.
+
+        The best, not the last: a round in which a busy neighbour starved the
+        server would otherwise make the next one too short to say anything.
+        """
+        assert phase.load is not None
+        best = self.best_rate[phase.name] = max(rate, self.best_rate.get(phase.name, 0.0))
+        calls = max(200, round(best * self.args.duration))
+        phase.load = replace(phase.load, requests=calls)
 
     def measure(self, phase: Phase, round_: int) -> dict[str, Any]:
         self.check_time()
@@ -422,40 +537,56 @@ class Bench:
         if phase.flood is not None:
             runs.insert(0, (phase.flood, "flood"))
         running: list[h2load.Running] = []
+        if phase.by_count:
+            per0, t0 = server.cpu_by_process(), time.monotonic()
+            db0 = self.db_cpu_seconds(phase.server)
         for load, tag in runs:
             if running:
                 time.sleep(0.4)  # the flood first: its burst of failures spent, it is throttled
             running.append(h2load.Running(load, self.tmp, self.driver_cpus, tag))
-        # The server's CPU over the measured window: from the end of the warm-up to the exit.
-        time.sleep(phase.load.warmup + 0.05)
+        # The server's CPU over the measured window: from the end of the warm-up to the exit
+        # (a by-count phase has no warm-up: from the start).
         # Redis works for the server that uses it: its CPU is priced beside the server's.
         redis_pid = self.redis.pid if self.redis is not None and phase.server == "lim_redis" \
             else None
+        if not phase.by_count:
+            time.sleep(phase.load.warmup + 0.05)
+            per0, t0 = server.cpu_by_process(), time.monotonic()
+            db0 = self.db_cpu_seconds(phase.server)
         redis0 = process_cpu_seconds(redis_pid) if redis_pid else 0.0
-        cpu0, t0 = server.cpu_seconds(), time.monotonic()
         outcomes = [r.finish() for r in running]
-        cpu1, t1 = server.cpu_seconds(), time.monotonic()
+        per1, t1 = server.cpu_by_process(), time.monotonic()
+        db1 = self.db_cpu_seconds(phase.server)
         redis1 = process_cpu_seconds(redis_pid) if redis_pid else 0.0
+        cpu0, cpu1 = sum(per0.values()), sum(per1.values())
+        calls = outcomes[-1].done if phase.by_count else outcomes[-1].rate * (t1 - t0)
         out = outcomes[-1]
         if phase.flood is not None:
             flood_out = outcomes[0]
-        time.sleep(0.1)  # calls cancelled when h2load stopped log a moment later
         counts = server.rpc_counts().get(phase.method, {}) if phase.method else {}
         after = phase.probe() if phase.probe else "OK"
         result: dict[str, Any] = {
             "round": round_, **out.__dict__,
-            "server_cpu_ms_per_call": round((cpu1 - cpu0) * 1000 / max(1, out.rate * (t1 - t0)),
-                                            4),
+            "server_cpu_ms_per_call": round((cpu1 - cpu0) * 1000 / max(1, calls), 4),
             "server_busy": round((cpu1 - cpu0) / max(1e-3, t1 - t0), 3),
             "logged": counts, "probe_before": before, "probe_after": after,
         }
         if redis_pid:
-            result["redis_cpu_ms_per_call"] = round(
-                (redis1 - redis0) * 1000 / max(1, out.rate * (t1 - t0)), 4)
+            result["redis_cpu_ms_per_call"] = round((redis1 - redis0) * 1000 / max(1, calls), 4)
+        if db0 is not None and db1 is not None:
+            # PostgreSQL's processes run on the server's cores too: their CPU per call.
+            result["db_cpu_ms_per_call"] = round((db1 - db0) * 1000 / max(1, calls), 4)
+        if len(per1) > 1:
+            # Where the CPU went: the first process (a supervisor, gunicorn's arbiter,
+            # or the REST shim of `serve --workers`), then each child.
+            result["process_busy"] = [round((per1[pid] - per0.get(pid, per1[pid]))
+                                            / max(1e-3, t1 - t0), 3) for pid in per1]
         if flood_out is not None:
             result["flood"] = {k: v for k, v in flood_out.__dict__.items()
                                if k in ("rate", "done", "p50_ms", "p99_ms", "error")}
         result["verified"], result["check"] = verify(phase, out, counts, before, after)
+        if phase.by_count and out.rate:
+            self.resize(phase, out.rate)
         return result
 
     def measure_cold(self, phase: Phase, server: Server) -> dict[str, Any]:
@@ -501,16 +632,30 @@ class Bench:
             if r % 2:
                 order.reverse()
             for phase in order:
-                results[phase.name].append(self.measure(phase, r))
+                result = self.measure_or_crash(phase, r)
+                if starved(result):
+                    # A neighbour had the server's core: this says nothing about the
+                    # server. Measured once more, in place; both are in the results.
+                    self.log(f"{phase.name}: the server got {result['server_busy']:.2f} of a"
+                             " core (starved by another process); once more")
+                    first, result = result, self.measure_or_crash(phase, r)
+                    result["starved_first"] = {k: first.get(k) for k in
+                                               ("rate", "server_busy", "server_cpu_ms_per_call")}
+                results[phase.name].append(result)
             self.log(f"round {r + 1}/{a.repeats}: " + ", ".join(
                 f"{name} {rs[-1]['rate']:.0f}" for name, rs in results.items()))
         if a.profile:
             profile = self.profile(phases)
         for name, server in self.servers.items():
             self.rss[name] = server.peak_rss_mb()
+        all_ratios = ratios(results, a.sizes)
+        rss = rss_target(self.rss, a.sizes)
+        if rss is not None:
+            all_ratios.append(rss)
         return {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "label": a.label,
+            "quick": a.quick,
             "command": "python -m bench " + " ".join(a.argv),
             "machine": machine(),
             "backend": a.backend,
@@ -530,27 +675,42 @@ class Bench:
                                 "load": h2load.describe(p.load) if p.load else {"python": True},
                                 "rounds": results[p.name], "median": medians(results[p.name])}
                        for p in phases},
-            "ratios": ratios(results, a.sizes),
+            "ratios": all_ratios,
             "rss_mb": self.rss,
             "profile": profile,
+            "crashes": self.crashes,
             "elapsed_s": round(time.monotonic() - self.started, 1),
         }
 
     def profile(self, phases: list[Phase]) -> dict[str, Any]:
-        """py-spy on the server under warm Authenticate, for as long as one phase."""
+        """py-spy on the server under warm Authenticate, then under REST, each for 2 phases' time.
+
+        `serve --workers 2` under REST is profiled too when it ran: its REST shim
+        is the supervisor process, the calls then go to the workers.
+        """
         from .profile import record
 
-        phase = next(p for p in phases if p.name == "auth")
-        server = self.servers[phase.server]
-        assert phase.load is not None
-        seconds = max(4.0, self.args.duration * 2)
-        load = Load(phase.load.url, phase.load.body, phase.load.connections, phase.load.streams,
-                    duration=seconds + 2, warmup=0.5)
-        running = h2load.Running(load, self.tmp, self.driver_cpus, "profile")
-        time.sleep(1.0)
-        report = record(server.pids(), seconds, self.tmp, top=60)
-        running.finish()
-        return report
+        reports: dict[str, Any] = {}
+        for phase in phases:
+            if phase.name not in PROFILED or phase.load is None:
+                continue
+            server = self.servers[phase.server]
+            if server.proc.poll() is not None:
+                continue
+            seconds = max(4.0, self.args.duration * 2)
+            load = replace(phase.load, duration=seconds + 2, warmup=0.5, requests=0)
+            for _ in range(2):  # py-spy now and then gets a handful of samples: once more
+                running = h2load.Running(load, self.tmp, self.driver_cpus, "profile")
+                time.sleep(1.0)
+                report = record(server.pids(), seconds, self.tmp, top=60,
+                                native=self.args.profile_native)
+                out = running.finish()
+                if report.get("samples", 0) >= 100:
+                    break
+            report["title"] = phase.title
+            report["load"] = {"rate": out.rate, "error": out.error}
+            reports[phase.name] = report
+        return reports
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -607,15 +767,30 @@ def verify(phase: Phase, out: Outcome, counts: dict[str, int], before: str,
     return ok, "; ".join(notes)
 
 
+def starved(result: dict[str, Any]) -> bool:
+    """Under half a core for a server driven with every call in flight: a neighbour took it.
+
+    Every phase measured this way is CPU-bound when it has its core (its busy
+    figure is 0.8 to 1.0 on one core, more with workers), so a figure under
+    0.5 means the scheduler ran something else there.
+    """
+    busy = result.get("server_busy")
+    return busy is not None and busy < 0.5
+
+
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("rate", "p50_ms", "p99_ms", "server_cpu_ms_per_call", "server_busy", "driver_busy",
-            "redis_cpu_ms_per_call")
+            "redis_cpu_ms_per_call", "db_cpu_ms_per_call")
     out: dict[str, Any] = {}
     for key in keys:
         values = [r[key] for r in rounds if key in r]
         if values:
             out[key] = round(statistics.median(values), 4)
             out[key + "_min"], out[key + "_max"] = min(values), max(values)
+    busy = [r["process_busy"] for r in rounds if "process_busy" in r]
+    if busy and len({len(b) for b in busy}) == 1:
+        out["process_busy"] = [round(statistics.median(col), 3) for col in zip(*busy,
+                                                                                 strict=True)]
     out["verified"] = all(r.get("verified") for r in rounds)
     return out
 
@@ -691,7 +866,41 @@ def ratios(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[d
     for name, _ in LIMIT_SERVERS:
         add(f"{name} ÷ bare", "", None, lambda r, n=name: rate(n, r) / rate("bare", r),
             name, "bare")
+    both = f"both on every core: serve --workers 2 ÷ {PEER} on gunicorn --workers {PEER_WORKERS}"
+    add(f"REST Authenticate ÷ {PEER} ({both})", "≥ 1.5", lambda v: v >= 1.5,
+        lambda r: rate("w2_rest", r) / rate("peer", r), "w2_rest", "peer")
+    add(f"REST Authenticate ÷ {PEER}, calls per server CPU-second", "≥ 1.5",
+        lambda v: v >= 1.5, lambda r: per_cpu("w2_rest", "peer", r), "w2_rest", "peer")
+    add(f"gRPC Authenticate ÷ {PEER} ({both})", "≥ 3.0", lambda v: v >= 3.0,
+        lambda r: rate("w2_auth", r) / rate("peer", r), "w2_auth", "peer")
+    add(f"gRPC Authenticate ÷ {PEER}, calls per server CPU-second", "≥ 3.0",
+        lambda v: v >= 3.0, lambda r: per_cpu("w2_auth", "peer", r), "w2_auth", "peer")
+    add(f"REST Authenticate, serve --workers 1 ÷ {PEER} (tokenservice: one process)", "", None,
+        lambda r: rate("w1_rest", r) / rate("peer", r), "w1_rest", "peer")
+    add(f"gRPC Authenticate, serve --workers 1 ÷ {PEER} (tokenservice: one process)", "", None,
+        lambda r: rate("w1_auth", r) / rate("peer", r), "w1_auth", "peer")
+    add("PostgreSQL warm Authenticate ÷ SQLite's (same run, same size)", "≥ 0.7",
+        lambda v: v >= 0.7, lambda r: rate("auth", r) / rate("auth_sqlite", r),
+        "auth", "auth_sqlite")
+    add("PostgreSQL warm Authenticate ÷ SQLite's, calls per server CPU-second", "≥ 0.7",
+        lambda v: v >= 0.7, lambda r: per_cpu("auth", "auth_sqlite", r), "auth", "auth_sqlite")
+    if results.get("auth") and "db_cpu_ms_per_call" in results["auth"][0]:
+        add("PostgreSQL warm Authenticate ÷ SQLite's, calls per CPU-second of the server and"
+            " PostgreSQL together", "≥ 0.7", lambda v: v >= 0.7,
+            lambda r: results["auth_sqlite"][r]["server_cpu_ms_per_call"]
+            / (results["auth"][r]["server_cpu_ms_per_call"]
+               + results["auth"][r]["db_cpu_ms_per_call"]), "auth", "auth_sqlite")
     return out
+
+
+def rss_target(rss: dict[str, dict[str, float]], sizes: list[int]) -> dict[str, Any] | None:
+    """Peak RSS of the one-process server on the largest store: goal under 150 MB."""
+    big = rss.get(f"ts_{sizes[-1]}")
+    if big is None:
+        return None
+    mb = big["sum"]
+    return {"ratio": f"peak RSS at {_n(sizes[-1])} tokens, MB (one process)", "goal": "< 150",
+            "median": mb, "min": mb, "max": mb, "per_round": [mb], "holds": mb < 150}
 
 
 def h2load_version() -> str:
@@ -728,13 +937,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=4, help="h2load -c for gRPC")
     p.add_argument("--streams", type=int, default=16, help="h2load -m for gRPC")
     p.add_argument("--rest-connections", type=int, default=16, help="h2load --h1 -c")
-    p.add_argument("--rounds", type=int, default=12, help="bcrypt rounds (the default is 12)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="bcrypt rounds (default 12, --quick 10: warm phases never run bcrypt)")
     p.add_argument("--quick", action="store_true",
                    help="1k and 100k tokens, 2 s phases, no cold/list/create: under 3 minutes")
     p.add_argument("--phases", type=lambda s: s.split(","), default=None, dest="groups",
                    help="a subset of: " + ",".join(GROUPS))
     p.add_argument("--profile", action="store_true",
-                   help="also py-spy the server under warm Authenticate")
+                   help="also py-spy the server under warm Authenticate and REST Authenticate")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: C frames too (py-spy --native), e.g. grpc's Cython core")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     p.add_argument("--label", default="", help="a name for this run in the results")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: a new file)")
@@ -743,21 +955,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="write this run's section into BENCHMARKS.md (nothing tracked otherwise)")
     args = p.parse_args(argv)
     args.argv = argv
+    default = [g for g in (QUICK_GROUPS if args.quick else GROUPS)
+               if BACKEND_ONLY.get(g, args.backend) == args.backend]
     if args.quick:
+        # Hashing the store's secrets is most of a quick run's set-up; only the cold
+        # and create phases (not in --quick) run bcrypt while measuring.
+        args.rounds = args.rounds or 10
         args.sizes = args.sizes or [1_000, 100_000]
         args.duration = args.duration or 2.0
         args.warmup = args.warmup if args.warmup is not None else 0.5
-        args.groups = args.groups or list(QUICK_GROUPS)
     args.sizes = sorted(args.sizes or [1_000, 100_000, 1_000_000])
+    args.rounds = args.rounds or 12
     args.duration = args.duration or 5.0
     args.warmup = args.warmup if args.warmup is not None else 1.0
-    args.groups = args.groups or list(GROUPS)
+    args.groups = args.groups or default
     unknown = set(args.groups) - set(GROUPS)
     if unknown:
         p.error(f"unknown phases: {', '.join(sorted(unknown))}")
     if "bare" not in args.groups:
         args.groups = ["bare", *args.groups]  # every figure is read against the ceiling
     return args
+
+
+def peer_missing() -> str | None:
+    """None when the peer can be served here, else what to install."""
+    import importlib.util
+
+    from .servers import GUNICORN
+
+    if importlib.util.find_spec("rest_framework_api_key") is None or not Path(GUNICORN).exists():
+        return ("the peer (djangorestframework-api-key on gunicorn) is not installed:"
+                " pip install -e '.[bench]', or leave it out with --phases")
+    return None
 
 
 def output_path(args: argparse.Namespace) -> Path:
@@ -771,7 +1000,7 @@ def output_path(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    missing = h2load.available()
+    missing = h2load.available() or (peer_missing() if "peer" in args.groups else None)
     if missing:
         print(f"bench: {missing}", file=sys.stderr)
         return 2
