@@ -90,6 +90,45 @@ def test_killed_backends_are_replaced_and_callers_see_at_most_one_unavailable(
         assert pg_ts.authenticate(token).token_id
 
 
+def test_a_connection_another_thread_held_through_the_kill_is_not_reused(
+    pg_cluster: PgCluster, pg_database_url: str
+) -> None:
+    """The pool drops idle connections after a loss, but one that another thread
+    (a background reader, a slow request) had checked out at that moment comes
+    back later, just as dead: it must be closed, not handed to the next request."""
+    db = dbmod.open_database(pg_database_url, max_connections=4, bind=False)
+    held, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        db.connect(reuse_if_open=True)
+        db.execute_sql("SELECT 1")
+        held.set()
+        release.wait(10)
+        db.close()  # back to the pool, as any request does
+        returned.set()
+
+    try:
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(10)
+        with dbmod.connection(db):
+            db.execute_sql("SELECT 1")  # a second connection, now idle in the pool
+        assert pg_cluster.terminate_connections(dbname_of(pg_database_url)) >= 2
+
+        with pytest.raises(dbmod.Unavailable):  # the first caller meets the loss
+            with dbmod.connection(db):
+                db.execute_sql("SELECT 1")
+        release.set()
+        assert returned.wait(10)
+        holder.join(10)
+        for _ in range(3):  # every later caller gets a live connection
+            with dbmod.connection(db):
+                assert db.execute_sql("SELECT 1").fetchone() == (1,)
+    finally:
+        release.set()
+        dbmod.close_all(db)
+
+
 def test_postgres_down_is_not_serving_and_unavailable_then_recovers_alone(
     own_pg_cluster: PgCluster,
 ) -> None:

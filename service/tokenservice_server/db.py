@@ -5,8 +5,9 @@ survive what a shared database does: restarts, failovers, a DBA killing
 backends, a stuck query. The rules here:
 
 - connections are pooled; a connection that failed is closed for real, never
-  handed back to the pool, and the pool's idle connections go with it (a restart
-  killed them all), so the next request opens a fresh one;
+  handed back to the pool, and every connection opened before it goes with it
+  (a restart killed them all): idle ones at once, those other threads hold when
+  they come back, so the next request opens a fresh one;
 - a connection idle for more than a second is pinged when checked out, so a
   quiet service notices a restart before a caller does;
 - every statement has a timeout, and a transaction left idle is ended by the
@@ -78,7 +79,18 @@ class PostgresPool(PooledPostgresqlDatabase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._idle_since: dict[int, float] = {}
         self._idle_lock = threading.Lock()
+        self._lost_at = 0.0
         super().__init__(*args, **kwargs)
+
+    def mark_lost(self) -> None:
+        """Every connection opened before now is presumed dead: those checked out
+        by other threads at this moment are closed when they come back, not
+        handed to the next request."""
+        self._lost_at = time.time()
+
+    def _is_stale(self, timestamp: float) -> bool:
+        # peewee calls this with the connection's creation time on check-in and check-out.
+        return timestamp <= self._lost_at or bool(super()._is_stale(timestamp))
 
     def _can_reuse(self, conn: Any) -> bool:
         reusable = bool(super()._can_reuse(conn)) and not conn.closed
@@ -213,6 +225,7 @@ def _discard(db: peewee.Database) -> bool:
 def _discard_idle(db: peewee.Database) -> None:
     """A lost connection usually means the server restarted: its idle siblings are dead too."""
     if isinstance(db, PostgresPool):
+        db.mark_lost()
         with contextlib.suppress(Exception):
             db.close_idle()
         log.warning("lost the database connection; reconnecting on the next request")
