@@ -23,12 +23,14 @@ import grpc
 import pytest
 from conftest import RunningServer, bearer, cli, make_config, start_server
 from google.protobuf import field_mask_pb2
+from test_ratelimit import max_in_any_window
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice_client import (
     AsyncLeaseCache,
     AsyncTokenServiceClient,
     LeaseCache,
+    RateLimited,
     TokenServiceClient,
     Unauthenticated,
 )
@@ -211,6 +213,72 @@ def test_uses_answered_from_the_cache_move_last_used_at(world: World, cache: Lea
     assert cache.stats().hits >= 3
     # Only the cache saw these uses; its report moves last_used_at on.
     assert _last_used(world, used.api_token.id, after=first) > first
+
+
+def _hammer_limited(cache: LeaseCache, raw: str, seconds: float) -> tuple[list[int], int]:
+    """Uses `raw` through the cache as fast as one thread can: admission times (µs), refusals."""
+    admitted: list[int] = []
+    refusals = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            cache.authenticate(raw)
+        except RateLimited:
+            refusals += 1
+            time.sleep(0.002)
+        else:
+            admitted.append(time.monotonic_ns() // 1000)
+    return admitted, refusals
+
+
+def test_a_cached_token_keeps_its_rate_limit_within_the_documented_slack(
+    world: World, cache: LeaseCache
+) -> None:
+    # 100 per 2 s: T = 20 ms, a burst of 10. Without the cache, GCRA allows at most
+    # 100 + 10 - 1 in any 2 s; the cache may answer one budget slice (at most
+    # burst - 1 uses) before its report is counted, and one more while that report
+    # is on its way.
+    requests, period, burst = 100, 2.0, 10
+    limited = world.manager.create_token("limited", ["pass:read"], rate_limit=(requests, period))
+    hits_before = cache.stats().hits
+    admitted, refusals = _hammer_limited(cache, limited.token, 2 * period)
+    hits = cache.stats().hits - hits_before
+    most = max_in_any_window(admitted, round(period * 1_000_000))
+    print(f"\n{len(admitted)} admitted ({hits} from the cache), {refusals} refused; "
+          f"most in any {period} s window: {most}")
+    # The first Authenticate's slice is every use a rested token could make at once.
+    assert hits >= burst - 1, "the cache never answered: this proves nothing about it"
+    assert refusals > 0, "a caller far over its limit was never refused"
+    assert most <= requests + (burst - 1) + 2 * (burst - 1)
+
+
+def test_an_asyncio_consumer_keeps_a_cached_tokens_rate_limit_too(world: World) -> None:
+    requests, period, burst = 100, 2.0, 10
+    limited = world.manager.create_token("limited", ["pass:read"], rate_limit=(requests, period))
+
+    async def main() -> tuple[list[int], int, int]:
+        cache = AsyncLeaseCache(world.ts.target, world.verify)
+        admitted: list[int] = []
+        refusals = 0
+        try:
+            assert await cache.wait_leased(WITHIN)
+            end = time.monotonic() + 2 * period
+            while time.monotonic() < end:
+                try:
+                    await cache.authenticate(limited.token)
+                except RateLimited:
+                    refusals += 1
+                    await asyncio.sleep(0.002)
+                else:
+                    admitted.append(time.monotonic_ns() // 1000)
+            return admitted, refusals, cache.stats().hits
+        finally:
+            await cache.close()
+
+    admitted, refusals, hits = asyncio.run(main())
+    most = max_in_any_window(admitted, round(period * 1_000_000))
+    assert hits >= burst - 1 and refusals > 0
+    assert most <= requests + (burst - 1) + 2 * (burst - 1)
 
 
 def _last_used(world: World, token_id: str, after: datetime | None) -> datetime:

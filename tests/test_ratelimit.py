@@ -634,3 +634,40 @@ def test_a_raised_limit_holds_from_the_next_call_in_either_store(redis_url: str)
     # Lowered again: the debt (in time: 360 s, a full burst at the faster pace)
     # carries over and is what stands between the token and its next call.
     assert local.check("t", 1, 3600.0).retry_after_s == pytest.approx(360)
+
+
+# Uses a consumer answered from its cache (charge): counted, never refused.
+
+
+def _charged_then_checked(limiter: RateLimiter) -> list[tuple[bool, int]]:
+    """A rested 100/3600s key (burst 10): one call, 9 charged, then three checks."""
+    out = []
+    first = limiter.check("t", 100, 3600.0)
+    out.append((first.allowed, first.burst_left))
+    limiter.charge("t", 100, 3600.0, first.burst_left)
+    for _ in range(3):
+        d = limiter.check("t", 100, 3600.0)
+        out.append((d.allowed, d.burst_left))
+    return out
+
+
+def test_charged_uses_spend_the_budget_a_check_would_have(stores: list[RedisStore]) -> None:
+    local = _charged_then_checked(RateLimiter(LocalStore(clock=Clock())))
+    # The call's slice (burst_left 9), once charged, leaves nothing at once.
+    assert local == [(True, 9), (False, 0), (False, 0), (False, 0)]
+    assert _charged_then_checked(RateLimiter(stores[0])) == local
+
+
+def test_a_charge_is_never_refused_and_its_debt_stops_at_one_burst() -> None:
+    clock = Clock()
+    limiter = RateLimiter(LocalStore(clock=clock))
+    # 10 per 10 s, burst 1: T = 1 s. Twenty uses reported at once...
+    limiter.charge("t", 10, 10.0, 20)
+    assert not limiter.check("t", 10, 10.0).allowed
+    # ...owe one burst (one T), not twenty: a report cannot lock a token out for longer
+    # than its limit's own refusals would.
+    clock.advance(1.0)
+    assert limiter.check("t", 10, 10.0).allowed
+    # A charge of nothing changes nothing.
+    limiter.charge("u", 10, 10.0, 0)
+    assert limiter.check("u", 10, 10.0).allowed

@@ -64,6 +64,8 @@ log = logging.getLogger("tokenservice.rpc")
 
 _PREFIX = f"/{SERVICE_NAME}/"
 ERROR_DOMAIN = "tokenservice.dev"
+# Authenticate's trailing metadata: a lease cache's budget slice for the token.
+CACHE_BUDGET_METADATA = "tokenservice-cache-budget"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
 _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
@@ -602,6 +604,8 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
             # Seconds and nanos from micros: FromDatetime costs several times more.
             status.reset_time.seconds, micros = divmod(limit.reset_at_us, 1_000_000)
             status.reset_time.nanos = micros * 1000
+            # The budget slice a lease cache may answer from memory (see the proto).
+            context.set_trailing_metadata(((CACHE_BUDGET_METADATA, str(limit.cache_budget)),))
         return response
 
     def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:
@@ -669,7 +673,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                     sub.ack(request.ack.sequence)
                 elif kind == "usage":
                     now = self._service.clock()
-                    self._service.record_cached_uses(
+                    await self._service.arecord_cached_uses(
                         [CachedUse(u.token_id, u.count, _micros_or(u, now))
                          for u in request.usage.uses]
                     )

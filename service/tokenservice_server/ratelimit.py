@@ -147,6 +147,22 @@ def gcra_step(
     return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 or forgiven else None)
 
 
+def gcra_charge(tat: int, now: int, interval: int, span: int, cost: int) -> int | None:
+    """Counts `cost` calls already made (answered from a consumer's cache): the new
+    TAT to store, or None to leave it.
+
+    Never refused: the calls happened. The debt stops at one full burst
+    (`span` ahead of now), the most a GCRA step ever leaves, so the next check
+    refuses until the key has paid back a call and never mistakes this debt for
+    a stricter old limit's. What a caching consumer may answer before it is
+    counted is bounded by the budget slice it was granted (burst_left), so the
+    cap loses nothing one consumer could have used.
+    """
+    tat = max(tat, now)
+    new_tat = min(tat + interval * cost, now + span)
+    return new_tat if new_tat > tat else None
+
+
 class LimitStore(ABC):
     """Where limits and throttles keep their state: this process, or Redis.
 
@@ -166,6 +182,11 @@ class LimitStore(ABC):
     def gcra_many(self, steps: Sequence[GcraStep]) -> list[GcraResult]:
         """Several GCRA steps, in order, as one unit of work (one round trip to Redis)."""
         return [self.gcra(*step) for step in steps]
+
+    @abstractmethod
+    def charge(self, namespace: str, key: str, interval_us: int, span_us: int,
+               cost: int) -> None:
+        """Counts `cost` calls made without a check (gcra_charge)."""
 
     async def agcra_many(self, steps: Sequence[GcraStep],
                          executor: Executor | None = None) -> list[GcraResult]:
@@ -237,6 +258,17 @@ class LocalStore(LimitStore):
                 table.move_to_end(key)
                 self._trim(table)
             return result
+
+    def charge(self, namespace: str, key: str, interval_us: int, span_us: int,
+               cost: int) -> None:
+        with self._lock:
+            now = round(self._clock() * MICROS)
+            table = self._table(namespace)
+            new_tat = gcra_charge(table.get(key, 0), now, interval_us, span_us, cost)
+            if new_tat is not None:
+                table[key] = new_tat
+                table.move_to_end(key)
+                self._trim(table)
 
     # The failure buckets: (tokens, time of the last change) per key, in seconds.
 
@@ -313,6 +345,21 @@ end
 return out
 """
 
+# gcra_charge, line for line.
+_CHARGE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval, span, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tat < now then tat = now end
+local new_tat = math.min(tat + interval * cost, now + span)
+if new_tat > tat then
+  redis.call('SET', KEYS[1], string.format('%d', new_tat),
+             'PX', math.ceil((new_tat - now) / 1000) + 1)
+end
+return 1
+"""
+
 _BUCKET_READ_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -359,6 +406,7 @@ class _Script:
 
 
 _GCRA = _Script(_GCRA_LUA)
+_CHARGE = _Script(_CHARGE_LUA)
 _BUCKET_LEVEL = _Script(_BUCKET_LEVEL_LUA)
 _BUCKET_FAIL = _Script(_BUCKET_FAIL_LUA)
 _BUCKET_HOLD = _Script(_BUCKET_HOLD_LUA)
@@ -513,6 +561,18 @@ class RedisStore(LimitStore):
                 self._up()
                 return GcraResult(bool(allowed), int(ahead), int(retry))
         return self.fallback.gcra(namespace, key, interval_us, span_us, cost)
+
+    def charge(self, namespace: str, key: str, interval_us: int, span_us: int,
+               cost: int) -> None:
+        if self._may_try():
+            try:
+                self._eval(_CHARGE, redis_key(namespace, key), interval_us, span_us, cost)
+            except self._errors as error:
+                self._down(error)
+            else:
+                self._up()
+                return
+        self.fallback.charge(namespace, key, interval_us, span_us, cost)
 
     def gcra_many(self, steps: Sequence[GcraStep]) -> list[GcraResult]:
         if not steps:
@@ -725,6 +785,15 @@ class RateLimiter:
         if self._batcher is None:
             return _decision(requests, step, self.store.gcra(*step))
         return _decision(requests, step, await self._batcher.gcra(step))
+
+    def charge(self, key: str, requests: int, period_s: float, count: int,
+               burst: int | None = None) -> None:
+        """Counts `count` calls answered without a check (a consumer's cache), now.
+
+        May wait on the network: from an event loop, call it on an executor.
+        """
+        if count > 0:
+            self.store.charge(*self._step(key, requests, period_s, count, burst))
 
     def _step(self, key: str, requests: int, period_s: float, cost: int,
               burst: int | None) -> GcraStep:

@@ -73,6 +73,9 @@ log = logging.getLogger("tokenservice.service")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_USES_PER_REPORT = 10_000
+# How long a token's limit read for charging usage reports is reused, and for how many tokens.
+REPORT_LIMIT_SECONDS = 10
+REPORT_LIMITS_KEPT = 10_000
 MAX_PAGE_SIZE = 1000
 MAX_NAME_LENGTH = 200
 BIDI_FORMATTING = frozenset(
@@ -301,10 +304,12 @@ class TokenService:
             config.lookup_failure_burst, config.lookup_failure_refill_per_second,
             store=self.limits, namespace=LOOKUP_FAILURES,
         )
-        # Called with each use a consumer answered from its cache: where the
-        # per-token rate limiter charges them (cost=count), as Authenticate
-        # charges its own calls.
-        self.cached_use_hook: Callable[[CachedUse], None] | None = None
+        # token id -> (its limit or None, when read): the limits usage reports
+        # are charged against, read once in a while rather than per report.
+        self._report_limits: OrderedDict[str, tuple[tuple[int, float] | None, int]] = (
+            OrderedDict()
+        )
+        self._report_limits_lock = threading.Lock()
         # A remote limit store is a network round trip: aauthenticate keeps every
         # call to it off the event loop's thread.
         self._inline_limits = not self.limits.remote
@@ -520,7 +525,8 @@ class TokenService:
                 reason=TOKEN_RATE_LIMITED,
             )
         return RateLimitStatus(
-            decision.limit, decision.remaining, now + round(decision.reset_after_s * 1_000_000)
+            decision.limit, decision.remaining, now + round(decision.reset_after_s * 1_000_000),
+            decision.burst_left,
         )
 
     @staticmethod
@@ -1159,15 +1165,21 @@ class TokenService:
         if VERIFY not in caller.scopes:
             raise PermissionDenied(f"this call needs the scope {VERIFY}")
 
-    def record_cached_uses(self, uses: Sequence[CachedUse]) -> None:
+    async def arecord_cached_uses(self, uses: Sequence[CachedUse]) -> None:
         """Uses a consumer answered from its cache count as Authenticate calls do.
 
-        last_used_at moves to the reported time (never past now); the
-        cached-use hook sees each use. Entries naming no token id are dropped.
+        last_used_at moves to the reported time (never past now), and each use
+        is charged against the token's rate limit (ratelimit.gcra_charge: never
+        refused, it happened). The consumer answered them within the budget
+        slice its last Authenticate granted (RateLimitStatus.cache_budget), so
+        the next Authenticate past that slice finds them counted. Entries
+        naming no token id, or no use, are dropped. The charge reads the
+        token's limit and may wait on Redis: it runs on `blocking`.
         """
         if len(uses) > MAX_USES_PER_REPORT:
             raise InvalidArgument([("uses", f"at most {MAX_USES_PER_REPORT} per report")])
         now = self.clock()
+        counts: dict[str, int] = {}
         for use in uses:
             try:
                 token_id = str(uuid.UUID(use.token_id))
@@ -1177,8 +1189,50 @@ class TokenService:
                 continue
             if self.usage is not None:
                 self.usage.record(token_id, min(use.last_used_at, now))
-            if self.cached_use_hook is not None:
-                self.cached_use_hook(use)
+            counts[token_id] = counts.get(token_id, 0) + use.count
+        if counts:
+            await asyncio.get_running_loop().run_in_executor(
+                self.blocking, contextvars.copy_context().run, self._charge_cached, counts
+            )
+
+    def _charge_cached(self, counts: Mapping[str, int]) -> None:
+        for token_id, count in counts.items():
+            try:
+                limit = self._reported_limit(token_id)
+            except Unavailable:
+                # Limits fail open, never authentication: the report's stream
+                # stays up, and these uses go uncounted.
+                log.warning("usage report not charged: the token store is unavailable")
+                return
+            if limit is not None:
+                self.limiter.charge(token_id, *limit, min(count, limit[0]))
+
+    def _reported_limit(self, token_id: str) -> tuple[int, float] | None:
+        """A token's (requests, period in seconds) for charging reports; None: none.
+
+        Kept for REPORT_LIMIT_SECONDS, so a busy consumer's reports cost no
+        read each; a changed limit reaches the charges that long after.
+        """
+        now = self.clock()
+        with self._report_limits_lock:
+            known = self._report_limits.get(token_id)
+            if known is not None and now - known[1] < REPORT_LIMIT_SECONDS * 1_000_000:
+                return known[0]
+        with self.auth_store.connection():
+            info = self.auth_store.get_token(token_id, now)
+        if info is None:
+            limit = None
+        elif info.rate_limit is not None:
+            limit = (info.rate_limit.requests, info.rate_limit.period_us / 1_000_000)
+        else:
+            default = self.config.rate_limit
+            limit = None if default is None else (default.requests, default.period_s)
+        with self._report_limits_lock:
+            self._report_limits[token_id] = (limit, now)
+            self._report_limits.move_to_end(token_id)
+            while len(self._report_limits) > REPORT_LIMITS_KEPT:
+                self._report_limits.popitem(last=False)
+        return limit
 
     # Users, for the command line (actor "cli").
 

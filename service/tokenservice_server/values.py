@@ -33,6 +33,9 @@ class RateLimitStatus:
     # When the token is fully rested, in UTC microseconds: built on every call, so
     # no datetime on the way.
     reset_at_us: int
+    # The uses a caching consumer may answer from memory before asking again:
+    # the calls the limit would let through at once after this one.
+    cache_budget: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 
 from ._base import UNSET, BaseTokenServiceClient, PreparedCall, RateLimitSpec, StateSpec
 from .channel import ChannelOptions
+from .principal import Principal
 
 __all__ = ["AsyncTokenServiceClient"]
 
@@ -157,6 +158,24 @@ class AsyncTokenServiceClient(BaseTokenServiceClient[grpc.aio.Channel]):
         metadata: Sequence[tuple[str, str]] = (),
     ) -> pb.AuthenticateResponse:
         return await self._send(self._authenticate(token, timeout, metadata))
+
+    async def authenticate_principal(
+        self,
+        token: str,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Principal:
+        """authenticate(), as a Principal whose rate limit standing carries the
+        cache budget (the trailing metadata a lease cache keeps to)."""
+        call = self._authenticate(token, timeout, metadata)
+        try:
+            rpc = call.method(call.request, **call.options)
+            response = await rpc
+            trailing = await rpc.trailing_metadata()
+        except grpc.aio.AioRpcError as err:
+            raise self._error(err) from err
+        return Principal.from_response(response, trailing)
 
     async def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
         return await self._send(self._list_scopes(timeout))

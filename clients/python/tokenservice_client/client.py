@@ -14,6 +14,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 
 from ._base import UNSET, BaseTokenServiceClient, PreparedCall, RateLimitSpec, StateSpec
 from .channel import ChannelOptions
+from .principal import Principal
 
 __all__ = ["TokenServiceClient"]
 
@@ -197,6 +198,22 @@ class TokenServiceClient(BaseTokenServiceClient[grpc.Channel]):
         (honoured only when this process is one of tokenservice's trusted proxies).
         """
         return self._send(self._authenticate(token, timeout, metadata))
+
+    def authenticate_principal(
+        self,
+        token: str,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Principal:
+        """authenticate(), as a Principal whose rate limit standing carries the
+        cache budget (the trailing metadata a lease cache keeps to)."""
+        call = self._authenticate(token, timeout, metadata)
+        try:
+            response, rpc = call.method.with_call(call.request, **call.options)
+        except grpc.RpcError as err:
+            raise self._error(err) from err
+        return Principal.from_response(response, rpc.trailing_metadata())
 
     def list_scopes(self, *, timeout: float | None = None) -> pb.ListScopesResponse:
         return self._send(self._list_scopes(timeout))

@@ -171,6 +171,8 @@ class PrincipalCache:
         return 0
 
     def put(self, token: str, principal: Principal, ticket: int | None = None) -> None:
+        # A cached answer is no Authenticate call: it carries no rate limit standing.
+        principal = dataclasses.replace(principal, rate_limit=None)
         key = self._digest(token)
         deadline = self._clock() + self._ttl
         with self._lock:
@@ -487,11 +489,9 @@ class _BaseAuthInterceptor(Generic[ClientT]):
             "metadata": _forwarded(context, self._forward),
         }
 
-    def _principal(self, token: str, response: Any, ticket: int | None) -> Principal:
-        principal = Principal.from_response(response)
+    def _keep(self, token: str, principal: Principal, ticket: int | None) -> Principal:
         if self._cache is not None:
-            # A cached answer is no Authenticate call: it carries no rate limit standing.
-            self._cache.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
+            self._cache.put(token, principal, ticket)
         return principal
 
 
@@ -514,12 +514,12 @@ class AuthInterceptor(_BaseAuthInterceptor[TokenServiceClient], grpc.ServerInter
             return hit
         ticket = self._ticket()
         try:
-            response = self._client.authenticate(
+            principal = self._client.authenticate_principal(
                 token, **self._call_options(self._client, context)
             )
         except TokenServiceError as err:
             raise self._refused(token, err) from None
-        return self._principal(token, response, ticket)
+        return self._keep(token, principal, ticket)
 
     def intercept_service(
         self,
@@ -611,10 +611,12 @@ class AsyncAuthInterceptor(
         client = self._tokenservice()
         ticket = self._ticket()
         try:
-            response = await client.authenticate(token, **self._call_options(client, context))
+            principal = await client.authenticate_principal(
+                token, **self._call_options(client, context)
+            )
         except TokenServiceError as err:
             raise self._refused(token, err) from None
-        return self._principal(token, response, ticket)
+        return self._keep(token, principal, ticket)
 
     async def close(self) -> None:
         """Closes the tokenservice channel if this interceptor opened it."""

@@ -21,7 +21,10 @@ RevokeToken (or any change narrowing it) has returned:
 - a lost stream drops everything, and so does a lease that lapsed before the
   next one came;
 - uses answered from memory are reported in batches, so `last_used_at` and
-  usage limits still see them.
+  rate limits still see them; a token with a rate limit is answered from
+  memory only within the budget slice its last Authenticate granted
+  (`rate_limit.cache_budget`), then asked again, with the uses answered so far
+  reported first.
 
 `LeaseCache` runs the stream on a background thread (for `grpc.server` and
 plain code); `AsyncLeaseCache` runs it as a task on the event loop (for
@@ -94,10 +97,9 @@ class _LeaseState:
         self._clock = clock
         self._key = os.urandom(32)
         self._lock = threading.Lock()
-        # HMAC of the raw token -> (principal, expiry as a POSIX time or None).
-        self._entries: collections.OrderedDict[bytes, tuple[Principal, float | None]] = (
-            collections.OrderedDict()
-        )
+        # HMAC of the raw token -> [principal, expiry as a POSIX time or None,
+        # uses it may still answer (its budget slice; None: no rate limit)].
+        self._entries: collections.OrderedDict[bytes, list[Any]] = collections.OrderedDict()
         self._by_token: dict[str, set[bytes]] = {}
         self._by_user: dict[str, set[bytes]] = {}
         self._lease_until = 0.0  # on `clock`; 0: no lease
@@ -119,7 +121,8 @@ class _LeaseState:
         return hmac.new(self._key, token.encode(), hashlib.sha256).digest()
 
     def get(self, token: str) -> Principal | None:
-        """The cached principal, while the lease holds and the token has not expired."""
+        """The cached principal, while the lease holds, the token has not expired and
+        its budget slice is not spent."""
         if self._clock() >= self._lease_until:
             self._misses += 1
             return None
@@ -129,21 +132,33 @@ class _LeaseState:
             if entry is None or self._clock() >= self._lease_until:
                 self._misses += 1
                 return None
-            principal, expires = entry
+            principal, expires, budget = entry
             now = time.time()
             if expires is not None and now >= expires:
                 self._remove(key)
                 self._misses += 1
                 return None
-            self._entries.move_to_end(key)
-            self._hits += 1
-            use = self._uses.get(principal.token_id)
-            if use is None:
-                self._uses[principal.token_id] = [1, now]
+            if budget is not None and budget <= 0:
+                # Its slice is spent: Authenticate decides again, once the uses
+                # answered here are on their way to be counted.
+                spent = True
+                self._misses += 1
+                principal = None
             else:
-                use[0] += 1
-                use[1] = now
-            return principal
+                if budget is not None:
+                    entry[2] = budget - 1
+                spent = budget == 1
+                self._entries.move_to_end(key)
+                self._hits += 1
+                use = self._uses.get(principal.token_id)
+                if use is None:
+                    self._uses[principal.token_id] = [1, now]
+                else:
+                    use[0] += 1
+                    use[1] = now
+        if spent:
+            self._report_soon()
+        return principal
 
     def ticket(self) -> int | None:
         """Take before calling Authenticate; hand to put(). None: the answer may not be kept."""
@@ -151,16 +166,25 @@ class _LeaseState:
             return self._generation if self._clock() < self._lease_until else None
 
     def put(self, token: str, principal: Principal, ticket: int | None = None) -> None:
-        """Stores an answer unless something that could have changed it happened since ticket()."""
+        """Stores an answer unless something that could have changed it happened since ticket().
+
+        `principal` is Authenticate's answer as it came, rate limit standing
+        included: its budget slice is how many uses the entry may answer. The
+        stored answer carries no standing (a cached use is no Authenticate call).
+        """
         if ticket is None:
             return
         expires = None if principal.expires_at is None else principal.expires_at.timestamp()
+        budget = None if principal.rate_limit is None else principal.rate_limit.cache_budget
+        if budget is not None and budget <= 0:
+            return  # nothing it could answer
+        principal = dataclasses.replace(principal, rate_limit=None)
         key = self._digest(token)
         with self._lock:
             if ticket != self._generation or self._clock() >= self._lease_until:
                 return
             self._remove(key)
-            self._entries[key] = (principal, expires)
+            self._entries[key] = [principal, expires, budget]
             self._by_token.setdefault(principal.token_id, set()).add(key)
             self._by_user.setdefault(principal.user_id, set()).add(key)
             while len(self._entries) > self._max_entries:
@@ -216,6 +240,9 @@ class _LeaseState:
         if self._lease_seconds <= 0:
             return FIRST_RENEW_SECONDS
         return max(MIN_RENEW_SECONDS, self._lease_seconds / 3)
+
+    def _report_soon(self) -> None:
+        """Sends the usage report now rather than at the next tick (a slice was spent)."""
 
     def _usage(self) -> pb.WatchTokenEventsRequest | None:
         with self._lock:
@@ -321,10 +348,14 @@ class LeaseCache(_LeaseState):
         if hit is not None:
             return hit
         ticket = self.ticket()
-        principal = Principal.from_response(self._client.authenticate(token, timeout=timeout))
-        # A cached answer is no Authenticate call: it carries no rate limit standing.
-        self.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
+        principal = self._client.authenticate_principal(token, timeout=timeout)
+        self.put(token, principal, ticket)
         return principal
+
+    def _report_soon(self) -> None:
+        outgoing = self._outgoing
+        if outgoing is not None and (usage := self._usage()) is not None:
+            outgoing.put(usage)
 
     def wait_leased(self, timeout: float) -> bool:
         """Blocks until a lease holds (True) or `timeout` seconds pass (False)."""
@@ -443,6 +474,8 @@ class AsyncLeaseCache(_LeaseState):
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._report_now = asyncio.Event()
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -455,7 +488,8 @@ class AsyncLeaseCache(_LeaseState):
             if self._client is None:
                 assert self._target is not None
                 self._client = AsyncTokenServiceClient(self._target, self._token, **self._options)
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run())
 
     async def authenticate(self, token: str, *, timeout: float | None = None) -> Principal:
         hit = self.get(token)
@@ -464,10 +498,22 @@ class AsyncLeaseCache(_LeaseState):
         self.start()
         assert self._client is not None
         ticket = self.ticket()
-        response = await self._client.authenticate(token, timeout=timeout)
-        principal = Principal.from_response(response)
-        self.put(token, dataclasses.replace(principal, rate_limit=None), ticket)
+        principal = await self._client.authenticate_principal(token, timeout=timeout)
+        self.put(token, principal, ticket)
         return principal
+
+    def _report_soon(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._report_now.set()
+        else:
+            loop.call_soon_threadsafe(self._report_now.set)
 
     async def wait_leased(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -548,20 +594,28 @@ class AsyncLeaseCache(_LeaseState):
             await asyncio.sleep(backoff)
 
     async def _tick(self, call: Any, writing: asyncio.Lock) -> None:
-        """Renews on time and reports usage every second."""
+        """Renews on time and reports usage every second, or at once when a slice is spent."""
         loop = asyncio.get_running_loop()
         next_renew = 0.0
         next_usage = loop.time() + USAGE_REPORT_SECONDS
         try:
             while True:
-                await asyncio.sleep(max(0.0, min(next_renew, next_usage) - loop.time()))
+                try:
+                    await asyncio.wait_for(
+                        self._report_now.wait(),
+                        max(0.0, min(next_renew, next_usage) - loop.time()),
+                    )
+                except TimeoutError:
+                    pass
                 await self._frozen()
                 now = loop.time()
+                report_now = self._report_now.is_set()
+                self._report_now.clear()
                 if now >= next_renew:
                     next_renew = now + self._renew_every()
                     async with writing:
                         await call.write(self._renew())
-                if now >= next_usage:
+                if now >= next_usage or report_now:
                     next_usage = now + USAGE_REPORT_SECONDS
                     usage = self._usage()
                     if usage is not None:

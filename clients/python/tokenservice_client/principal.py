@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC as _UTC
 from datetime import datetime
+from typing import Any
 
 from tokenservice.v1 import token_service_pb2 as pb
 
@@ -24,10 +25,15 @@ class RateLimitStatus:
     remaining: int
     # When the token is fully rested (remaining back at limit).
     reset_time: datetime
+    # The uses a lease cache may answer from memory before asking again (its budget
+    # slice, Authenticate's trailing `tokenservice-cache-budget`): the calls the limit
+    # would let through at once after this one. 0 when not known.
+    cache_budget: int = 0
 
     @classmethod
-    def from_proto(cls, status: pb.RateLimitStatus) -> RateLimitStatus:
-        return cls(status.limit, status.remaining, status.reset_time.ToDatetime(tzinfo=_UTC))
+    def from_proto(cls, status: pb.RateLimitStatus, cache_budget: int = 0) -> RateLimitStatus:
+        return cls(status.limit, status.remaining, status.reset_time.ToDatetime(tzinfo=_UTC),
+                   cache_budget)
 
     def headers(self, now: datetime | None = None) -> tuple[tuple[str, str], ...]:
         """The IETF `ratelimit-limit`, `-remaining` and `-reset` (whole seconds, rounded up)."""
@@ -54,12 +60,15 @@ class Principal:
     rate_limit: RateLimitStatus | None = None
 
     @classmethod
-    def from_response(cls, response: pb.AuthenticateResponse) -> Principal:
+    def from_response(
+        cls, response: pb.AuthenticateResponse, trailing_metadata: Any = None
+    ) -> Principal:
+        """`trailing_metadata`: the call's, for the cache budget (none: a budget of 0)."""
         expires_at = (
             response.expires_at.ToDatetime(tzinfo=_UTC) if response.HasField("expires_at") else None
         )
         rate_limit = (
-            RateLimitStatus.from_proto(response.rate_limit)
+            RateLimitStatus.from_proto(response.rate_limit, _cache_budget(trailing_metadata))
             if response.HasField("rate_limit") else None
         )
         return cls(
@@ -91,3 +100,16 @@ def current_principal() -> Principal:
         raise LookupError(
             "no authenticated principal: is this method protected by AuthInterceptor?"
         ) from None
+
+
+CACHE_BUDGET_METADATA = "tokenservice-cache-budget"
+
+
+def _cache_budget(metadata: Any) -> int:
+    for key, value in metadata or ():
+        if key == CACHE_BUDGET_METADATA:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
