@@ -25,7 +25,8 @@ class LeaseCache {
     this.client = client;
     this.auth = new grpc.Metadata();
     this.auth.set("authorization", `Bearer ${verifyToken}`);
-    this.entries = new Map(); // sha256(raw token) -> {who, expires}
+    this.entries = new Map(); // sha256(raw token) -> {who, expires, budget}
+    this.uses = new Map(); // token id -> {count, last}: answered from memory, to report
     this.leaseUntil = 0; // monotonic seconds; a lease counts from when its Renew was SENT
     this.generation = 0; // bumped by anything that may make an answer stale
     this.sent = new Map(); // renew id -> when sent
@@ -53,6 +54,16 @@ class LeaseCache {
       stream.write({ renew: { id: String(id) } });
       timer = setTimeout(renew, every * 1000);
     };
+    // Uses answered from memory count for last_used_at and the rate limit.
+    this.report = () => {
+      if (this.uses.size === 0) return;
+      const uses = [...this.uses].map(([tokenId, u]) => ({
+        tokenId, count: String(u.count), lastUsedAt: { seconds: String(Math.floor(u.last / 1000)) },
+      }));
+      this.uses.clear();
+      stream.write({ usage: { uses } });
+    };
+    const reporter = setInterval(this.report, 1000);
     stream.on("data", (event) => {
       if (event.invalidate) {
         const { tokenIds, userIds } = event.invalidate;
@@ -79,6 +90,8 @@ class LeaseCache {
       if (lost) return;
       lost = true;
       clearTimeout(timer);
+      clearInterval(reporter);
+      this.report = () => {};
       this.leaseUntil = 0;
       this.drop();
       setTimeout(() => this.connect(), 500);
@@ -92,18 +105,27 @@ class LeaseCache {
     const key = crypto.createHash("sha256").update(raw).digest("hex");
     const hit = this.entries.get(key);
     if (hit && this.now() < this.leaseUntil && !(hit.expires && Date.now() >= hit.expires)) {
-      return { ...hit.who, cached: true };
+      if (hit.budget > 0) {
+        hit.budget -= 1; // a rate-limited token: only within the slice the server granted
+        const use = this.uses.get(hit.who.tokenId) || { count: 0, last: 0 };
+        this.uses.set(hit.who.tokenId, { count: use.count + 1, last: Date.now() });
+        return { ...hit.who, cached: true };
+      }
+      this.report(); // slice spent: counted first, then Authenticate decides again
     }
     const ticket = this.now() < this.leaseUntil ? this.generation : null;
-    const who = await new Promise((resolve, reject) =>
-      this.client.Authenticate({ token: raw }, { deadline: Date.now() + 10000 }, (err, r) =>
-        err ? reject(err) : resolve(r)
-      )
-    );
+    let budget = 0;
+    const who = await new Promise((resolve, reject) => {
+      const call = this.client.Authenticate({ token: raw }, { deadline: Date.now() + 10000 },
+        (err, r) => (err ? reject(err) : resolve(r)));
+      call.on("status", (s) => {
+        budget = Number(s.metadata.get("tokenservice-cache-budget")[0] || 0);
+      });
+    });
     // Kept only if nothing that could change it happened while it was in flight.
     if (ticket !== null && ticket === this.generation && this.now() < this.leaseUntil) {
       const expires = who.expiresAt ? Number(who.expiresAt.seconds) * 1000 : 0;
-      this.entries.set(key, { who, expires });
+      this.entries.set(key, { who, expires, budget: who.rateLimit ? budget : Infinity });
     }
     return { ...who, cached: false };
   }
