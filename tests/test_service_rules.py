@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -30,7 +31,7 @@ from tokenservice_server.ratelimit import LocalStore
 from tokenservice_server.scopes import ScopeCatalog
 from tokenservice_server.service import MAX_PAGE_SIZE, TokenService
 from tokenservice_server.store import Store
-from tokenservice_server.values import Principal, RateLimitStatus, from_micros
+from tokenservice_server.values import CachedUse, Principal, RateLimitStatus, from_micros
 
 START = 1_800_000_000_000_000  # micros: 2027-01-15
 
@@ -324,9 +325,13 @@ def test_every_authenticate_counts_and_over_the_limit_is_told_when_to_retry(
     raw = world.token("ann@acme.test", ["pass:read"])
     first = world.service.authenticate(raw, "198.51.100.7").rate_limit
     # 100 per 10 s: one call per 100 ms, ten at once.
-    assert first == RateLimitStatus(limit=100, remaining=99, reset_at_us=START + 100_000)
+    # The cache budget: what a lease cache may answer from memory, the nine calls
+    # the burst still holds.
+    assert first == RateLimitStatus(limit=100, remaining=99, reset_at_us=START + 100_000,
+                                    cache_budget=9)
     burst = [world.service.authenticate(raw, "198.51.100.7").rate_limit for _ in range(9)]
     assert [b.remaining for b in burst] == [98, 97, 96, 95, 94, 93, 92, 91, 0]  # type: ignore[union-attr]
+    assert [b.cache_budget for b in burst] == [8, 7, 6, 5, 4, 3, 2, 1, 0]  # type: ignore[union-attr]
     assert burst[-1].reset_at_us == START + 1_000_000  # type: ignore[union-attr]
     for _ in range(20):
         with pytest.raises(RateLimited) as refused:
@@ -350,6 +355,33 @@ def test_every_authenticate_counts_and_over_the_limit_is_told_when_to_retry(
     assert world.service.authenticate(raw).rate_limit.remaining == 99  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("config", [Config(bcrypt_rounds=4, rate_limit=RateLimit(100, 10.0))])
+def test_uses_a_consumer_answered_from_its_cache_count_against_the_limit(world: World) -> None:
+    default = world.token("ann@acme.test", ["pass:read"])
+    own = world.token("ann@acme.test", ["pass:read"])
+    _own_limit(own, 4, 60_000_000)  # 4 a minute: a burst of one
+    slices = {raw: world.service.authenticate(raw).rate_limit.cache_budget  # type: ignore[union-attr]
+              for raw in (default, own)}
+    assert slices == {default: 9, own: 0}
+    ids = {raw: world.caller(raw).token_id for raw in (default, own)}
+    # The consumer answered the whole slice from memory, and reports it (with
+    # ids it made up, and a use of nothing, which change nothing).
+    uses = [CachedUse(ids[default], 9, START), CachedUse(ids[own], 3, START),
+            CachedUse(str(uuid.uuid4()), 5, START), CachedUse("not-an-id", 5, START),
+            CachedUse(ids[default], 0, START)]
+    asyncio.run(world.service.arecord_cached_uses(uses))
+    # Counted: the next calls are over the limit...
+    for raw in (default, own):
+        with pytest.raises(RateLimited):
+            world.service.authenticate(raw)
+    # ...until paid back at the limit's pace: one call's worth for each, since a
+    # report's debt stops at a full burst.
+    world.advance(0.1)
+    assert world.service.authenticate(default).rate_limit.cache_budget == 0  # type: ignore[union-attr]
+    world.advance(15)
+    assert world.service.authenticate(own).rate_limit is not None
+
+
 def test_a_token_s_own_limit_wins_over_the_default(world: World) -> None:
     mine = world.token("ann@acme.test", ["pass:read"])
     other = world.token("ann@acme.test", ["pass:read"])
@@ -361,7 +393,7 @@ def test_a_token_s_own_limit_wins_over_the_default(world: World) -> None:
     assert world.service.authenticate(mine).rate_limit.remaining == 0  # type: ignore[union-attr]
     # Counted per token: the other one, on the service default, is untouched.
     assert world.service.authenticate(other).rate_limit == RateLimitStatus(
-        600, 599, START + 30_000_000 + 100_000
+        600, 599, START + 30_000_000 + 100_000, cache_budget=59
     )
 
 

@@ -1196,43 +1196,54 @@ class TokenService:
             )
 
     def _charge_cached(self, counts: Mapping[str, int]) -> None:
+        try:
+            limits = self._reported_limits(list(counts))
+        except Unavailable:
+            # Limits fail open, never authentication: the report's stream
+            # stays up, and these uses go uncounted.
+            log.warning("usage report not charged: the token store is unavailable")
+            return
         for token_id, count in counts.items():
-            try:
-                limit = self._reported_limit(token_id)
-            except Unavailable:
-                # Limits fail open, never authentication: the report's stream
-                # stays up, and these uses go uncounted.
-                log.warning("usage report not charged: the token store is unavailable")
-                return
+            limit = limits.get(token_id)
             if limit is not None:
                 self.limiter.charge(token_id, *limit, min(count, limit[0]))
 
-    def _reported_limit(self, token_id: str) -> tuple[int, float] | None:
-        """A token's (requests, period in seconds) for charging reports; None: none.
+    def _reported_limits(self, token_ids: Sequence[str]) -> dict[str, tuple[int, float] | None]:
+        """Each token's (requests, period in seconds) for charging reports; None: none.
 
         Kept for REPORT_LIMIT_SECONDS, so a busy consumer's reports cost no
-        read each; a changed limit reaches the charges that long after.
+        read each; the tokens not kept are read in one query. A changed limit
+        reaches the charges that long after.
         """
         now = self.clock()
+        found: dict[str, tuple[int, float] | None] = {}
         with self._report_limits_lock:
-            known = self._report_limits.get(token_id)
-            if known is not None and now - known[1] < REPORT_LIMIT_SECONDS * 1_000_000:
-                return known[0]
+            for token_id in token_ids:
+                known = self._report_limits.get(token_id)
+                if known is not None and now - known[1] < REPORT_LIMIT_SECONDS * 1_000_000:
+                    found[token_id] = known[0]
+        missing = [t for t in token_ids if t not in found]
+        if not missing:
+            return found
         with self.auth_store.connection():
-            info = self.auth_store.get_token(token_id, now)
-        if info is None:
-            limit = None
-        elif info.rate_limit is not None:
-            limit = (info.rate_limit.requests, info.rate_limit.period_us / 1_000_000)
-        else:
-            default = self.config.rate_limit
-            limit = None if default is None else (default.requests, default.period_s)
+            own = self.auth_store.rate_limits(missing)
+        default = self.config.rate_limit
+        for token_id in missing:
+            if token_id not in own:
+                found[token_id] = None  # no such token
+                continue
+            requests, period_us = own[token_id]
+            if requests is not None and period_us is not None:
+                found[token_id] = (requests, period_us / 1_000_000)
+            else:
+                found[token_id] = None if default is None else (default.requests, default.period_s)
         with self._report_limits_lock:
-            self._report_limits[token_id] = (limit, now)
-            self._report_limits.move_to_end(token_id)
+            for token_id in missing:
+                self._report_limits[token_id] = (found[token_id], now)
+                self._report_limits.move_to_end(token_id)
             while len(self._report_limits) > REPORT_LIMITS_KEPT:
                 self._report_limits.popitem(last=False)
-        return limit
+        return found
 
     # Users, for the command line (actor "cli").
 

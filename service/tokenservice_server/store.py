@@ -126,6 +126,23 @@ class Store:
             rate_limit_period_us=limit_period_us,
         )
 
+    def rate_limits(
+        self, token_ids: Sequence[str]
+    ) -> dict[str, tuple[int | None, int | None]]:
+        """Each existing token's own limit, (requests, period_us) or (None, None): one
+        query per 500 ids (SQLite bounds a statement's parameters)."""
+        keys = [uuid.UUID(t) for t in token_ids]
+        found: dict[str, tuple[int | None, int | None]] = {}
+        for at in range(0, len(keys), 500):
+            rows = (
+                ApiToken.select(ApiToken.id, ApiToken.rate_limit_requests,
+                                ApiToken.rate_limit_period_us)
+                .where(ApiToken.id.in_(keys[at:at + 500])).tuples()
+            )
+            found.update((_uuid_str(tid), (requests, period_us))
+                         for tid, requests, period_us in rows)
+        return found
+
     def write_last_used(self, last_used: Mapping[str, int]) -> None:
         """Writes a batch of last-use times (micros) in one transaction, never moving one back.
 
