@@ -83,6 +83,14 @@ def test_a_reported_token_is_revoked_with_its_subtree(ts: RunningServer) -> None
                                     metadata=bearer(admin)).events
     assert [e.details["source"] for e in audit] == ["https://other.example/paste", SOURCE]
 
+    # A reporter repeating it, naming ever new places, cannot flood the owner's log:
+    # a revoked token's report is recorded once a minute at most.
+    for n in range(20):
+        assert report(ts, [leaked.token] * 5, source=f"https://spam.example/{n}").results[0].revoked
+    audit = ts.stub.ListAuditEvents(pb.ListAuditEventsRequest(action="token.leak_reported"),
+                                    metadata=bearer(admin)).events
+    assert len(audit) == 2
+
 
 def test_at_most_100_tokens_and_a_sane_source(ts: RunningServer) -> None:
     for raws, source, field in (

@@ -318,6 +318,8 @@ class TokenService:
         # write when one client keeps presenting an old secret.
         self._reuse_seen: OrderedDict[str, int] = OrderedDict()
         self._reuse_lock = threading.Lock()
+        # Likewise, revoked tokens reported as leaked again lately (their audit events).
+        self._leaks_seen: OrderedDict[str, int] = OrderedDict()
         # Tokens being created (CreateToken) per calling token.
         self._minting: dict[str, int] = {}
         self._minting_lock = threading.Lock()
@@ -1148,6 +1150,11 @@ class TokenService:
 
     def _revoke_leaked(self, row: AuthRow, source: str, actor: Actor) -> None:
         now = self.clock()
+        if row.revoked_at is not None and not self._first_leak_report(row.token_id, now):
+            # Reported again within the minute: the owner already has an event
+            # saying where it was found; a reporter repeating it (or naming new
+            # places) gets no write, so it cannot flood the audit log.
+            return
         entry = AuditEntry("token.leak_reported", row.org_id, actor, row.token_id,
                            {"source": source})
         children = AuditEntry("token.revoke", row.org_id, actor,
@@ -1157,6 +1164,19 @@ class TokenService:
             # Revoked before: nothing changed, but the owner learns where it was found.
             self.store.append_audit([entry], now)
         log.warning("leaked token revoked", extra={"token_id": row.token_id})
+
+    def _first_leak_report(self, token_id: str, now: int) -> bool:
+        """Whether a revoked token's leak report is the first in REUSE_REPORT_EVERY_US
+        here (per process: each replica records at most one a minute)."""
+        with self._reuse_lock:
+            seen = self._leaks_seen.get(token_id)
+            if seen is not None and now - seen < REUSE_REPORT_EVERY_US:
+                return False
+            self._leaks_seen[token_id] = now
+            self._leaks_seen.move_to_end(token_id)
+            while len(self._leaks_seen) > 10_000:
+                self._leaks_seen.popitem(last=False)
+        return True
 
     # Consumers that cache Authenticate's answers (WatchTokenEvents).
 
