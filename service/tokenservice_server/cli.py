@@ -36,6 +36,7 @@ from .scopes import ScopeCatalog
 from .service import TokenService
 from .store import Store
 from .values import AuditEvent, TokenInfo, UserInfo
+from .wakeups import RedisWakeups
 
 log = logging.getLogger("tokenservice.cli")
 
@@ -488,7 +489,11 @@ def run(argv: Sequence[str]) -> int:
             _run_command(args, service)
     finally:
         narrowing.stop(collecting)
-        settle_blocking(service.store, narrowed)
+        wakeups = (RedisWakeups(config.redis_url, config.redis_timeout_seconds)
+                   if narrowed and config.redis_url else None)
+        settle_blocking(service.store, narrowed, wakeups)
+        if wakeups is not None:
+            wakeups.close()
         sys.stdout.write(out.getvalue())
     return 0
 

@@ -3,8 +3,9 @@
 Every server process runs a `Fanout` on its event loop. It:
 
 - reads the store's new token events (every POLL seconds, or at once when
-  PostgreSQL NOTIFYs one) and hands each to its LeaseHub, then records its
-  ack once the hub's consumers have applied it (or their leases ran out);
+  PostgreSQL NOTIFYs one, or Redis pub/sub says so where replicas share a
+  Redis: wakeups.py) and hands each to its LeaseHub, then records its ack
+  once the hub's consumers have applied it (or their leases ran out);
 - while it has watching consumers, records every HEARTBEAT seconds how long
   the leases it grants may hold (`lease_replicas.lease_until`, on the store's
   clock), and only then lets the hub grant up to that time;
@@ -43,6 +44,7 @@ from .errors import Unavailable
 from .leases import LeaseHub
 from .store import ACKS_CHANNEL, EVENTS_CHANNEL, Store
 from .values import Narrowed
+from .wakeups import ACKS, EVENTS, RedisWakeups
 
 log = logging.getLogger("tokenservice.fanout")
 
@@ -73,8 +75,10 @@ class Fanout:
         hub: LeaseHub,
         lease_seconds: float,
         blocking: Executor | None = None,
+        wakeups: RedisWakeups | None = None,
     ) -> None:
         self.store = store
+        self.wakeups = wakeups
         self.hub = hub
         self.replica_id = str(uuid.uuid4())
         self._lease_seconds = lease_seconds
@@ -89,6 +93,7 @@ class Fanout:
         self._acks_seen: asyncio.Event | None = None
         self._stopping = threading.Event()
         self._listener_thread: threading.Thread | None = None
+        self._redis_thread: threading.Thread | None = None
         self._watch_from: int | None = None
         self._last_seen = 0
         self._local: set[int] = set()  # events of our own calls: delivered by settle()
@@ -108,6 +113,12 @@ class Fanout:
                 target=self._listen, name="token-events-listen", daemon=True
             )
             self._listener_thread.start()
+        if self.wakeups is not None:
+            self._redis_thread = threading.Thread(
+                target=self.wakeups.listen, args=(self._notified, self._stopping),
+                name="token-events-redis", daemon=True,
+            )
+            self._redis_thread.start()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -122,8 +133,11 @@ class Fanout:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, self.store.close)
         self._pool.shutdown(wait=True)
-        if self._listener_thread is not None:
-            await loop.run_in_executor(None, self._listener_thread.join, 5)
+        for thread in (self._listener_thread, self._redis_thread):
+            if thread is not None:
+                await loop.run_in_executor(None, thread.join, 5)
+        if self.wakeups is not None:
+            self.wakeups.close()
 
     def wake(self) -> None:
         """Run the loop now (a renewal waits for a heartbeat); from the loop's thread."""
@@ -144,8 +158,14 @@ class Fanout:
         users = sorted({u for e in events for u in e.user_ids})
         await asyncio.gather(
             self.hub.invalidate(tokens, users),
+            self._publish(EVENTS),
             self._await_others([e.event_id for e in events]),
         )
+
+    async def _publish(self, channel: str) -> None:
+        """Wakes the other processes through Redis, when there is one (off the loop)."""
+        if self.wakeups is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.wakeups.publish, channel)
 
     async def _await_others(self, event_ids: list[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -249,6 +269,7 @@ class Fanout:
             except Exception:
                 self._to_ack = acks + self._to_ack
                 raise
+            await self._publish(ACKS)
 
     async def _deliver(self, event: Narrowed) -> None:
         await self.hub.invalidate(event.token_ids, event.user_ids)
@@ -278,14 +299,22 @@ class Fanout:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            try:
-                if EVENTS_CHANNEL in channels:
-                    self._loop.call_soon_threadsafe(self.wake)
-                if ACKS_CHANNEL in channels:
-                    self._loop.call_soon_threadsafe(self._acks_arrived)
-            except RuntimeError:  # the loop is closed: we are stopping
-                break
+            for channel in channels:
+                self._notified(channel)
         listener.close()
+
+    def _notified(self, channel: str) -> None:
+        """From a listener's thread: PostgreSQL's or Redis's channel said something happened."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            if channel in (EVENTS_CHANNEL, EVENTS):
+                loop.call_soon_threadsafe(self.wake)
+            elif channel in (ACKS_CHANNEL, ACKS):
+                loop.call_soon_threadsafe(self._acks_arrived)
+        except RuntimeError:  # the loop is closed: we are stopping
+            pass
 
     def _acks_arrived(self) -> None:
         """Wakes every settle() waiting now; later waiters get a fresh event."""
@@ -294,10 +323,13 @@ class Fanout:
             self._acks_seen = asyncio.Event()
 
 
-def settle_blocking(store: Store, events: Sequence[Narrowed]) -> None:
+def settle_blocking(store: Store, events: Sequence[Narrowed],
+                    wakeups: RedisWakeups | None = None) -> None:
     """settle() for a process without watching consumers (the command line): blocks."""
     if not events:
         return
+    if wakeups is not None:
+        wakeups.publish(EVENTS)
     ids = [e.event_id for e in events]
     deadline = time.monotonic() + SETTLE_CAP_SECONDS
     while True:

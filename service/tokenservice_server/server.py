@@ -34,6 +34,7 @@ from .service import TokenService
 from .store import Store
 from .tls import ServerTls
 from .usage import UsageRecorder
+from .wakeups import RedisWakeups
 
 log = logging.getLogger("tokenservice.server")
 
@@ -113,7 +114,11 @@ class TokenServer:
             needs_grant=lambda: self.fanout.wake(),
             on_count=metrics.set_token_watchers,
         )
-        self.fanout = Fanout(self.store, self.hub, config.lease_seconds, self._blocking)
+        self.fanout = Fanout(
+            self.store, self.hub, config.lease_seconds, self._blocking,
+            RedisWakeups(config.redis_url, config.redis_timeout_seconds)
+            if config.redis_url else None,
+        )
         self.pruner = AuditPruner(
             self.prune_audit, config.audit_prune_seconds, config.audit_prune_batch,
             on_exit=self._close_thread_connection,
