@@ -187,7 +187,11 @@ class ReadPool:
                 return conn
             handed = await self._wait(loop)
             if handed is not None:
-                return handed
+                if self._reusable(handed):
+                    return handed
+                handed.in_use = False  # lost while it was on its way: try again
+                self._close(handed)
+                continue
             # None: a slot came free; go round and open a connection in it.
 
     async def _wait(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
