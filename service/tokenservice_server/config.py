@@ -93,8 +93,10 @@ class Config:
     # bcrypt work running or waiting for one client address (an IPv6 /64), or for
     # one calling user at CreateToken: one client's flood waits in its own queue.
     bcrypt_max_per_client: int = 4
-    # Authenticate's database reads (PostgreSQL) run on threads and connections of
-    # their own, so management calls holding every worker never hold it up.
+    # Authenticate's database read (PostgreSQL) runs on the event loop through this
+    # many asynchronous connections of its own (pgasync.py), and its other waits on
+    # as many threads of its own, so management calls holding every worker never
+    # hold it up.
     auth_read_workers: int = 4
     # Tokens one calling token may be creating at once (CreateToken); more are
     # refused with RESOURCE_EXHAUSTED and a RetryInfo.

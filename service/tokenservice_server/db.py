@@ -124,27 +124,11 @@ def open_database(url: str, max_connections: int = 20, bind: bool = True) -> pee
             raise DatabaseURLError(f"database URL {url!r} names no file")
         db = connect(url, pragmas=SQLITE_PRAGMAS, timeout=10)
     elif scheme in ("postgres", "postgresql"):
-        params = parse(url)
-        if not params.get("database"):
-            raise DatabaseURLError(f"database URL {url!r} names no database")
-        server_options = (
-            f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
-            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
-        )
-        params.setdefault("options", server_options)
-        params.setdefault("connect_timeout", 5)
-        params.setdefault("application_name", "tokenservice")
-        # TCP keepalives: a server that vanished from the network (no RST) is
-        # noticed in about a minute instead of the kernel's two hours.
-        params.setdefault("keepalives", 1)
-        params.setdefault("keepalives_idle", 30)
-        params.setdefault("keepalives_interval", 10)
-        params.setdefault("keepalives_count", 3)
         db = PostgresPool(
             max_connections=max_connections,
             stale_timeout=STALE_SECONDS,
             timeout=10,  # seconds to wait for a free pooled connection
-            **params,
+            **postgres_params(url),
         )
     else:
         raise DatabaseURLError(
@@ -153,6 +137,28 @@ def open_database(url: str, max_connections: int = 20, bind: bool = True) -> pee
     if bind:
         database.initialize(db)
     return db
+
+
+def postgres_params(url: str) -> dict[str, Any]:
+    """psycopg2.connect's arguments for a PostgreSQL URL, with the timeouts and
+    keepalives every connection of the service gets (pgasync.py's too)."""
+    params: dict[str, Any] = parse(url)
+    if not params.get("database"):
+        raise DatabaseURLError(f"database URL {url!r} names no database")
+    server_options = (
+        f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
+        f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+    )
+    params.setdefault("options", server_options)
+    params.setdefault("connect_timeout", 5)
+    params.setdefault("application_name", "tokenservice")
+    # TCP keepalives: a server that vanished from the network (no RST) is
+    # noticed in about a minute instead of the kernel's two hours.
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", 30)
+    params.setdefault("keepalives_interval", 10)
+    params.setdefault("keepalives_count", 3)
+    return params
 
 
 def is_sqlite(db: peewee.Database) -> bool:
@@ -229,6 +235,13 @@ def _discard_idle(db: peewee.Database) -> None:
         with contextlib.suppress(Exception):
             db.close_idle()
         log.warning("lost the database connection; reconnecting on the next request")
+
+
+def mark_lost(db: peewee.Database) -> None:
+    """Another pool found the server gone: this pool's connections opened until
+    now are closed when next checked out or handed back (no I/O here)."""
+    if isinstance(db, PostgresPool):
+        db.mark_lost()
 
 
 def close_all(db: peewee.Database) -> None:

@@ -98,6 +98,10 @@ class TokenServer:
             self.auth_store = Store(open_database(
                 config.database_url, max_connections=config.auth_read_workers + 1, bind=False
             ))
+            # Authenticate's read itself runs on the loop, with as many connections.
+            self.auth_store.read_on_loop(
+                config.database_url, config.auth_read_workers, others=[self.store]
+            )
         self.service = TokenService(
             config,
             self.store,
@@ -249,6 +253,7 @@ class TokenServer:
             self.store.close()
 
         self._call(close_loop_connection())
+        self._call(self.auth_store.aclose_loop_reads())
         self.store.close()
         if self.auth_store is not self.store:
             self.auth_store.close()

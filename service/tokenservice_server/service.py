@@ -358,7 +358,8 @@ class TokenService:
         """authenticate() for an event loop; nothing that waits runs on the loop's thread.
 
         The one read runs on the loop's thread when the store answers it from
-        memory (SQLite), else on `blocking`. With limits in this process the
+        memory (SQLite) or through asynchronous connections (PostgreSQL, with
+        `Store.read_on_loop`), else on `blocking`. With limits in this process the
         rest is CPU and runs there too. With a remote limit store (Redis) the
         warm path (a known token whose secret was verified before) counts the
         call through the limiter's batches, which go to Redis off the loop's
@@ -375,6 +376,9 @@ class TokenService:
         loop = asyncio.get_running_loop()
         if self.auth_store.inline_reads:
             parsed, row = read()
+        elif self.auth_store.loop_reads is not None:  # PostgreSQL, on the loop: pgasync.py
+            parsed = tokens.parse(raw_token, self.config.token_prefix)
+            row = await self.auth_store.afind_for_auth(parsed.lookup_id) if parsed else None
         else:
             parsed, row = await loop.run_in_executor(
                 self.blocking, contextvars.copy_context().run, read

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peewee
 from peewee import Tuple
@@ -41,6 +41,9 @@ from .values import (
 )
 from .values import AuditEvent as AuditEventValue
 
+if TYPE_CHECKING:
+    from .pgasync import ReadPool
+
 # PostgreSQL: narrowing transactions take this advisory lock just before they
 # write their event, so events commit in id order and "every event after the
 # last one read" misses none (a sequence alone hands out ids in one order and
@@ -49,6 +52,8 @@ EVENTS_LOCK = 7401284
 EVENTS_CHANNEL = "tokenservice_token_events"
 _PG_NOW = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint"
 ACKS_CHANNEL = "tokenservice_token_event_acks"
+# The name Authenticate's read is prepared under on the event loop's connections.
+AUTH_STATEMENT = "tokenservice_auth"
 
 # Every audit event is also one JSON log line on this logger, written once its
 # transaction has committed, for a log shipper to forward.
@@ -88,6 +93,28 @@ class Store:
             .where(ApiToken.lookup_id == "?")
         )
         self._auth_sql, _ = query.sql()
+        # PostgreSQL: where afind_for_auth reads, on the event loop (read_on_loop).
+        self.loop_reads: ReadPool | None = None
+
+    def read_on_loop(self, url: str, max_connections: int, others: Sequence[Store] = ()) -> None:
+        """Lets afind_for_auth read on the event loop, through asynchronous
+        connections of its own (PostgreSQL; SQLite reads inline already).
+
+        When those find the server gone, the connections of this store and of
+        `others` (the same server) are presumed lost too, so the next caller of
+        any of them gets a fresh one rather than the loss.
+        """
+        from .pgasync import ReadPool  # psycopg2: PostgreSQL only
+
+        databases = [self.db, *(other.db for other in others)]
+
+        def lost() -> None:
+            for db in databases:
+                dbmod.mark_lost(db)
+
+        self.loop_reads = ReadPool(
+            dbmod.postgres_params(url), max_connections, {AUTH_STATEMENT: self._auth_sql}, lost
+        )
 
     # Connections.
 
@@ -106,25 +133,18 @@ class Store:
 
     def find_for_auth(self, lookup_id: str) -> AuthRow | None:
         row = self.db.execute_sql(self._auth_sql, (lookup_id,)).fetchone()
-        if row is None:
-            return None
-        tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled, \
-            replaced_by, limit_requests, limit_period_us = row
-        return AuthRow(
-            token_id=_uuid_str(tid),
-            secret_hash=secret_hash,
-            scopes=json.loads(scopes),
-            expires_at=expires,
-            revoked_at=revoked,
-            user_id=_uuid_str(uid),
-            email=email,
-            org_id=org,
-            permissions=json.loads(perms),
-            disabled=bool(disabled),
-            replaced_by_id=None if replaced_by is None else _uuid_str(replaced_by),
-            rate_limit_requests=limit_requests,
-            rate_limit_period_us=limit_period_us,
-        )
+        return None if row is None else _auth_row(row)
+
+    async def afind_for_auth(self, lookup_id: str) -> AuthRow | None:
+        """find_for_auth on the event loop, without a thread (after read_on_loop)."""
+        assert self.loop_reads is not None
+        row = await self.loop_reads.fetchone(AUTH_STATEMENT, (lookup_id,))
+        return None if row is None else _auth_row(row)
+
+    async def aclose_loop_reads(self) -> None:
+        """Closes the event loop's connections (on that loop, at shutdown)."""
+        if self.loop_reads is not None:
+            await self.loop_reads.aclose()
 
     def rate_limits(
         self, token_ids: Sequence[str]
@@ -866,4 +886,26 @@ def _uuid_str(value: object) -> str:
     return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
 
 
+def _auth_row(row: Sequence[Any]) -> AuthRow:
+    """The hot path's row (token and user columns, in the query's order) as an AuthRow."""
+    tid, secret_hash, scopes, expires, revoked, uid, email, org, perms, disabled, \
+        replaced_by, limit_requests, limit_period_us = row
+    return AuthRow(
+        token_id=_uuid_str(tid),
+        secret_hash=secret_hash,
+        scopes=json.loads(scopes),
+        expires_at=expires,
+        revoked_at=revoked,
+        user_id=_uuid_str(uid),
+        email=email,
+        org_id=org,
+        permissions=json.loads(perms),
+        disabled=bool(disabled),
+        replaced_by_id=None if replaced_by is None else _uuid_str(replaced_by),
+        rate_limit_requests=limit_requests,
+        rate_limit_period_us=limit_period_us,
+    )
+
+
 __all__ = ["Store"]
+
