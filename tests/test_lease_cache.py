@@ -234,26 +234,26 @@ def _hammer_limited(cache: LeaseCache, raw: str, seconds: float) -> tuple[list[i
 def test_a_cached_token_keeps_its_rate_limit_within_the_documented_slack(
     world: World, cache: LeaseCache
 ) -> None:
-    # 100 per 2 s: T = 20 ms, a burst of 10. Without the cache, GCRA allows at most
-    # 100 + 10 - 1 in any 2 s; the cache may answer one budget slice (at most
-    # burst - 1 uses) before its report is counted, and one more while that report
-    # is on its way.
-    requests, period, burst = 100, 2.0, 10
+    # 100 per 2 s: never more than 100 counted calls in any 2 s, and the uses the
+    # server promised to caches and has not heard of yet: at most a tenth of the
+    # limit at once. Measured here on the consumer's clock, a little later than the
+    # server's: windows a tenth shorter than the period absorb that.
+    requests, period, promise = 100, 2.0, 10
     limited = world.manager.create_token("limited", ["pass:read"], rate_limit=(requests, period))
     hits_before = cache.stats().hits
     admitted, refusals = _hammer_limited(cache, limited.token, 2 * period)
     hits = cache.stats().hits - hits_before
-    most = max_in_any_window(admitted, round(period * 1_000_000))
+    most = max_in_any_window(admitted, round(period * 0.9 * 1_000_000))
     print(f"\n{len(admitted)} admitted ({hits} from the cache), {refusals} refused; "
-          f"most in any {period} s window: {most}")
-    # The first Authenticate's slice is every use a rested token could make at once.
-    assert hits >= burst - 1, "the cache never answered: this proves nothing about it"
+          f"most in any {period * 0.9} s window: {most}")
+    # The first Authenticate's slice is a tenth of the limit.
+    assert hits >= promise, "the cache never answered: this proves nothing about it"
     assert refusals > 0, "a caller far over its limit was never refused"
-    assert most <= requests + (burst - 1) + 2 * (burst - 1)
+    assert most <= requests + promise
 
 
 def test_an_asyncio_consumer_keeps_a_cached_tokens_rate_limit_too(world: World) -> None:
-    requests, period, burst = 100, 2.0, 10
+    requests, period, promise = 100, 2.0, 10
     limited = world.manager.create_token("limited", ["pass:read"], rate_limit=(requests, period))
 
     async def main() -> tuple[list[int], int, int]:
@@ -276,9 +276,9 @@ def test_an_asyncio_consumer_keeps_a_cached_tokens_rate_limit_too(world: World) 
             await cache.close()
 
     admitted, refusals, hits = asyncio.run(main())
-    most = max_in_any_window(admitted, round(period * 1_000_000))
-    assert hits >= burst - 1 and refusals > 0
-    assert most <= requests + (burst - 1) + 2 * (burst - 1)
+    most = max_in_any_window(admitted, round(period * 0.9 * 1_000_000))
+    assert hits >= promise and refusals > 0
+    assert most <= requests + promise
 
 
 def _last_used(world: World, token_id: str, after: datetime | None) -> datetime:

@@ -1,4 +1,4 @@
-"""Rate limits and failure throttles: GCRA's bound, in process and shared through a real Redis."""
+"""Rate limits and failure throttles: the sliding window's bound, in process and on Redis."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from tokenservice_server.config import (
 )
 from tokenservice_server.ratelimit import (
     KEY_PREFIX,
+    WINDOW_SLICES,
     Decision,
     LocalStore,
     RateLimiter,
     RedisStore,
-    default_burst,
     open_store,
 )
 from tokenservice_server.throttle import FailureBuckets
@@ -73,36 +73,34 @@ def stores(redis_url: str) -> Iterator[list[RedisStore]]:
 # The algorithm, in process, on a clock the test moves.
 
 
-# The documented slack: a burst of a tenth of the limit, so at most
-# requests + ceil(requests / 10) - 1 calls in any window of the period.
-@pytest.mark.parametrize(
-    ("requests", "period", "most"), [(100, 10.0, 109), (600, 60.0, 659), (7, 1.0, 7), (1, 5.0, 1)]
-)
-def test_a_saturating_caller_gets_the_limit_plus_the_documented_slack_and_no_more(
-    requests: int, period: float, most: int
+# No slack: at most `requests` calls in any window of the period, all of them at once
+# if the caller likes.
+@pytest.mark.parametrize(("requests", "period"), [(100, 10.0), (600, 60.0), (7, 1.0), (1, 5.0)])
+def test_a_saturating_caller_gets_the_limit_at_once_and_never_more_in_any_window(
+    requests: int, period: float
 ) -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
-    allowed: list[int] = []
-    # Seven attempts per allowed rate, for three and a half periods.
+    # Rested: the whole limit at once, and not one call more.
+    assert all(limiter.check("token", requests, period).allowed for _ in range(requests))
+    assert not limiter.check("token", requests, period).allowed
+    allowed = [micros(clock())] * requests
+    # Then seven attempts per period / requests, for four periods.
     step = period / requests / 7
-    for _ in range(int(3.5 * 7 * requests)):
+    for _ in range(4 * 7 * requests):
+        clock.advance(step)
         if limiter.check("token", requests, period).allowed:
             allowed.append(micros(clock()))
-        clock.advance(step)
     period_us = micros(period)
-    # The bound is tight: the first window holds the burst and the period's refills.
-    assert max_in_any_window(allowed, period_us) == most
-    # Once the burst is spent, every full window holds the limit (give or take the
-    # attempt that lands just past a window's edge).
-    spent = [t for t in allowed if t >= allowed[0] + period_us]
-    ends = [t for t in spent if t + period_us <= allowed[-1]]
-    for start in ends:
-        in_window = sum(1 for t in spent if start <= t < start + period_us)
-        assert requests - 1 <= in_window <= requests
+    assert max_in_any_window(allowed, period_us) == requests
+    # A caller that keeps calling gets the limit every period and a slice: a call
+    # counts until its tenth of the period has left the window.
+    horizon = allowed[0] + 4 * period_us
+    assert len(allowed) >= requests * 4 * WINDOW_SLICES // (WINDOW_SLICES + 1)
+    assert all(t <= horizon for t in allowed)
 
 
-def test_bursty_random_traffic_never_exceeds_the_bound() -> None:
+def test_bursty_random_traffic_never_exceeds_the_limit() -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
     rng = random.Random(7)
@@ -117,23 +115,23 @@ def test_bursty_random_traffic_never_exceeds_the_bound() -> None:
                 refused += 1
         clock.advance(rng.expovariate(1 / 0.15))
     assert refused > 0 and len(allowed) > requests
-    assert max_in_any_window(allowed, micros(period)) <= 54
+    assert max_in_any_window(allowed, micros(period)) == requests
 
 
 def test_a_decision_says_what_is_left_and_exactly_when_to_retry() -> None:
-    clock = Clock()
+    clock = Clock()  # at 1000 s: the start of a slice (one second for a 10 s period)
     limiter = RateLimiter(LocalStore(clock=clock))
-    first = limiter.check("t", 100, 10.0)  # burst 10, one call per 100 ms
-    assert first == Decision(True, 100, 99, 0.1, 0.0, 9)
-    burst = [limiter.check("t", 100, 10.0) for _ in range(9)]
-    assert [d.burst_left for d in burst] == list(range(8, -1, -1))
-    # The calls left in the window count down with the burst, and read 0 once a
-    # call made at once would be refused.
-    assert [d.remaining for d in burst] == [98, 97, 96, 95, 94, 93, 92, 91, 0]
+    first = limiter.check("t", 100, 10.0)
+    # Counted until its slice has left the window: 10 s and the slice itself.
+    assert first == Decision(True, 100, 99, 11.0, 0.0, 0)
+    clock.advance(2.5)
+    rest = [limiter.check("t", 100, 10.0) for _ in range(99)]
+    assert [d.remaining for d in rest] == list(range(98, -1, -1))
     refused = limiter.check("t", 100, 10.0)
-    assert not refused.allowed and refused.remaining == 0 and refused.burst_left == 0
-    assert refused.retry_after_s == pytest.approx(0.1)
-    assert refused.reset_after_s == pytest.approx(1.0)
+    assert not refused.allowed and refused.remaining == 0
+    # The first call leaves the window at 1011 s, 8.5 s from now; all of them at 1013 s.
+    assert refused.retry_after_s == pytest.approx(8.5)
+    assert refused.reset_after_s == pytest.approx(10.5)
     # Refused calls count nothing: many of them do not push the retry time back.
     for _ in range(50):
         assert not limiter.check("t", 100, 10.0).allowed
@@ -141,18 +139,17 @@ def test_a_decision_says_what_is_left_and_exactly_when_to_retry() -> None:
     assert not limiter.check("t", 100, 10.0).allowed
     clock.advance(0.000001)
     assert limiter.check("t", 100, 10.0).allowed
+    assert not limiter.check("t", 100, 10.0).allowed  # one left the window, one came in
     # Another key has its own budget; cost 0 only asks.
-    assert limiter.check("u", 100, 10.0, cost=0) == Decision(True, 100, 100, 0.0, 0.0, 10)
-    assert limiter.check("u", 100, 10.0, cost=0).burst_left == 10
+    assert limiter.check("u", 100, 10.0, cost=0) == Decision(True, 100, 100, 0.0, 0.0, 0)
 
 
-def test_a_call_may_cost_more_than_one_and_never_more_than_the_burst() -> None:
-    clock = Clock()
-    limiter = RateLimiter(LocalStore(clock=clock))
-    assert limiter.check("t", 60, 60.0, cost=4, burst=10).burst_left == 6
-    assert not limiter.check("t", 60, 60.0, cost=7, burst=10).allowed
-    assert limiter.check("t", 60, 60.0, cost=6, burst=10).burst_left == 0
-    assert not limiter.check("u", 60, 60.0, cost=11, burst=10).allowed
+def test_a_call_may_cost_more_than_one_and_never_more_than_the_limit() -> None:
+    limiter = RateLimiter(LocalStore(clock=Clock()))
+    assert limiter.check("t", 60, 60.0, cost=4).remaining == 56
+    assert not limiter.check("t", 60, 60.0, cost=57).allowed
+    assert limiter.check("t", 60, 60.0, cost=56).remaining == 0
+    assert not limiter.check("u", 60, 60.0, cost=61).allowed
 
 
 def test_the_in_process_store_stays_bounded_under_many_keys() -> None:
@@ -161,7 +158,7 @@ def test_the_in_process_store_stays_bounded_under_many_keys() -> None:
     for i in range(100):
         limiter.check(str(i), 1, 60.0)
     # Only the 10 most recently used keys are remembered: the oldest start rested.
-    assert [limiter.check(str(i), 1, 60.0, cost=0).burst_left for i in range(100)] == (
+    assert [limiter.check(str(i), 1, 60.0, cost=0).remaining for i in range(100)] == (
         [1] * 90 + [0] * 10
     )
 
@@ -243,22 +240,24 @@ def test_no_redis_url_means_the_in_process_store() -> None:
 def test_redis_agrees_with_the_in_process_store(stores: list[RedisStore]) -> None:
     local = RateLimiter(LocalStore(clock=Clock()))
     shared = RateLimiter(stores[0])
-    # One call per 360 s: the milliseconds this test takes change no answer.
-    for cost in [1, 1, 3, 1, 2, 2, 1, 0, 1, 1, 1, 4]:
-        a = local.check("t", 10, 3600.0, cost=cost, burst=8)
-        b = shared.check("t", 10, 3600.0, cost=cost, burst=8)
-        assert (a.allowed, a.remaining, a.burst_left, a.limit) == (
-            b.allowed, b.remaining, b.burst_left, b.limit)
-        assert b.retry_after_s == pytest.approx(a.retry_after_s, abs=1.0)
-        assert b.reset_after_s == pytest.approx(a.reset_after_s, abs=1.0)
+    # An hour's window: the milliseconds this test takes change no answer. The two
+    # clocks sit at different points of a slice (360 s), which moves the times only.
+    for cost, cache in [(1, True), (1, False), (3, True), (1, False), (2, True), (2, False),
+                        (1, True), (0, False), (1, False), (1, True), (1, False), (4, True)]:
+        a = local.check("t", 10, 3600.0, cost=cost, cache=cache)
+        b = shared.check("t", 10, 3600.0, cost=cost, cache=cache)
+        assert (a.allowed, a.remaining, a.cache_budget, a.limit) == (
+            b.allowed, b.remaining, b.cache_budget, b.limit)
+        assert b.retry_after_s == pytest.approx(a.retry_after_s, abs=361.0)
+        assert b.reset_after_s == pytest.approx(a.reset_after_s, abs=361.0)
     assert stores[0].healthy
 
 
 def test_two_limiters_on_one_redis_share_one_budget(stores: list[RedisStore]) -> None:
     first, second = RateLimiter(stores[0]), RateLimiter(stores[1])
-    decisions = [(first if i % 2 else second).check("t", 100, 3600.0) for i in range(20)]
-    assert sum(d.allowed for d in decisions) == default_burst(100) == 10
-    assert [d.burst_left for d in decisions[:10]] == list(range(9, -1, -1))
+    decisions = [(first if i % 2 else second).check("t", 10, 3600.0) for i in range(20)]
+    assert sum(d.allowed for d in decisions) == 10
+    assert [d.remaining for d in decisions[:10]] == list(range(9, -1, -1))
     # The same key in another namespace (another kind of limit) is counted apart.
     assert RateLimiter(stores[1], namespace="other").check("t", 100, 3600.0).allowed
 
@@ -266,7 +265,7 @@ def test_two_limiters_on_one_redis_share_one_budget(stores: list[RedisStore]) ->
 def test_concurrent_callers_on_two_limiters_never_exceed_the_bound(
     stores: list[RedisStore],
 ) -> None:
-    requests, period = 20, 1.0  # one call per 50 ms, a burst of 2
+    requests, period = 20, 1.0
     limiters = [RateLimiter(stores[0]), RateLimiter(stores[1])]
     allowed = [0] * 4
     stop = threading.Event()
@@ -285,10 +284,11 @@ def test_concurrent_callers_on_two_limiters_never_exceed_the_bound(
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
-    # Every allowed call fell within `elapsed` on Redis's clock: at most one per 50 ms
-    # after the burst (plus one for the edges of the measurement).
+    # Every allowed call fell within `elapsed` on Redis's clock (1.2 s and a little):
+    # the whole limit at once, then no more until the first calls left the window.
     total = sum(allowed)
-    assert default_burst(requests) < total <= elapsed * requests / period + 2 + 1
+    assert elapsed < 2 * period
+    assert requests <= total <= 2 * requests
     assert all(store.healthy for store in stores)
 
 
@@ -310,10 +310,11 @@ def test_redis_keys_hold_no_secret_and_expire_by_themselves(redis_url: str) -> N
             assert key.startswith(KEY_PREFIX)
             for clear in (raw, parsed.secret, parsed.lookup_id, token_id, client):
                 assert clear not in key
-            # Every key expires once rested: 1.5 s for the limit (one call at 2 per
-            # 3 s), 1 s for a bucket's refill, plus 0.5 s held.
-            assert 0 < r.pttl(key) <= 1_502
-        deadline = time.monotonic() + 10
+            # Every key expires once it is as good as absent: the limit's once its
+            # call has left the window (3 s and at most a slice of 0.3 s), a bucket's
+            # once refilled (1 s, plus 0.5 s held).
+            assert 0 < r.pttl(key) <= 3_302
+        deadline = time.monotonic() + 15
         while r.dbsize() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert r.dbsize() == 0
@@ -325,18 +326,18 @@ def test_a_redis_that_forgot_the_scripts_is_sent_them_again(
 ) -> None:
     limiter = RateLimiter(stores[0])
     buckets = FailureBuckets(1, 0.001, store=stores[0])
-    assert limiter.check("t", 100, 3600.0).burst_left == 9
+    assert limiter.check("t", 100, 3600.0).remaining == 99
     buckets.fail("c")
     with redis.Redis.from_url(redis_url) as r:
         r.script_flush()  # as after a Redis restart or failover
-        assert limiter.check("t", 100, 3600.0).burst_left == 8
+        assert limiter.check("t", 100, 3600.0).remaining == 98
         assert buckets.retry_after("c") > 0
         assert stores[0].healthy
         # Sent whole once, the scripts are cached again for the next EVALSHA.
         assert r.script_exists(*(script.sha for script in _SCRIPTS)) == [True, True, False, False]
 
 
-_SCRIPTS = [ratelimit._GCRA, ratelimit._BUCKET_LEVEL, ratelimit._BUCKET_FAIL,
+_SCRIPTS = [ratelimit._WINDOW, ratelimit._BUCKET_LEVEL, ratelimit._BUCKET_FAIL,
             ratelimit._BUCKET_HOLD]
 
 
@@ -420,7 +421,7 @@ def test_a_stalled_redis_times_out_into_the_fallback_and_recovers(
 ) -> None:
     server, store, changes = fragile
     limiter = RateLimiter(store)
-    assert limiter.check("t", 100, 3600.0).burst_left == 9
+    assert limiter.check("t", 100, 3600.0).remaining == 99
     server.freeze()
     try:
         decision = limiter.check("t", 100, 3600.0)  # answered after the 100 ms timeout
@@ -432,7 +433,7 @@ def test_a_stalled_redis_times_out_into_the_fallback_and_recovers(
     assert changes == [False, True]
     # The budget in Redis was never lost: its count goes on where it was (the
     # call that timed out may have reached Redis after all).
-    assert limiter.check("t", 100, 3600.0).burst_left in (8, 7)
+    assert limiter.check("t", 100, 3600.0).remaining in (98, 97)
 
 
 def test_a_black_holed_redis_costs_one_timeout_per_back_off_not_one_per_call() -> None:
@@ -450,8 +451,8 @@ def test_a_black_holed_redis_costs_one_timeout_per_back_off_not_one_per_call() -
     store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.05, retry_after_s=3600)
     limiter = RateLimiter(store)
     try:
-        decisions = [limiter.check("t", 50, 3600.0) for _ in range(20)]
-        # Answered from this process's counters: a burst of 5, then refused.
+        decisions = [limiter.check("t", 5, 3600.0) for _ in range(20)]
+        # Answered from this process's counters: the limit, then refused.
         assert [d.allowed for d in decisions] == [True] * 5 + [False] * 15
         assert not store.healthy
         # Redis was tried once (no retries inside the call, none until the back-off
@@ -522,9 +523,9 @@ class CountingRedisStore(RedisStore):
         super().__init__(url, **kwargs)
         self.batches: list[int] = []
 
-    async def agcra_many(self, steps, executor=None):  # type: ignore[no-untyped-def]
+    async def awindow_many(self, steps, executor=None):  # type: ignore[no-untyped-def]
         self.batches.append(len(steps))
-        return await super().agcra_many(steps, executor)
+        return await super().awindow_many(steps, executor)
 
 
 def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_url: str) -> None:
@@ -532,9 +533,9 @@ def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_ur
     limiter = RateLimiter(store)
 
     async def callers() -> list[Decision]:
-        first = await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(30)))
-        second = await asyncio.gather(limiter.acheck("u", 100, 3600.0),
-                                      limiter.acheck("t", 100, 3600.0, cost=0))
+        first = await asyncio.gather(*(limiter.acheck("t", 10, 3600.0) for _ in range(30)))
+        second = await asyncio.gather(limiter.acheck("u", 10, 3600.0),
+                                      limiter.acheck("t", 10, 3600.0, cost=0))
         return [*first, *second]
 
     try:
@@ -544,9 +545,9 @@ def test_checks_from_an_event_loop_reach_redis_in_one_round_trip_a_turn(redis_ur
     # Thirty calls in one turn of the loop: one script run, in the order asked.
     assert store.batches == [30, 2]
     assert [d.allowed for d in decisions[:30]] == [True] * 10 + [False] * 20
-    assert [d.burst_left for d in decisions[:10]] == list(range(9, -1, -1))
-    assert decisions[30].allowed and decisions[30].burst_left == 9  # another key
-    assert not decisions[31].allowed or decisions[31].burst_left == 0
+    assert [d.remaining for d in decisions[:10]] == list(range(9, -1, -1))
+    assert decisions[30].allowed and decisions[30].remaining == 9  # another key
+    assert decisions[31].remaining == 0
 
 
 def test_a_stalled_redis_never_stalls_the_event_loop(
@@ -593,8 +594,8 @@ def test_the_event_loop_s_connection_shares_the_budget_and_recovers_by_itself(
     async def burst(n: int) -> list[Decision]:
         return await asyncio.gather(*(limiter.acheck("t", 100, 3600.0) for _ in range(n)))
 
-    assert [d.burst_left for d in asyncio.run(burst(4))] == [9, 8, 7, 6]
-    assert limiter.check("t", 100, 3600.0).burst_left == 5  # the same key, from a thread
+    assert [d.remaining for d in asyncio.run(burst(4))] == [99, 98, 97, 96]
+    assert limiter.check("t", 100, 3600.0).remaining == 95  # the same key, from a thread
     server.stop()
     # Down: answered by this process's counters, which start rested.
     assert [d.allowed for d in asyncio.run(burst(3))] == [True] * 3
@@ -613,61 +614,61 @@ def test_the_event_loop_s_connection_shares_the_budget_and_recovers_by_itself(
         assert client.keys(f"{KEY_PREFIX}token:*")  # counted in Redis again
 
 
-def test_a_raised_limit_holds_from_the_next_call_in_either_store(redis_url: str) -> None:
-    """The debt of a stricter limit is forgiven down to one burst of the new one."""
-    clock = Clock()
-    local = RateLimiter(LocalStore(clock=clock))
+def test_a_changed_limit_holds_from_the_next_call_in_either_store(redis_url: str) -> None:
+    """The calls counted stay counted; the limit they are held against is the one of the call."""
     store = RedisStore(redis_url)
     try:
-        for limiter in (local, RateLimiter(store)):
+        for limiter in (RateLimiter(LocalStore(clock=Clock())), RateLimiter(store)):
             assert limiter.check("t", 1, 3600.0).allowed
-            assert limiter.check("t", 1, 3600.0).retry_after_s == pytest.approx(3600, abs=1)
-            raised = limiter.check("t", 1000, 3600.0)  # a call every 3.6 s, 100 at once
-            assert not raised.allowed and raised.retry_after_s == pytest.approx(3.6, abs=0.1)
-            # Forgiven once and kept: asking again does not bring the old debt back.
-            again = limiter.check("t", 1000, 3600.0)
-            assert again.retry_after_s == pytest.approx(3.6, abs=0.1)
+            assert not limiter.check("t", 1, 3600.0).allowed
+            raised = limiter.check("t", 1000, 3600.0)
+            assert raised.allowed and raised.remaining == 998
+            # Lowered again: the two calls counted are over the new limit until they
+            # leave the window, an hour (and at most a slice) from the first.
+            lowered = limiter.check("t", 1, 3600.0)
+            assert not lowered.allowed
+            assert 3600 - 10 <= lowered.retry_after_s <= 3600 + 360
     finally:
         store.close()
-    clock.advance(3.6)
-    assert local.check("t", 1000, 3600.0).allowed
-    # Lowered again: the debt (in time: 360 s, a full burst at the faster pace)
-    # carries over and is what stands between the token and its next call.
-    assert local.check("t", 1, 3600.0).retry_after_s == pytest.approx(360)
 
 
-# Uses a consumer answered from its cache (charge): counted, never refused.
+# Uses a consumer answered from its cache: promised, then counted when reported.
 
 
-def _charged_then_checked(limiter: RateLimiter) -> list[tuple[bool, int]]:
-    """A rested 100/3600s key (burst 10): one call, 9 charged, then three checks."""
+def _cached_and_reported(limiter: RateLimiter) -> list[tuple[bool, int, int]]:
+    """A 20/3600s key: a caching consumer's call, its uses reported, and checks after."""
     out = []
-    first = limiter.check("t", 100, 3600.0)
-    out.append((first.allowed, first.burst_left))
-    limiter.charge("t", 100, 3600.0, first.burst_left)
-    for _ in range(3):
-        d = limiter.check("t", 100, 3600.0)
-        out.append((d.allowed, d.burst_left))
+    first = limiter.check("t", 20, 3600.0, cache=True)  # promised: a tenth of the limit
+    out.append((first.allowed, first.remaining, first.cache_budget))
+    again = limiter.check("t", 20, 3600.0, cache=True)  # nothing more while it is out
+    out.append((again.allowed, again.remaining, again.cache_budget))
+    limiter.charge("t", 20, 3600.0, first.cache_budget)  # the consumer used them all
+    after = limiter.check("t", 20, 3600.0, cache=True)  # counted; room for a new promise
+    out.append((after.allowed, after.remaining, after.cache_budget))
+    limiter.charge("t", 20, 3600.0, 40)  # more than the limit: counted all the same
+    refused = limiter.check("t", 20, 3600.0, cache=True)
+    out.append((refused.allowed, refused.remaining, refused.cache_budget))
     return out
 
 
-def test_charged_uses_spend_the_budget_a_check_would_have(stores: list[RedisStore]) -> None:
-    local = _charged_then_checked(RateLimiter(LocalStore(clock=Clock())))
-    # The call's slice (burst_left 9), once charged, leaves nothing at once.
-    assert local == [(True, 9), (False, 0), (False, 0), (False, 0)]
-    assert _charged_then_checked(RateLimiter(stores[0])) == local
+def test_cached_uses_are_promised_a_slice_at_a_time_and_counted_when_reported(
+    stores: list[RedisStore],
+) -> None:
+    local = _cached_and_reported(RateLimiter(LocalStore(clock=Clock())))
+    assert local == [(True, 19, 2), (True, 18, 0), (True, 15, 2), (False, 0, 0)]
+    assert _cached_and_reported(RateLimiter(stores[0])) == local
 
 
-def test_a_charge_is_never_refused_and_its_debt_stops_at_one_burst() -> None:
+def test_a_promise_never_exceeds_what_the_window_has_room_for_and_lapses() -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
-    # 10 per 10 s, burst 1: T = 1 s. Twenty uses reported at once...
-    limiter.charge("t", 10, 10.0, 20)
-    assert not limiter.check("t", 10, 10.0).allowed
-    # ...owe one burst (one T), not twenty: a report cannot lock a token out for longer
-    # than its limit's own refusals would.
-    clock.advance(1.0)
-    assert limiter.check("t", 10, 10.0).allowed
-    # A charge of nothing changes nothing.
-    limiter.charge("u", 10, 10.0, 0)
-    assert limiter.check("u", 10, 10.0).allowed
+    for _ in range(99):
+        limiter.check("t", 100, 10.0)
+    last = limiter.check("t", 100, 10.0, cache=True)
+    assert last.remaining == 0 and last.cache_budget == 0  # no room: nothing promised
+    grant = limiter.check("u", 100, 10.0, cache=True)
+    assert grant.cache_budget == 10
+    # Never reported (the consumer went away): forgotten after a period.
+    assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 0
+    clock.advance(10.0)
+    assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 10

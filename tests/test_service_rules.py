@@ -29,7 +29,7 @@ from tokenservice_server.migrations import open_migrated
 from tokenservice_server.models import ApiToken
 from tokenservice_server.ratelimit import LocalStore
 from tokenservice_server.scopes import ScopeCatalog
-from tokenservice_server.service import MAX_PAGE_SIZE, TokenService
+from tokenservice_server.service import MAX_PAGE_SIZE, TokenService, wants_cache_budget
 from tokenservice_server.store import Store
 from tokenservice_server.values import CachedUse, Principal, RateLimitStatus, from_micros
 
@@ -324,61 +324,64 @@ def test_every_authenticate_counts_and_over_the_limit_is_told_when_to_retry(
 ) -> None:
     raw = world.token("ann@acme.test", ["pass:read"])
     first = world.service.authenticate(raw, "198.51.100.7").rate_limit
-    # 100 per 10 s: one call per 100 ms, ten at once.
-    # The cache budget: what a lease cache may answer from memory, the nine calls
-    # the burst still holds.
-    assert first == RateLimitStatus(limit=100, remaining=99, reset_at_us=START + 100_000,
-                                    cache_budget=9)
-    burst = [world.service.authenticate(raw, "198.51.100.7").rate_limit for _ in range(9)]
-    assert [b.remaining for b in burst] == [98, 97, 96, 95, 94, 93, 92, 91, 0]  # type: ignore[union-attr]
-    assert [b.cache_budget for b in burst] == [8, 7, 6, 5, 4, 3, 2, 1, 0]  # type: ignore[union-attr]
-    assert burst[-1].reset_at_us == START + 1_000_000  # type: ignore[union-attr]
+    # 100 per 10 s, counted in slices of a second: a call counts until its slice has
+    # left the window, 10 s and the slice after it.
+    assert first == RateLimitStatus(limit=100, remaining=99, reset_at_us=START + 11_000_000)
+    world.advance(2.5)
+    rest = [world.service.authenticate(raw, "198.51.100.7").rate_limit for _ in range(99)]
+    assert [r.remaining for r in rest] == list(range(98, -1, -1))  # type: ignore[union-attr]
+    assert rest[-1].reset_at_us == START + 13_000_000  # type: ignore[union-attr]
     for _ in range(20):
         with pytest.raises(RateLimited) as refused:
             world.service.authenticate(raw, "198.51.100.7")
         error = refused.value
         assert error.reason == TOKEN_RATE_LIMITED and not error.client_throttled
-        assert error.retry_after == pytest.approx(0.1)
+        assert error.retry_after == pytest.approx(8.5)  # when the first call leaves
     # A refused call is no failed authentication: neither the client nor the
     # token is any closer to being throttled.
     assert world.service.client_failures.untouched("198.51.100.7")
     assert world.service.lookup_failures.untouched(tokens.parse(raw, "tks_").lookup_id)  # type: ignore[union-attr]
     # Nor does it push the retry time back.
-    world.advance(0.1)
+    world.advance(8.5)
     assert world.service.authenticate(raw).rate_limit.remaining == 0  # type: ignore[union-attr]
-    # A caller keeping to the limit's pace is never refused.
-    for _ in range(300):
-        world.advance(0.1)
-        assert world.service.authenticate(raw).rate_limit is not None
-    # Rested, the whole burst is back.
-    world.advance(1.0)
+    # Once every call has left the window, the whole limit is back.
+    world.advance(11.0)
     assert world.service.authenticate(raw).rate_limit.remaining == 99  # type: ignore[union-attr]
+
+
+def _cached(service: TokenService, raw: str) -> Principal:
+    """An Authenticate from a lease cache: it asks for a cache budget."""
+    token = wants_cache_budget.set(True)
+    try:
+        return service.authenticate(raw)
+    finally:
+        wants_cache_budget.reset(token)
 
 
 @pytest.mark.parametrize("config", [Config(bcrypt_rounds=4, rate_limit=RateLimit(100, 10.0))])
 def test_uses_a_consumer_answered_from_its_cache_count_against_the_limit(world: World) -> None:
     default = world.token("ann@acme.test", ["pass:read"])
     own = world.token("ann@acme.test", ["pass:read"])
-    _own_limit(own, 4, 60_000_000)  # 4 a minute: a burst of one
-    slices = {raw: world.service.authenticate(raw).rate_limit.cache_budget  # type: ignore[union-attr]
+    _own_limit(own, 4, 60_000_000)  # 4 a minute: a slice of one use
+    slices = {raw: _cached(world.service, raw).rate_limit.cache_budget  # type: ignore[union-attr]
               for raw in (default, own)}
-    assert slices == {default: 9, own: 0}
+    assert slices == {default: 10, own: 1}
+    # An Authenticate that does not ask is promised nothing.
+    assert world.service.authenticate(default).rate_limit.cache_budget == 0  # type: ignore[union-attr]
     ids = {raw: world.caller(raw).token_id for raw in (default, own)}
-    # The consumer answered the whole slice from memory, and reports it (with
-    # ids it made up, and a use of nothing, which change nothing).
-    uses = [CachedUse(ids[default], 9, START), CachedUse(ids[own], 3, START),
+    # The consumers report far more than their slices (ids made up, uses of
+    # nothing and a bad id change nothing): counted all the same, up to the limit.
+    uses = [CachedUse(ids[default], 500, START), CachedUse(ids[own], 3, START),
             CachedUse(str(uuid.uuid4()), 5, START), CachedUse("not-an-id", 5, START),
             CachedUse(ids[default], 0, START)]
     asyncio.run(world.service.arecord_cached_uses(uses))
-    # Counted: the next calls are over the limit...
     for raw in (default, own):
         with pytest.raises(RateLimited):
             world.service.authenticate(raw)
-    # ...until paid back at the limit's pace: one call's worth for each, since a
-    # report's debt stops at a full burst.
-    world.advance(0.1)
-    assert world.service.authenticate(default).rate_limit.cache_budget == 0  # type: ignore[union-attr]
-    world.advance(15)
+    # Until they leave the window, a period (and a slice) after the report.
+    world.advance(11.0)
+    assert _cached(world.service, default).rate_limit.remaining == 99  # type: ignore[union-attr]
+    world.advance(55.0)
     assert world.service.authenticate(own).rate_limit is not None
 
 
@@ -387,13 +390,13 @@ def test_a_token_s_own_limit_wins_over_the_default(world: World) -> None:
     other = world.token("ann@acme.test", ["pass:read"])
     _own_limit(mine, 2, 60_000_000)
     assert world.service.authenticate(mine).rate_limit.limit == 2  # type: ignore[union-attr]
-    with pytest.raises(RateLimited):
-        world.service.authenticate(mine)  # 2 per minute: no burst beyond the one
-    world.advance(30)
     assert world.service.authenticate(mine).rate_limit.remaining == 0  # type: ignore[union-attr]
+    with pytest.raises(RateLimited):
+        world.service.authenticate(mine)  # 2 per minute
+    world.advance(30)
     # Counted per token: the other one, on the service default, is untouched.
     assert world.service.authenticate(other).rate_limit == RateLimitStatus(
-        600, 599, START + 30_000_000 + 100_000, cache_budget=59
+        600, 599, START + 30_000_000 + 66_000_000
     )
 
 

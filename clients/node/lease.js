@@ -116,7 +116,9 @@ class LeaseCache {
     const ticket = this.now() < this.leaseUntil ? this.generation : null;
     let budget = 0;
     const who = await new Promise((resolve, reject) => {
-      const call = this.client.Authenticate({ token: raw }, { deadline: Date.now() + 10000 },
+      const ask = new grpc.Metadata(); // asks for a cache budget with the answer
+      ask.set("tokenservice-cache-budget", "1");
+      const call = this.client.Authenticate({ token: raw }, ask, { deadline: Date.now() + 10000 },
         (err, r) => (err ? reject(err) : resolve(r)));
       call.on("status", (s) => {
         budget = Number(s.metadata.get("tokenservice-cache-budget")[0] || 0);

@@ -47,7 +47,7 @@ from .logs import rpc_log
 from .metrics import RpcMetrics
 from .peers import TrustedProxies
 from .policy import SERVICE_NAME, Caller, caller_for
-from .service import TokenService
+from .service import TokenService, wants_cache_budget
 from .values import (
     UPDATABLE,
     AuditEvent,
@@ -64,7 +64,8 @@ log = logging.getLogger("tokenservice.rpc")
 
 _PREFIX = f"/{SERVICE_NAME}/"
 ERROR_DOMAIN = "tokenservice.dev"
-# Authenticate's trailing metadata: a lease cache's budget slice for the token.
+# A lease cache sends it with Authenticate to ask for a cache budget, and gets
+# the budget back under the same name in the trailing metadata.
 CACHE_BUDGET_METADATA = "tokenservice-cache-budget"
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
@@ -584,6 +585,9 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         self, request: pb.AuthenticateRequest, context: grpc.aio.ServicerContext
     ) -> pb.AuthenticateResponse:
         trusted = self._trusted
+        asks = _asks_cache_budget(context)
+        if asks:
+            wants_cache_budget.set(True)
         principal = await self._service.aauthenticate(
             request.token, lambda: client_address(context, trusted)
         )
@@ -604,8 +608,10 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
             # Seconds and nanos from micros: FromDatetime costs several times more.
             status.reset_time.seconds, micros = divmod(limit.reset_at_us, 1_000_000)
             status.reset_time.nanos = micros * 1000
-            # The budget slice a lease cache may answer from memory (see the proto).
-            context.set_trailing_metadata(((CACHE_BUDGET_METADATA, str(limit.cache_budget)),))
+            if asks:  # the uses a lease cache may answer from memory (see the proto)
+                context.set_trailing_metadata(
+                    ((CACHE_BUDGET_METADATA, str(limit.cache_budget)),)
+                )
         return response
 
     def ListScopes(self, request: pb.ListScopesRequest, context: Any) -> pb.ListScopesResponse:
@@ -687,6 +693,10 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         finally:
             # The consumer closed its side, or failed: end ours.
             sub.outbox.put_nowait(None)
+
+
+def _asks_cache_budget(context: Any) -> bool:
+    return any(key == CACHE_BUDGET_METADATA for key, _ in context.invocation_metadata() or ())
 
 
 def _micros_or(use: pb.TokenUse, default: int) -> int:

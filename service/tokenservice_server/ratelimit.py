@@ -1,59 +1,58 @@
-"""Rate limits and failure throttles: one algorithm, kept in process or shared through Redis.
+"""Rate limits and failure throttles: one algorithm each, kept in process or shared through Redis.
 
-The algorithm is GCRA, the generic cell rate algorithm (ATM networks' policer,
-redis-cell's and Stripe's limiter). A limit of `requests` per `period` spaces
-calls `T = period / requests` apart; each key keeps one number, its theoretical
-arrival time (TAT): when it would next be fully rested. A call is let through
-when it lands no more than `burst * T` ahead of now, and moves the TAT on by T.
+Per-token limits count calls in a sliding window cut into slices. A limit of
+`requests` per `period` cuts the period into WINDOW_SLICES slices of width
+`w = ceil(period / WINDOW_SLICES)`; each key keeps a count per slice, and a
+call is let through when the calls counted in the slices the last `period`
+touches (the current slice and the WINDOW_SLICES before it), plus this one,
+come to at most `requests`. So:
 
-Why GCRA rather than the alternatives:
+* a token may make all of its `requests` at once (a rested 100/10s token
+  answers 100 calls in a row, the 101st is refused);
+* in any window of `period` a token gets at most `requests` calls: the limit
+  is never exceeded, there is no slack above it. The price is on the other
+  side: a call keeps counting until its slice has left the window, between
+  `period` and `period + w` after it, so a refused caller may wait up to a
+  tenth of the period longer than an exact log would make it;
+* `remaining` is exactly the calls left in the window after this one
+  (`requests` less the calls counted), `reset_after_s` when every counted call
+  has left the window (remaining back at `requests`), and `retry_after_s`, for
+  a refused call, when enough of the oldest have left for it to fit.
 
-* a sliding-window log is exact but keeps one timestamp per call (600 for a
-  600/60s limit) in every key;
-* fixed windows let 2 x `requests` through around a window's edge, and the
-  two-counter sliding-window estimate still lets up to 1.5 x through;
-* a token bucket gives the same answers as GCRA but keeps two numbers (level
-  and time), so its Redis script has more to read, write and get wrong.
+Why not the alternatives: a log of every call is exact but keeps up to
+`requests` timestamps per key (600 for 600/60s, a million for the bench's
+1000000/1s); fixed windows let twice the limit through around a window's
+edge; a token bucket or GCRA (redis-cell's) either refuses a burst the limit
+allows or lets through nearly twice `requests` in a window (a full bucket,
+then its refill). Eleven small counters per key keep the bound exact at a
+fixed cost.
 
-GCRA keeps one integer per key, answers every question a caller needs (allowed,
-how many calls are left right now, when to retry, when fully rested) from it,
-and its bound is exact: in any window of `period` seconds (half-open) a key is
-let through at most `requests + burst - 1` calls. The slack is `burst - 1`. By
-default `burst = ceil(requests / 10)`, so a 600/60s limit allows 60 calls at
-once, then one every 100 ms, and never more than 659 in any 60 s; 100/10s
-never more than 109 in any 10 s. A caller that keeps calling faster than the
-limit gets `requests` calls per period once its burst is spent.
+A consumer that caches Authenticate's answers (a lease cache) may ask for a
+cache budget: up to a tenth of the limit (CACHE_SLICE_DIVISOR) of uses it may
+answer from memory before it asks again. The key keeps how many such uses are
+promised and not yet reported (`promised`, forgotten a period after the last
+promise), and never promises more than a tenth of the limit at once, nor more
+than the window has room for; the consumer's usage reports count the uses in
+the window (`charge`) and take them off the promise. So in any window a
+token gets at most `requests` counted calls plus the uses promised and not
+yet reported: at most `requests + ceil(requests / 10)` in all, however many
+consumers cache it.
 
-What a caller is told. GCRA has no fixed window: each call it lets through
-is counted against the key until the key has paid it back at the limit's
-pace, T later (the TAT runs ahead of now by T per call still counted). So:
+The failure throttles (throttle.py) are token buckets: a level and a time.
 
-* `remaining` is the calls left in the window after this one, as near as
-  GCRA has a window: `requests` less the calls still counted, ceil(ahead / T),
-  and 0 whenever a call made at once would be refused (the burst is spent).
-  A rested 100/10s key answers 99, 98, ... for a burst, and 0 on its tenth
-  call at once; a caller keeping to one call per T sees 99 every time, which
-  is true: it may go on like that forever. A caller that sees 0 and waits
-  until `reset_after_s` finds the key rested and its whole burst back.
-* `burst_left` is the calls that would be let through right now, after this
-  one (at most `burst - 1`): the answer to "may I send another at once?".
-* `reset_after_s` is when the key is fully rested (every call paid back,
-  `remaining` at `requests`); `retry_after_s`, for a refused call, is when
-  the same call would be let through.
-
-Two stores run the same step: LocalStore in this process (a bounded LRU
+Two stores run the same steps: LocalStore in this process (a bounded LRU
 behind a lock, timed by an injectable clock) and RedisStore, one Lua script
 per check (EVALSHA, EVAL on NOSCRIPT) timed by Redis's own clock so replicas
 with skewed clocks agree. Redis keys start with `tokenservice:rl:`, hold a
 hash of the caller's id (never a token secret, never a client address in
-clear) and expire by themselves once the key is fully rested. Redis failing
-or slower than its timeout never reaches the caller: the check runs on the
-RedisStore's own LocalStore instead (per-process counters: fail open for the
-shared budget, never unlimited), the store reports itself unhealthy, and
-Redis is tried again after a short back-off.
+clear) and expire by themselves once the key is as good as absent. Redis
+failing or slower than its timeout never reaches the caller: the check runs
+on the RedisStore's own LocalStore instead (per-process counters: fail open
+for the shared budget, never unlimited), the store reports itself unhealthy,
+and Redis is tried again after a short back-off.
 
 From an event loop, RateLimiter.acheck never waits on the loop's thread: a
-GcraBatcher gathers the checks asked while a batch is out and sends them as
+WindowBatcher gathers the checks asked while a batch is out and sends them as
 the next batch, one script run over all their keys, on the loop's own
 pipelined connection (redis_pipe.py). A thread hand-off per check cost more
 than the round trip itself (BENCHMARKS.md has both).
@@ -76,14 +75,17 @@ from typing import Any, NamedTuple
 log = logging.getLogger("tokenservice.ratelimit")
 
 KEY_PREFIX = "tokenservice:rl:"
-# The burst is this fraction of `requests` (rounded up): the slack in any window.
-BURST_DIVISOR = 10
+# A period is cut into this many slices: a call counts until its slice leaves
+# the window, between one period and one period and a slice after it.
+WINDOW_SLICES = 10
+# A lease cache is promised at most this fraction of the limit (rounded up) at once.
+CACHE_SLICE_DIVISOR = 10
 MICROS = 1_000_000
 
 
-def default_burst(requests: int) -> int:
-    """Calls a rested key may make at once: a tenth of the limit, at least one."""
-    return max(1, -(-requests // BURST_DIVISOR))
+def cache_slice(requests: int) -> int:
+    """The most uses a key promises to caching consumers at once: a tenth of its limit."""
+    return max(1, -(-requests // CACHE_SLICE_DIVISOR))
 
 
 class Decision(NamedTuple):
@@ -96,71 +98,112 @@ class Decision(NamedTuple):
     allowed: bool
     # The configured `requests` per period.
     limit: int
-    # The calls left in the window after this one: `limit` less the calls still
-    # counted against the key, and 0 when a call made at once would be refused.
+    # The calls left in the window after this one: `limit` less the calls counted.
     remaining: int
-    # Seconds until the key is fully rested (its whole burst available again).
+    # Seconds until every counted call has left the window (remaining back at limit).
     reset_after_s: float
     # Refused: seconds until the same call would be let through. Allowed: 0.
     retry_after_s: float
-    # Calls that would be let through right now, after this one.
-    burst_left: int
+    # The uses a caching consumer may answer from memory (asked for: else 0).
+    cache_budget: int
 
 
-class GcraStep(NamedTuple):
-    """One GCRA step asked of a store: gcra()'s arguments."""
+class WindowStep(NamedTuple):
+    """One check asked of a store: the key, its window and what the call asks."""
 
     namespace: str
     key: str
-    interval_us: int
-    span_us: int
-    cost: int
+    width_us: int  # one slice of the window
+    slices: int  # slices per period
+    limit: int  # calls per period
+    cost: int  # calls this check counts (0: only asks)
+    promise_max: int  # the most uses to promise a caching consumer (0: none asked)
 
 
-class GcraResult(NamedTuple):
+class WindowResult(NamedTuple):
     """A store's answer, in whole microseconds."""
 
     allowed: bool
-    # How far the key's TAT lies ahead of now after the call (unchanged when refused).
-    ahead_us: int
+    # Calls counted in the window: after this one if allowed, before it if refused.
+    count: int
     # Refused: how long until the call would fit. Allowed: 0.
     retry_us: int
+    # How long until every counted call has left the window (0: none counted).
+    reset_us: int
+    # Uses promised to the caller's cache by this check.
+    promised: int
 
 
-def gcra_step(
-    tat: int, now: int, interval: int, span: int, cost: int
-) -> tuple[GcraResult, int | None]:
-    """One GCRA step: the result and the new TAT to store (None: leave it).
+class WindowState(NamedTuple):
+    """A key's state: calls per slice index, and the uses promised until a time."""
 
-    The Lua script in RedisStore is this function, line for line. A TAT
-    further ahead than `span` can only come from a stricter limit the key had
-    before (a token's limit was raised): that debt is forgiven down to one
-    full burst, so a new limit holds from the next call.
+    counts: dict[int, int]
+    promised: int
+    promised_until: int
+
+
+EMPTY = WindowState({}, 0, 0)
+
+
+def _live(state: WindowState, now: int, width: int, slices: int
+          ) -> tuple[dict[int, int], int]:
+    """The counts still in the window at `now`, and the promise if it still holds."""
+    oldest = now // width - slices
+    counts = {j: c for j, c in state.counts.items() if j >= oldest and c > 0}
+    promised = state.promised if state.promised_until > now else 0
+    return counts, promised
+
+
+def _reset_us(counts: dict[int, int], now: int, width: int, slices: int) -> int:
+    return (max(counts) + slices + 1) * width - now if counts else 0
+
+
+def window_step(state: WindowState, now: int, step: WindowStep
+                ) -> tuple[WindowResult, WindowState]:
+    """One check: the result and the key's new state.
+
+    The Lua script in RedisStore is this function, line for line.
     """
-    tat = max(tat, now)
-    forgiven = tat - now > span
-    if forgiven:
-        tat = now + span
-    new_tat = tat + interval * cost
-    if new_tat - now > span:
-        return GcraResult(False, tat - now, new_tat - span - now), (tat if forgiven else None)
-    return GcraResult(True, new_tat - now, 0), (new_tat if cost > 0 or forgiven else None)
+    width, slices, limit, cost = step.width_us, step.slices, step.limit, step.cost
+    counts, promised = _live(state, now, width, slices)
+    promised_until = state.promised_until if promised else 0
+    total = sum(counts.values())
+    if total + cost > limit:
+        need, dropped, retry = total + cost - limit, 0, (slices + 1) * width
+        for j in sorted(counts):  # the oldest leave first
+            dropped += counts[j]
+            if dropped >= need:
+                retry = (j + slices + 1) * width - now
+                break
+        result = WindowResult(False, total, retry, _reset_us(counts, now, width, slices), 0)
+        return result, WindowState(counts, promised, promised_until)
+    current = now // width
+    if cost > 0:
+        counts[current] = counts.get(current, 0) + cost
+        total += cost
+    granted = 0
+    if step.promise_max > 0:
+        granted = max(0, min(step.promise_max - promised, limit - total - promised))
+        if granted:
+            promised += granted
+            promised_until = now + slices * width
+    result = WindowResult(True, total, 0, _reset_us(counts, now, width, slices), granted)
+    return result, WindowState(counts, promised, promised_until)
 
 
-def gcra_charge(tat: int, now: int, interval: int, span: int, cost: int) -> int | None:
-    """Counts `cost` calls already made (answered from a consumer's cache): the new
-    TAT to store, or None to leave it.
+def window_charge(state: WindowState, now: int, width: int, slices: int, count: int
+                  ) -> WindowState:
+    """Counts `count` calls made without a check (answered from a consumer's cache), now.
 
-    Never refused: the calls happened. The debt stops at one full burst
-    (`span` ahead of now), the most a GCRA step ever leaves, so the next check
-    refuses until the key has paid back a call and never mistakes this debt for
-    a stricter old limit's. What a caching consumer may answer before it is
-    counted is bounded by the budget slice it was granted (burst_left), so the
-    cap loses nothing one consumer could have used.
+    Never refused: they happened. They count in the current slice, so the
+    window holds them for a period from the report, and they come off the
+    uses still promised.
     """
-    tat = max(tat, now)
-    new_tat = min(tat + interval * cost, now + span)
-    return new_tat if new_tat > tat else None
+    counts, promised = _live(state, now, width, slices)
+    current = now // width
+    counts[current] = counts.get(current, 0) + count
+    promised = max(0, promised - count)
+    return WindowState(counts, promised, state.promised_until if promised else 0)
 
 
 class LimitStore(ABC):
@@ -175,25 +218,26 @@ class LimitStore(ABC):
     remote = False
 
     @abstractmethod
-    def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
-             cost: int) -> GcraResult:
-        """One GCRA step for `key`: interval T and span burst*T in microseconds."""
+    def window(self, step: WindowStep) -> WindowResult:
+        """One sliding-window check (window_step)."""
 
-    def gcra_many(self, steps: Sequence[GcraStep]) -> list[GcraResult]:
-        """Several GCRA steps, in order, as one unit of work (one round trip to Redis)."""
-        return [self.gcra(*step) for step in steps]
+    def window_many(self, steps: Sequence[WindowStep]) -> list[WindowResult]:
+        """Several checks, in order, as one unit of work (one round trip to Redis)."""
+        return [self.window(step) for step in steps]
 
     @abstractmethod
-    def charge(self, namespace: str, key: str, interval_us: int, span_us: int,
-               cost: int) -> None:
-        """Counts `cost` calls made without a check (gcra_charge)."""
+    def charge(self, namespace: str, key: str, width_us: int, slices: int,
+               count: int) -> None:
+        """Counts `count` calls made without a check (window_charge)."""
 
-    async def agcra_many(self, steps: Sequence[GcraStep],
-                         executor: Executor | None = None) -> list[GcraResult]:
-        """gcra_many() from an event loop: on `executor` when it may wait, else at once."""
+    async def awindow_many(self, steps: Sequence[WindowStep],
+                           executor: Executor | None = None) -> list[WindowResult]:
+        """window_many() from an event loop: on `executor` when it may wait, else at once."""
         if not self.remote:
-            return self.gcra_many(steps)
-        return await asyncio.get_running_loop().run_in_executor(executor, self.gcra_many, steps)
+            return self.window_many(steps)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, self.window_many, steps
+        )
 
     @abstractmethod
     def bucket_level(self, namespace: str, key: str, burst: float, rate: float) -> float:
@@ -247,28 +291,25 @@ class LocalStore(LimitStore):
         while len(table) > self._max_keys:
             table.popitem(last=False)
 
-    def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
-             cost: int) -> GcraResult:
+    def window(self, step: WindowStep) -> WindowResult:
         with self._lock:
             now = round(self._clock() * MICROS)
-            table = self._table(namespace)
-            result, new_tat = gcra_step(table.get(key, 0), now, interval_us, span_us, cost)
-            if new_tat is not None:
-                table[key] = new_tat
-                table.move_to_end(key)
+            table = self._table(step.namespace)
+            result, state = window_step(table.get(step.key, EMPTY), now, step)
+            if step.cost > 0 or result.promised:
+                table[step.key] = state
+                table.move_to_end(step.key)
                 self._trim(table)
             return result
 
-    def charge(self, namespace: str, key: str, interval_us: int, span_us: int,
-               cost: int) -> None:
+    def charge(self, namespace: str, key: str, width_us: int, slices: int,
+               count: int) -> None:
         with self._lock:
             now = round(self._clock() * MICROS)
             table = self._table(namespace)
-            new_tat = gcra_charge(table.get(key, 0), now, interval_us, span_us, cost)
-            if new_tat is not None:
-                table[key] = new_tat
-                table.move_to_end(key)
-                self._trim(table)
+            table[key] = window_charge(table.get(key, EMPTY), now, width_us, slices, count)
+            table.move_to_end(key)
+            self._trim(table)
 
     # The failure buckets: (tokens, time of the last change) per key, in seconds.
 
@@ -311,52 +352,113 @@ class LocalStore(LimitStore):
 
 # The Redis scripts. Each is one round trip, reads Redis's clock (TIME), and
 # gives every key it writes an expiry: the moment the key is as good as absent.
-# The GCRA script takes any number of keys, each with its three arguments, and
-# steps them in order (a key named twice sees its first step): one script for a
-# single check and for a batch.
+# The window script takes any number of keys, each with its five arguments, and
+# checks them in order (a key named twice sees its first check): one script for
+# a single check and for a batch. A key is a hash: one field per slice index
+# ('%d'), 'p' the uses promised, 'u' until when (microseconds).
 # Numbers leave Lua as strings ('%.17g', '%d'): Lua's default formatting keeps
 # only 14 digits, too few for microseconds since 1970.
 
-_GCRA_LUA = """
+_WINDOW_READ_LUA = """
+local function read(key, now, width, slices)
+  local oldest = math.floor(now / width) - slices
+  local raw = redis.call('HGETALL', key)
+  local counts, order, stale, total = {}, {}, {}, 0
+  local promised, promised_until = 0, 0
+  for k = 1, #raw, 2 do
+    local f, v = raw[k], tonumber(raw[k + 1])
+    if f == 'p' then promised = v
+    elseif f == 'u' then promised_until = v
+    else
+      local j = tonumber(f)
+      if j >= oldest and v > 0 then
+        counts[j] = v
+        order[#order + 1] = j
+        total = total + v
+      else
+        stale[#stale + 1] = f
+      end
+    end
+  end
+  if promised_until <= now then promised, promised_until = 0, 0 end
+  table.sort(order)
+  return counts, order, stale, total, promised, promised_until
+end
+
+local function write(key, now, width, slices, counts, order, stale, promised, promised_until)
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  local expiry = promised_until - now
+  if #order > 0 then
+    expiry = math.max(expiry, (order[#order] + slices + 1) * width - now)
+  end
+  redis.call('HSET', key, 'p', string.format('%d', promised),
+             'u', string.format('%d', promised_until))
+  redis.call('PEXPIRE', key, math.ceil(math.max(expiry, 0) / 1000) + 1)
+end
+"""
+
+_WINDOW_LUA = _WINDOW_READ_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[3 * i - 2])
-  local span, cost = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  local tat = tonumber(redis.call('GET', key) or 0)
-  if tat < now then tat = now end
-  local forgiven = tat - now > span
-  if forgiven then tat = now + span end
-  local new_tat = tat + interval * cost
-  if new_tat - now > span then
-    if forgiven then
-      redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  local a = 5 * (i - 1)
+  local width, slices = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local limit, cost, promise_max = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+                                   tonumber(ARGV[a + 5])
+  local counts, order, stale, total, promised, promised_until = read(key, now, width, slices)
+  local reset = 0
+  if total + cost > limit then
+    local need, dropped, retry = total + cost - limit, 0, (slices + 1) * width
+    for _, j in ipairs(order) do
+      dropped = dropped + counts[j]
+      if dropped >= need then
+        retry = (j + slices + 1) * width - now
+        break
+      end
     end
-    out[3 * i - 2], out[3 * i - 1], out[3 * i] = 0, tat - now, new_tat - span - now
+    if #order > 0 then reset = (order[#order] + slices + 1) * width - now end
+    out[#out + 1], out[#out + 2], out[#out + 3] = 0, total, retry
+    out[#out + 1], out[#out + 2] = reset, 0
   else
-    if cost > 0 or forgiven then
-      redis.call('SET', key, string.format('%d', new_tat),
-                 'PX', math.ceil((new_tat - now) / 1000) + 1)
+    local current = math.floor(now / width)
+    if cost > 0 then
+      redis.call('HINCRBY', key, string.format('%d', current), cost)
+      if counts[current] == nil then order[#order + 1] = current end
+      counts[current] = (counts[current] or 0) + cost
+      total = total + cost
     end
-    out[3 * i - 2], out[3 * i - 1], out[3 * i] = 1, new_tat - now, 0
+    local granted = 0
+    if promise_max > 0 then
+      granted = math.max(0, math.min(promise_max - promised, limit - total - promised))
+      if granted > 0 then
+        promised = promised + granted
+        promised_until = now + slices * width
+      end
+    end
+    if cost > 0 or granted > 0 then
+      write(key, now, width, slices, counts, order, stale, promised, promised_until)
+    end
+    if #order > 0 then reset = (order[#order] + slices + 1) * width - now end
+    out[#out + 1], out[#out + 2], out[#out + 3] = 1, total, 0
+    out[#out + 1], out[#out + 2] = reset, granted
   end
 end
 return out
 """
 
-# gcra_charge, line for line.
-_CHARGE_LUA = """
+# window_charge, line for line.
+_CHARGE_LUA = _WINDOW_READ_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval, span, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
-if tat < now then tat = now end
-local new_tat = math.min(tat + interval * cost, now + span)
-if new_tat > tat then
-  redis.call('SET', KEYS[1], string.format('%d', new_tat),
-             'PX', math.ceil((new_tat - now) / 1000) + 1)
-end
+local width, slices, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local counts, order, stale, total, promised, promised_until = read(KEYS[1], now, width, slices)
+local current = math.floor(now / width)
+redis.call('HINCRBY', KEYS[1], string.format('%d', current), count)
+if counts[current] == nil then order[#order + 1] = current end
+promised = math.max(0, promised - count)
+if promised == 0 then promised_until = 0 end
+write(KEYS[1], now, width, slices, counts, order, stale, promised, promised_until)
 return 1
 """
 
@@ -405,7 +507,7 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-_GCRA = _Script(_GCRA_LUA)
+_WINDOW = _Script(_WINDOW_LUA)
 _CHARGE = _Script(_CHARGE_LUA)
 _BUCKET_LEVEL = _Script(_BUCKET_LEVEL_LUA)
 _BUCKET_FAIL = _Script(_BUCKET_FAIL_LUA)
@@ -460,7 +562,7 @@ class RedisStore(LimitStore):
         )
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._noscript = redis.exceptions.NoScriptError
-        # The event loop's own connection (agcra_many): pipelined, no thread.
+        # The event loop's own connection (awindow_many): pipelined, no thread.
         self._pipe = RedisPipe(url, timeout_s)
         self._aerrors: tuple[type[BaseException], ...] = (RedisUnanswered, RedisReplyError,
                                                           OSError)
@@ -548,64 +650,49 @@ class RedisStore(LimitStore):
 
     # The store's operations: Redis when it answers, else the fallback.
 
-    def gcra(self, namespace: str, key: str, interval_us: int, span_us: int,
-             cost: int) -> GcraResult:
-        if self._may_try():
-            try:
-                allowed, ahead, retry = self._eval(
-                    _GCRA, redis_key(namespace, key), interval_us, span_us, cost
-                )
-            except self._errors as error:
-                self._down(error)
-            else:
-                self._up()
-                return GcraResult(bool(allowed), int(ahead), int(retry))
-        return self.fallback.gcra(namespace, key, interval_us, span_us, cost)
+    def window(self, step: WindowStep) -> WindowResult:
+        return self.window_many([step])[0]
 
-    def charge(self, namespace: str, key: str, interval_us: int, span_us: int,
-               cost: int) -> None:
+    def charge(self, namespace: str, key: str, width_us: int, slices: int,
+               count: int) -> None:
         if self._may_try():
             try:
-                self._eval(_CHARGE, redis_key(namespace, key), interval_us, span_us, cost)
+                self._eval(_CHARGE, redis_key(namespace, key), width_us, slices, count)
             except self._errors as error:
                 self._down(error)
             else:
                 self._up()
                 return
-        self.fallback.charge(namespace, key, interval_us, span_us, cost)
+        self.fallback.charge(namespace, key, width_us, slices, count)
 
-    def gcra_many(self, steps: Sequence[GcraStep]) -> list[GcraResult]:
+    def window_many(self, steps: Sequence[WindowStep]) -> list[WindowResult]:
         if not steps:
             return []
         if self._may_try():
-            keys = [redis_key(step.namespace, step.key) for step in steps]
-            args = [n for step in steps for n in (step.interval_us, step.span_us, step.cost)]
+            keys, args = _script_args(steps)
             try:
-                flat = self._eval_keys(_GCRA, keys, args)
+                flat = self._eval_keys(_WINDOW, keys, args)
             except self._errors as error:
                 self._down(error)
             else:
                 self._up()
-                return [GcraResult(bool(flat[i]), int(flat[i + 1]), int(flat[i + 2]))
-                        for i in range(0, len(flat), 3)]
-        return self.fallback.gcra_many(steps)
+                return _results(flat)
+        return self.fallback.window_many(steps)
 
-    async def agcra_many(self, steps: Sequence[GcraStep],
-                         executor: Executor | None = None) -> list[GcraResult]:
-        """gcra_many() on the event loop's own pipelined connection: no thread, no wait
+    async def awindow_many(self, steps: Sequence[WindowStep],
+                           executor: Executor | None = None) -> list[WindowResult]:
+        """window_many() on the event loop's own pipelined connection: no thread, no wait
         on the loop's thread; a failure or a timeout is answered by the fallback."""
         if steps and self._may_try():
-            keys = [redis_key(step.namespace, step.key) for step in steps]
-            args = [n for step in steps for n in (step.interval_us, step.span_us, step.cost)]
+            keys, args = _script_args(steps)
             try:
-                flat = await self._aeval_keys(_GCRA, keys, args)
+                flat = await self._aeval_keys(_WINDOW, keys, args)
             except self._aerrors as error:
                 self._down(error)
             else:
                 self._up()
-                return [GcraResult(bool(flat[i]), flat[i + 1], flat[i + 2])
-                        for i in range(0, len(flat), 3)]
-        return self.fallback.gcra_many(steps)
+                return _results(flat)
+        return self.fallback.window_many(steps)
 
     async def _aeval_keys(self, script: _Script, keys: Sequence[str],
                           args: Sequence[Any]) -> Any:
@@ -655,8 +742,22 @@ class RedisStore(LimitStore):
         self._pipe.close()
 
 
-class GcraBatcher:
-    """A store's GCRA steps asked from an event loop, gathered into batches.
+def _script_args(steps: Sequence[WindowStep]) -> tuple[list[str], list[int]]:
+    keys = [redis_key(step.namespace, step.key) for step in steps]
+    args = [n for s in steps for n in (s.width_us, s.slices, s.limit, s.cost, s.promise_max)]
+    return keys, args
+
+
+def _results(flat: Sequence[Any]) -> list[WindowResult]:
+    return [
+        WindowResult(bool(int(flat[i])), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]),
+                     int(flat[i + 4]))
+        for i in range(0, len(flat), 5)
+    ]
+
+
+class WindowBatcher:
+    """A store's window checks asked from an event loop, gathered into batches.
 
     One batch is out at a time: the steps asked while it is out go together
     in the next, sent the moment it comes back (and a step asked while none
@@ -671,15 +772,15 @@ class GcraBatcher:
         self._store = store
         self._executor = executor
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[GcraStep, asyncio.Future[GcraResult]]] = []
+        self._pending: list[tuple[WindowStep, asyncio.Future[WindowResult]]] = []
         self._busy = False  # a batch is out, or about to be sent
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def gcra(self, step: GcraStep) -> GcraResult:
+    async def window(self, step: WindowStep) -> WindowResult:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (tests run several): start afresh
             self._loop, self._pending, self._busy = loop, [], False
-        future: asyncio.Future[GcraResult] = loop.create_future()
+        future: asyncio.Future[WindowResult] = loop.create_future()
         self._pending.append((step, future))
         if not self._busy:
             self._busy = True
@@ -698,9 +799,9 @@ class GcraBatcher:
         task.add_done_callback(self._sending.discard)
 
     async def _answer(self, loop: asyncio.AbstractEventLoop,
-                      batch: list[tuple[GcraStep, asyncio.Future[GcraResult]]]) -> None:
+                      batch: list[tuple[WindowStep, asyncio.Future[WindowResult]]]) -> None:
         try:
-            results = await self._store.agcra_many([step for step, _ in batch], self._executor)
+            results = await self._store.awindow_many([step for step, _ in batch], self._executor)
         except Exception as error:  # a store answers failures itself; this is a bug
             for _, future in batch:
                 if not future.done():
@@ -725,23 +826,22 @@ def open_store(
 
 
 @lru_cache(maxsize=1024)
-def _steps(requests: int, period_s: float, burst: int) -> tuple[int, int]:
-    """(T, burst*T) in whole microseconds; T rounded up, so never looser than asked."""
-    if requests < 1 or burst < 1:
-        raise ValueError("a rate limit needs at least 1 request and a burst of 1")
+def _width(requests: int, period_s: float) -> int:
+    """One slice of the window in whole microseconds, rounded up: never looser than asked."""
+    if requests < 1:
+        raise ValueError("a rate limit needs at least 1 request")
     period_us = round(period_s * MICROS)
-    if period_us < requests:
-        raise ValueError(f"cannot keep {requests} requests per {period_s} s: "
-                         "at most one request per microsecond")
-    interval = -(-period_us // requests)
-    return interval, interval * burst
+    if period_us < WINDOW_SLICES:
+        raise ValueError(f"cannot keep a period of {period_s} s: at least "
+                         f"{WINDOW_SLICES} microseconds")
+    return -(-period_us // WINDOW_SLICES)
 
 
 class RateLimiter:
-    """Per-key limits (`requests` per `period_s`) over a LimitStore; one GCRA step a check.
+    """Per-key limits (`requests` per `period_s`) over a LimitStore; one window check a call.
 
-    `check` runs the step where it is called; `acheck`, for an event loop, runs
-    a remote store's steps in batches on `executor` (GcraBatcher) and a local
+    `check` runs the check where it is called; `acheck`, for an event loop, runs
+    a remote store's checks in batches on `executor` (WindowBatcher) and a local
     store's at once.
     """
 
@@ -749,7 +849,7 @@ class RateLimiter:
                  executor: Executor | None = None) -> None:
         self.store = store if store is not None else LocalStore()
         self.namespace = namespace
-        self._batcher = GcraBatcher(self.store, executor) if self.store.remote else None
+        self._batcher = WindowBatcher(self.store, executor) if self.store.remote else None
 
     @property
     def healthy(self) -> bool:
@@ -761,16 +861,17 @@ class RateLimiter:
         requests: int,
         period_s: float,
         cost: int = 1,
-        burst: int | None = None,
+        cache: bool = False,
     ) -> Decision:
         """Counts `cost` calls for `key` if they fit; a refused call counts nothing.
 
         `key` is an id, never a secret (a token id, a lookup id, an address).
-        `burst` defaults to default_burst(requests); `cost=0` only asks.
-        Never raises for a store that is out of reach.
+        `cost=0` only asks. `cache`: the caller caches answers and asks for a
+        cache budget (Decision.cache_budget). Never raises for a store that is
+        out of reach.
         """
-        step = self._step(key, requests, period_s, cost, burst)
-        return _decision(requests, step, self.store.gcra(*step))
+        step = self._step(key, requests, period_s, cost, cache)
+        return _decision(requests, self.store.window(step))
 
     async def acheck(
         self,
@@ -778,41 +879,38 @@ class RateLimiter:
         requests: int,
         period_s: float,
         cost: int = 1,
-        burst: int | None = None,
+        cache: bool = False,
     ) -> Decision:
         """check() from an event loop: never waits on the network on the loop's thread."""
-        step = self._step(key, requests, period_s, cost, burst)
+        step = self._step(key, requests, period_s, cost, cache)
         if self._batcher is None:
-            return _decision(requests, step, self.store.gcra(*step))
-        return _decision(requests, step, await self._batcher.gcra(step))
+            return _decision(requests, self.store.window(step))
+        return _decision(requests, await self._batcher.window(step))
 
-    def charge(self, key: str, requests: int, period_s: float, count: int,
-               burst: int | None = None) -> None:
+    def charge(self, key: str, requests: int, period_s: float, count: int) -> None:
         """Counts `count` calls answered without a check (a consumer's cache), now.
 
         May wait on the network: from an event loop, call it on an executor.
         """
         if count > 0:
-            self.store.charge(*self._step(key, requests, period_s, count, burst))
+            self.store.charge(self.namespace, key, _width(requests, period_s),
+                              WINDOW_SLICES, count)
 
     def _step(self, key: str, requests: int, period_s: float, cost: int,
-              burst: int | None) -> GcraStep:
+              cache: bool) -> WindowStep:
         if cost < 0:
             raise ValueError("cost must not be negative")
-        interval, span = _steps(requests, period_s, burst or default_burst(requests))
-        return GcraStep(self.namespace, key, interval, span, cost)
+        return WindowStep(self.namespace, key, _width(requests, period_s), WINDOW_SLICES,
+                          requests, cost, cache_slice(requests) if cache else 0)
 
 
-def _decision(requests: int, step: GcraStep, result: GcraResult) -> Decision:
-    allowed, ahead, retry = result
-    interval, span = step.interval_us, step.span_us
-    burst_left = max(0, (span - ahead) // interval)
-    counted = -(-ahead // interval)  # calls not yet paid back, this one included
+def _decision(requests: int, result: WindowResult) -> Decision:
+    allowed, count, retry, reset, promised = result
     return Decision(
         allowed,
         requests,
-        max(0, requests - counted) if burst_left else 0,
-        ahead / MICROS,
+        max(0, requests - count),
+        reset / MICROS,
         retry / MICROS,
-        burst_left,
+        promised,
     )

@@ -71,6 +71,12 @@ from .values import (
 
 log = logging.getLogger("tokenservice.service")
 
+# Set by the caller of authenticate(): the call comes from a lease cache, which
+# asks for a cache budget (RateLimitStatus.cache_budget) with its answer.
+wants_cache_budget: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "wants_cache_budget", default=False
+)
+
 DEFAULT_PAGE_SIZE = 50
 MAX_USES_PER_REPORT = 10_000
 # How long a token's limit read for charging usage reports is reused, and for how many tokens.
@@ -499,13 +505,14 @@ class TokenService:
             return self._principal(row, None)
         if defer:
             return _Granted(row, now, *limit)
-        decision = self.limiter.check(row.token_id, *limit)
+        decision = self.limiter.check(row.token_id, *limit, cache=wants_cache_budget.get())
         return self._principal(row, self._status(decision, now))
 
     async def _acount(self, granted: _Granted) -> Principal:
         """Counts a granted call against its limit through the limiter's batches."""
         decision = await self.limiter.acheck(
-            granted.row.token_id, granted.requests, granted.period_s
+            granted.row.token_id, granted.requests, granted.period_s,
+            cache=wants_cache_budget.get(),
         )
         return self._principal(granted.row, self._status(decision, granted.now))
 
@@ -532,7 +539,7 @@ class TokenService:
             )
         return RateLimitStatus(
             decision.limit, decision.remaining, now + round(decision.reset_after_s * 1_000_000),
-            decision.burst_left,
+            decision.cache_budget,
         )
 
     @staticmethod
@@ -1193,7 +1200,7 @@ class TokenService:
         """Uses a consumer answered from its cache count as Authenticate calls do.
 
         last_used_at moves to the reported time (never past now), and each use
-        is charged against the token's rate limit (ratelimit.gcra_charge: never
+        is charged against the token's rate limit (ratelimit.window_charge: never
         refused, it happened). The consumer answered them within the budget
         slice its last Authenticate granted (RateLimitStatus.cache_budget), so
         the next Authenticate past that slice finds them counted. Entries

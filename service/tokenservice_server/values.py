@@ -33,8 +33,8 @@ class RateLimitStatus:
     # When the token is fully rested, in UTC microseconds: built on every call, so
     # no datetime on the way.
     reset_at_us: int
-    # The uses a caching consumer may answer from memory before asking again:
-    # the calls the limit would let through at once after this one.
+    # The uses a caching consumer that asked may answer from memory before
+    # asking again (ratelimit.py: promised, then counted when reported).
     cache_budget: int = 0
 
 

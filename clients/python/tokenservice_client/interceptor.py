@@ -87,7 +87,7 @@ from .errors import (
     Unauthenticated,
 )
 from .lease import AsyncLeaseCache, LeaseCache
-from .principal import _CURRENT, Principal
+from .principal import _CURRENT, ASK_CACHE_BUDGET, Principal
 
 __all__ = [
     "DEFAULT_PUBLIC_METHODS",
@@ -486,7 +486,9 @@ class _BaseAuthInterceptor(Generic[ClientT]):
         """Authenticate's deadline (within the caller's) and forwarded address."""
         return {
             "timeout": _auth_timeout(client.timeout, context),
-            "metadata": _forwarded(context, self._forward),
+            "metadata": _forwarded(context, self._forward) + (
+                ASK_CACHE_BUDGET if isinstance(self._cache, LeaseCache | AsyncLeaseCache) else ()
+            ),
         }
 
     def _keep(self, token: str, principal: Principal, ticket: int | None) -> Principal:

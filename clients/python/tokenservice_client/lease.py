@@ -22,7 +22,7 @@ RevokeToken (or any change narrowing it) has returned:
   next one came;
 - uses answered from memory are reported in batches, so `last_used_at` and
   rate limits still see them; a token with a rate limit is answered from
-  memory only within the budget slice its last Authenticate granted
+  memory only within the cache budget its last Authenticate promised
   (`rate_limit.cache_budget`), then asked again, with the uses answered so far
   reported first.
 
@@ -56,7 +56,7 @@ from tokenservice.v1 import token_service_pb2 as pb
 
 from .aio import AsyncTokenServiceClient
 from .client import TokenServiceClient
-from .principal import Principal
+from .principal import ASK_CACHE_BUDGET, Principal
 
 __all__ = ["AsyncLeaseCache", "CacheStats", "LeaseCache"]
 
@@ -348,7 +348,9 @@ class LeaseCache(_LeaseState):
         if hit is not None:
             return hit
         ticket = self.ticket()
-        principal = self._client.authenticate_principal(token, timeout=timeout)
+        principal = self._client.authenticate_principal(
+            token, timeout=timeout, metadata=ASK_CACHE_BUDGET
+        )
         self.put(token, principal, ticket)
         return principal
 
@@ -498,7 +500,9 @@ class AsyncLeaseCache(_LeaseState):
         self.start()
         assert self._client is not None
         ticket = self.ticket()
-        principal = await self._client.authenticate_principal(token, timeout=timeout)
+        principal = await self._client.authenticate_principal(
+            token, timeout=timeout, metadata=ASK_CACHE_BUDGET
+        )
         self.put(token, principal, ticket)
         return principal
 

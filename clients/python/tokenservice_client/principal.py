@@ -25,9 +25,8 @@ class RateLimitStatus:
     remaining: int
     # When the token is fully rested (remaining back at limit).
     reset_time: datetime
-    # The uses a lease cache may answer from memory before asking again (its budget
-    # slice, Authenticate's trailing `tokenservice-cache-budget`): the calls the limit
-    # would let through at once after this one. 0 when not known.
+    # The uses a lease cache may answer from memory before asking again (Authenticate's
+    # trailing `tokenservice-cache-budget`, sent to a caller that asked). 0: none.
     cache_budget: int = 0
 
     @classmethod
@@ -103,6 +102,8 @@ def current_principal() -> Principal:
 
 
 CACHE_BUDGET_METADATA = "tokenservice-cache-budget"
+# Sent with Authenticate by a lease cache: it asks for a cache budget.
+ASK_CACHE_BUDGET = ((CACHE_BUDGET_METADATA, "1"),)
 
 
 def _cache_budget(metadata: Any) -> int:
