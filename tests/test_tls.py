@@ -219,6 +219,23 @@ def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(
         httpx.get(f"{server.base_url}/healthz", verify=https(pki.other), timeout=5)
 
 
+def test_the_metrics_port_serves_https_only_and_asks_mtls_like_the_rest(
+    pki: Pki, serve_tls
+) -> None:
+    port = free_port()
+    server = serve_tls(*tls_flags(pki, mutual=True), "--metrics-port", str(port),
+                       ready=grpc_credentials(pki.ca, pki.client))
+    del server
+    url = f"https://127.0.0.1:{port}/metrics"
+    page = wait_for_https(url, verify=https(pki.ca, pki.client))
+    assert page.status_code == 200 and "tokenservice_rpc_requests_total" in page.text
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    for wrong in (None, pki.stranger):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, verify=https(pki.ca, wrong), timeout=5)
+
+
 def test_mtls_requires_a_client_certificate_from_the_client_ca(
     pki: Pki, token: str, serve_tls
 ) -> None:

@@ -413,7 +413,8 @@ def _serve_metrics(config: Config) -> None:
         return
     from . import metrics
 
-    port = metrics.serve_on_port(config.host, config.metrics_port)
+    port = metrics.serve_on_port(config.host, config.metrics_port, config.tls_cert,
+                                 config.tls_key, config.tls_client_ca)
     log.info("serving metrics", extra={"port": port})
 
 

@@ -126,9 +126,18 @@ def render() -> tuple[bytes, str]:
     return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
 
-def serve_on_port(host: str, port: int) -> int:
-    """Serves /metrics alone on host:port from a daemon thread; returns the real port."""
-    server, _ = start_http_server(port, addr=host, registry=_registry())
+def serve_on_port(host: str, port: int, tls_cert: str | None = None,
+                  tls_key: str | None = None, client_ca: str | None = None) -> int:
+    """Serves /metrics alone on host:port from a daemon thread; returns the real port.
+
+    With a certificate, HTTPS only, like the other faces (and a client
+    certificate signed by `client_ca` required, when given). The certificate
+    is read once: a SIGHUP renews the gRPC and REST faces, not this port.
+    """
+    server, _ = start_http_server(
+        port, addr=host, registry=_registry(), certfile=tls_cert, keyfile=tls_key,
+        client_cafile=client_ca, client_auth_required=bool(client_ca),
+    )
     return server.server_port
 
 
