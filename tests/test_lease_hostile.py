@@ -1,0 +1,250 @@
+"""WatchTokenEvents against hostile callers: what one verify token can take from everyone else."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from conftest import RunningServer, bearer, make_config
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from tokenservice.v1 import token_service_pb2 as pb
+from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
+from tokenservice_client import TokenServiceClient
+from tokenservice_server.config import Config
+from tokenservice_server.grpc_api import WATCH_STREAM_BEHIND, WATCH_STREAMS_EXHAUSTED
+from tokenservice_server.leases import MAX_UNSENT_EVENTS
+
+LEASE = 0.5
+PERMISSIONS = ["api_token:manage", "api_token:verify", "pass:read"]
+# A client whose HTTP/2 window stays at its 64 KiB default: a server writing to
+# a consumer that does not read blocks after a few thousand small events.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
+
+
+@pytest.fixture
+def server_config(database_url: str) -> Config:
+    return make_config(database_url, lease_seconds=LEASE, watch_streams_per_token=3)
+
+
+@pytest.fixture
+def email(ts: RunningServer) -> str:
+    email = f"ops-{uuid.uuid4().hex[:8]}@acme.test"
+    ts.add_user(email, "acme", PERMISSIONS)
+    return email
+
+
+@pytest.fixture
+def manager(ts: RunningServer, email: str) -> Iterator[TokenServiceClient]:
+    client = TokenServiceClient(ts.target, ts.mint(email, ["api_token:manage", "pass:read"]))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+class Stream:
+    """A raw WatchTokenEvents stream: the test decides what it sends and whether it reads."""
+
+    def __init__(self, ts: RunningServer, token: str, options=(), timeout: float = 30) -> None:
+        self.channel = grpc.insecure_channel(ts.target, options=list(options))
+        self.outgoing: queue.SimpleQueue[pb.WatchTokenEventsRequest | None] = queue.SimpleQueue()
+        self.call = pb_grpc.TokenServiceStub(self.channel).WatchTokenEvents(
+            self._requests(), metadata=bearer(token), timeout=timeout
+        )
+
+    def _requests(self) -> Iterator[pb.WatchTokenEventsRequest]:
+        while (item := self.outgoing.get()) is not None:
+            yield item
+
+    def send(self, request: pb.WatchTokenEventsRequest) -> None:
+        self.outgoing.put(request)
+
+    def renew(self, renew_id: int = 1) -> None:
+        self.send(pb.WatchTokenEventsRequest(renew=pb.Renew(id=renew_id)))
+
+    def ack(self, sequence: int) -> None:
+        self.send(pb.WatchTokenEventsRequest(ack=pb.Ack(sequence=sequence)))
+
+    def next(self) -> pb.TokenEvent:
+        return next(self.call)
+
+    def close(self) -> None:
+        self.outgoing.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def ended_with(stream: Stream) -> tuple[grpc.StatusCode, str]:
+    """Reads the stream to its end: its status code and ErrorInfo reason ("" for none)."""
+    with pytest.raises(grpc.RpcError) as caught:
+        while True:
+            stream.next()
+    status = rpc_status.from_call(caught.value)
+    reason = ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+    return caught.value.code(), reason
+
+
+def leased(stream: Stream) -> pb.TokenEvent:
+    stream.renew()
+    event = stream.next()
+    assert event.HasField("lease")
+    return event
+
+
+def test_a_token_holds_a_bounded_number_of_streams_and_others_are_not_shut_out(
+    ts: RunningServer, email: str
+) -> None:
+    hog, other = ts.mint(email, ["api_token:verify"]), ts.mint(email, ["api_token:verify"])
+    streams = [Stream(ts, hog) for _ in range(3)]
+    try:
+        for stream in streams:
+            leased(stream)
+        refused = Stream(ts, hog)
+        refused.renew()
+        assert ended_with(refused) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       WATCH_STREAMS_EXHAUSTED)
+        refused.close()
+        bystander = Stream(ts, other)
+        leased(bystander)  # another token's consumer still gets its stream
+        bystander.close()
+        streams.pop().close()  # a stream that ends gives its place back
+        for _ in range(100):
+            again = Stream(ts, hog)
+            again.renew()
+            try:
+                again.next()
+                break
+            except grpc.RpcError:
+                time.sleep(0.05)  # the server has not seen the cancel yet
+            finally:
+                again.close()
+        else:
+            raise AssertionError("an ended stream's place was never given back")
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def _unsent(ts: RunningServer) -> list[int]:
+    return [sub.outbox.qsize() for sub in list(ts.server.hub._subs)]
+
+
+def test_a_renew_flood_that_never_reads_holds_no_growing_backlog(
+    ts: RunningServer, email: str
+) -> None:
+    """Each Renew would be answered by a Lease: a consumer that floods them and reads
+    nothing once made the server queue every Lease its window could not take."""
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]), SMALL_WINDOW)
+    try:
+        sent = 30_000
+        for i in range(sent):
+            stream.renew(i + 1)
+        hub = ts.server.hub
+        for _ in range(200):  # until the server has read them all
+            subs = list(hub._subs)
+            if subs and subs[0].sequence and subs[0].outbox.leases:
+                seen = subs[0].sequence
+                time.sleep(0.2)
+                if subs[0].sequence == seen:
+                    break
+            time.sleep(0.05)
+        assert max(_unsent(ts)) <= 1, "leases pile up for a consumer that does not read"
+    finally:
+        stream.close()
+
+
+def test_a_stream_that_leaves_its_events_unread_is_ended_and_told_why(
+    ts: RunningServer, email: str
+) -> None:
+    """Changes keep coming to a consumer that stopped reading: the server once kept
+    every one of them for it; now it ends the stream past MAX_UNSENT_EVENTS."""
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]), SMALL_WINDOW)
+    try:
+        stream.renew()  # granted, but nothing is read: no lease to wait for here
+        big = [str(uuid.uuid4()) for _ in range(1000)]  # ~37 KB an event: the window fills
+        sent = MAX_UNSENT_EVENTS + 10
+        for _ in range(sent):
+            ts.server._call(ts.server.hub.invalidate(big, []), 30)
+        assert max(_unsent(ts), default=0) <= MAX_UNSENT_EVENTS + 1
+        seen = 0
+        with pytest.raises(grpc.RpcError) as caught:
+            while True:
+                stream.next()
+                seen += 1
+        assert seen < sent, "every event was kept for the consumer after all"
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status = rpc_status.from_call(caught.value)
+        assert status is not None
+        reasons = set()
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reasons.add(info.reason)
+        assert reasons == {WATCH_STREAM_BEHIND}
+    finally:
+        stream.close()
+
+
+def test_a_watcher_whose_token_is_revoked_gets_nothing_more_even_without_renewing(
+    ts: RunningServer, email: str, manager: TokenServiceClient
+) -> None:
+    """It once kept receiving every org's invalidations (and sending usage reports)
+    until its next Renew, which a hostile watcher never sends."""
+    own = ts.mint(email, ["api_token:verify"])
+    own_id = ts.authenticate(own).token_id
+    stream = Stream(ts, own)
+    try:
+        leased(stream)
+        manager.revoke_token(own_id, timeout=30)
+        first = stream.next()
+        assert list(first.invalidate.token_ids) == [own_id]
+        stream.ack(first.sequence)
+        other = manager.create_token("other", ["pass:read"]).api_token.id
+        manager.revoke_token(other, timeout=30)
+        assert ended_with(stream)[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stream.close()
+
+
+def test_a_watcher_whose_token_expires_is_ended_then(ts: RunningServer, email: str) -> None:
+    soon = ts.mint(email, ["api_token:verify"], expires_at=datetime.now(UTC) + timedelta(seconds=1))
+    stream = Stream(ts, soon, timeout=15)
+    try:
+        leased(stream)
+        # No event names an expiring token: the stream ends by itself (before the
+        # deadline, which would be DEADLINE_EXCEEDED).
+        assert ended_with(stream)[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stream.close()
+
+
+def test_a_watcher_going_away_mid_write_logs_no_error(
+    ts: RunningServer, email: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer cancelling while the server's write waits on its window is routine,
+    not an ERROR with a traceback that any verify holder could produce at will."""
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]), SMALL_WINDOW)
+    with caplog.at_level(logging.ERROR, logger="tokenservice"):
+        stream.renew()
+        big = [str(uuid.uuid4()) for _ in range(1000)]
+        for _ in range(20):  # more than the window: the server's write blocks
+            ts.server._call(ts.server.hub.invalidate(big, []), 30)
+        stream.close()
+        for _ in range(100):
+            if not ts.server.hub.subscribers:
+                break
+            time.sleep(0.05)
+        assert not ts.server.hub.subscribers
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
