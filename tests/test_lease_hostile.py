@@ -248,3 +248,65 @@ def test_a_watcher_going_away_mid_write_logs_no_error(
             time.sleep(0.05)
         assert not ts.server.hub.subscribers
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def _report(real_id: str, junk: int) -> pb.WatchTokenEventsRequest:
+    """One use of `real_id` among `junk` made-up ids, as a hostile watcher would send."""
+    report = pb.UsageReport()
+    for _ in range(junk):
+        report.uses.add(token_id=str(uuid.uuid4()), count=2**62).last_used_at.GetCurrentTime()
+    report.uses.add(token_id=real_id, count=1).last_used_at.GetCurrentTime()
+    return pb.WatchTokenEventsRequest(usage=report)
+
+
+def test_made_up_ids_in_usage_reports_are_kept_nowhere(
+    ts: RunningServer, email: str, manager: TokenServiceClient
+) -> None:
+    """Each made-up id once went into the pending last_used_at writes (one UPDATE
+    each at the next flush) and pushed real tokens' limits out of the kept ones."""
+    real = manager.create_token("real", ["pass:read"])
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
+    service = ts.server.service
+    try:
+        leased(stream)
+        report = _report(real.api_token.id, 1000)
+        made_up = {u.token_id for u in report.usage.uses} - {real.api_token.id}
+        stream.send(report)
+        stream.renew(2)  # answered only after the report was applied
+        assert stream.next().lease.renew_id == 2
+        assert real.api_token.id in service._report_limits
+        assert len(service._report_limits) == 1, "made-up ids were kept as limits"
+        assert service.usage is not None
+        with service.usage._lock:
+            pending = dict(service.usage._pending)
+        assert real.api_token.id in pending
+        assert not made_up & set(pending), "made-up ids wait to be written as last used"
+    finally:
+        stream.close()
+
+
+def test_a_flood_of_usage_reports_is_paced(
+    ts: RunningServer, email: str, manager: TokenServiceClient
+) -> None:
+    """One watcher once had its reports applied as fast as it could send them (30 a
+    second of 1,100 ids each: most of a core, and every other caller's Authenticate
+    60 times slower). Each report here charges one use of a token whose limit pays
+    back one use a second: the charges it shows are the reports the server applied."""
+    counter = manager.create_token("counter", ["pass:read"], rate_limit=(100_000, 100_000))
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
+    try:
+        leased(stream)
+        reports = 100
+        report = _report(counter.api_token.id, 999)
+        start = time.monotonic()
+        for _ in range(reports):
+            stream.send(report)
+        time.sleep(1.0)
+        remaining = ts.authenticate(counter.token).rate_limit.remaining
+        elapsed = time.monotonic() - start
+        applied = 100_000 - 1 - remaining
+        # The pace: a burst of 10,000 entries, then 10,000 a second, each report 1,000.
+        allowed = (10_000 + 10_000 * elapsed) / 1000 + 1
+        assert 0 < applied <= allowed, f"{applied} reports applied in {elapsed:.2f}s"
+    finally:
+        stream.close()

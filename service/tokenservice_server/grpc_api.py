@@ -42,7 +42,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .leases import Event, Invalidation, LeaseHub, Subscriber
+from .leases import Event, Invalidation, LeaseHub, ReportPace, Subscriber
 from .logs import rpc_log
 from .metrics import RpcMetrics
 from .peers import TrustedProxies
@@ -709,6 +709,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         watch: _Watch,
     ) -> None:
         """Applies the consumer's Renew, Ack and UsageReport messages; ends the stream after."""
+        pace = ReportPace(asyncio.get_running_loop().time)
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")
@@ -719,6 +720,9 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
                 if kind == "renew":
                     sub.renew(request.renew.id)
                 elif kind == "usage":
+                    wait = pace.delay(len(request.usage.uses))
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                     now = self._service.clock()
                     await self._service.arecord_cached_uses(
                         [CachedUse(u.token_id, u.count, _micros_or(u, now))

@@ -57,6 +57,34 @@ class Invalidation:
 
 Event = LeaseGranted | Invalidation
 
+# Usage reports, per stream: entries a second, and what a report costs at
+# least (so a flood of tiny reports is paced too). A consumer reports each
+# token it answered once a second: 10,000 distinct tokens a second per
+# consumer process is far above any real one.
+REPORT_USES_PER_SECOND = 10_000.0
+REPORT_MIN_COST = 100
+
+
+class ReportPace:
+    """A stream's usage reports beyond REPORT_USES_PER_SECOND wait: its reader
+    sleeps, so HTTP/2 flow control holds the sender back and nothing is lost."""
+
+    def __init__(self, clock: Callable[[], float], per_second: float = REPORT_USES_PER_SECOND,
+                 burst: float = REPORT_USES_PER_SECOND) -> None:
+        self._clock = clock
+        self._rate = per_second
+        self._burst = burst
+        self._tokens = burst
+        self._at = clock()
+
+    def delay(self, entries: int) -> float:
+        """Seconds to wait before applying a report of `entries` uses (0: at once)."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        self._tokens -= max(entries, REPORT_MIN_COST)
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
 
 class _Barrier:
     """Done once each pending subscriber has acked, or its bound has passed."""
