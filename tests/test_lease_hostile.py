@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import grpc.aio
 import pytest
 from conftest import RunningServer, bearer, make_config
 from google.rpc import error_details_pb2
@@ -137,6 +139,13 @@ def test_a_token_holds_a_bounded_number_of_streams_and_others_are_not_shut_out(
             stream.close()
 
 
+async def _invalidations(ts: RunningServer, events: int, tokens: int) -> None:
+    """Pushes `events` Invalidates naming `tokens` made-up ids each, as a burst of changes would."""
+    ids = [str(uuid.uuid4()) for _ in range(tokens)]
+    for _ in range(events):
+        await ts.server.hub.invalidate(ids, [])
+
+
 def _unsent(ts: RunningServer) -> list[int]:
     return [sub.outbox.qsize() for sub in list(ts.server.hub._subs)]
 
@@ -170,13 +179,12 @@ def test_a_stream_that_leaves_its_events_unread_is_ended_and_told_why(
 ) -> None:
     """Changes keep coming to a consumer that stopped reading: the server once kept
     every one of them for it; now it ends the stream past MAX_UNSENT_EVENTS."""
-    stream = Stream(ts, ts.mint(email, ["api_token:verify"]), SMALL_WINDOW)
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
     try:
-        stream.renew()  # granted, but nothing is read: no lease to wait for here
-        big = [str(uuid.uuid4()) for _ in range(1000)]  # ~37 KB an event: the window fills
+        leased(stream)  # subscribed; from now on it reads nothing (nor acks)
         sent = MAX_UNSENT_EVENTS + 10
-        for _ in range(sent):
-            ts.server._call(ts.server.hub.invalidate(big, []), 30)
+        # One burst, faster than any write: all of it waits to be sent.
+        ts.server._call(_invalidations(ts, sent, 10), 30)
         assert max(_unsent(ts), default=0) <= MAX_UNSENT_EVENTS + 1
         seen = 0
         with pytest.raises(grpc.RpcError) as caught:
@@ -235,18 +243,26 @@ def test_a_watcher_going_away_mid_write_logs_no_error(
 ) -> None:
     """A consumer cancelling while the server's write waits on its window is routine,
     not an ERROR with a traceback that any verify holder could produce at will."""
-    stream = Stream(ts, ts.mint(email, ["api_token:verify"]), SMALL_WINDOW)
+    token = ts.mint(email, ["api_token:verify"])
+
+    async def flood_then_leave() -> None:
+        async with grpc.aio.insecure_channel(ts.target, options=SMALL_WINDOW) as channel:
+            call = pb_grpc.TokenServiceStub(channel).WatchTokenEvents(metadata=bearer(token))
+            renew = pb.WatchTokenEventsRequest(renew=pb.Renew(id=1))
+            until = time.monotonic() + 2.0  # well past what the window takes
+            while time.monotonic() < until:
+                for _ in range(500):
+                    await call.write(renew)
+            call.cancel()
+
     with caplog.at_level(logging.ERROR, logger="tokenservice"):
-        stream.renew()
-        big = [str(uuid.uuid4()) for _ in range(1000)]
-        for _ in range(20):  # more than the window: the server's write blocks
-            ts.server._call(ts.server.hub.invalidate(big, []), 30)
-        stream.close()
+        asyncio.run(flood_then_leave())
         for _ in range(100):
             if not ts.server.hub.subscribers:
                 break
             time.sleep(0.05)
         assert not ts.server.hub.subscribers
+        time.sleep(0.5)  # the stream's handler logs after it has unsubscribed
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
