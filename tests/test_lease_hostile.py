@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,13 +14,13 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import grpc.aio
 import pytest
-from conftest import RunningServer, bearer, make_config
+from conftest import RunningServer, bearer, make_config, start_server
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
-from tokenservice_client import TokenServiceClient
+from tokenservice_client import LeaseCache, TokenServiceClient, Unauthenticated
 from tokenservice_server.config import Config
 from tokenservice_server.grpc_api import WATCH_STREAM_BEHIND, WATCH_STREAMS_EXHAUSTED
 from tokenservice_server.leases import MAX_UNSENT_EVENTS
@@ -326,3 +327,66 @@ def test_a_flood_of_usage_reports_is_paced(
         assert 0 < applied <= allowed, f"{applied} reports applied in {elapsed:.2f}s"
     finally:
         stream.close()
+
+
+@pytest.mark.slow
+def test_many_streams_that_never_ack_delay_a_revoke_by_one_lease_at_most(
+    database_url: str,
+) -> None:
+    """The contract's bound with a crowd: 300 streams renewing their leases and
+    acking nothing; a revoke still returns (within its deadline of a few leases)
+    and an honest consumer beside them refuses the token at once."""
+    ts = start_server(make_config(database_url, lease_seconds=LEASE))
+    email = f"ops-{uuid.uuid4().hex[:8]}@acme.test"
+    ts.add_user(email, "acme", PERMISSIONS)
+    manager = TokenServiceClient(ts.target, ts.mint(email, PERMISSIONS))
+    # Its own limit, high: each stream's opening counts as an Authenticate.
+    hostile = manager.create_token("crowd", ["api_token:verify"], rate_limit=(10_000, 1)).token
+    stop = threading.Event()
+
+    async def crowd() -> None:
+        channels = [grpc.aio.insecure_channel(ts.target, options=[
+            ("grpc.use_local_subchannel_pool", 1)]) for _ in range(3)]
+
+        async def one(channel: grpc.aio.Channel) -> None:
+            renew_id = 0
+            while not stop.is_set():  # a stream refused at first (bcrypt busy) tries again
+                call = pb_grpc.TokenServiceStub(channel).WatchTokenEvents(
+                    metadata=bearer(hostile))
+                try:
+                    while not stop.is_set():
+                        renew_id += 1
+                        await call.write(pb.WatchTokenEventsRequest(renew=pb.Renew(id=renew_id)))
+                        await asyncio.sleep(LEASE / 3)
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    await asyncio.sleep(0.1)
+                finally:
+                    call.cancel()
+
+        await asyncio.gather(*(one(channels[i % 3]) for i in range(300)),
+                             return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+
+    runner = threading.Thread(target=asyncio.run, args=(crowd(),), daemon=True)
+    runner.start()
+    cache = LeaseCache(ts.target, ts.mint(email, ["api_token:verify"]))
+    try:
+        assert cache.wait_leased(LEASE * 4 + 5)
+        for _ in range(400):
+            if ts.server.hub.subscribers >= 301:
+                break
+            time.sleep(0.05)
+        assert ts.server.hub.subscribers >= 301, ts.server.hub.subscribers
+        doomed = manager.create_token("doomed", ["pass:read"])
+        cache.authenticate(doomed.token)
+        manager.revoke_token(doomed.api_token.id, timeout=LEASE * 4 + 5)
+        with pytest.raises(Unauthenticated):
+            cache.authenticate(doomed.token)
+    finally:
+        stop.set()
+        runner.join(10)
+        cache.close()
+        manager.close()
+        ts.channel.close()
+        ts.server.stop(grace=1)
