@@ -7,6 +7,7 @@ are in test_lease_cache.py.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from tokenservice.v1 import token_service_pb2 as pb
@@ -124,7 +125,41 @@ def test_hits_are_reported_as_uses_once() -> None:
     state.put("raw", principal("t1"), state.ticket())
     for _ in range(3):
         state.get("raw")
-    report = state._usage()
-    assert report is not None
+    (report,) = state._usage()
     assert [(u.token_id, u.count) for u in report.usage.uses] == [("t1", 3)]
-    assert state._usage() is None
+    assert state._usage() == []
+
+
+def test_a_lease_longer_than_the_protocol_allows_is_cut_to_five_seconds() -> None:
+    """A broken or impostor server granting an hour must not keep answers that long."""
+    clock = Clock()
+    state = _LeaseState(10, clock)
+    state._apply(lease_event(1, state._renew().renew.id, 3600.0))
+    state.put("raw", principal("t1"), state.ticket())
+    clock.now += 4.9
+    assert state.get("raw") is not None
+    clock.now += 0.2
+    assert not state.leased and state.get("raw") is None
+
+
+def test_renewals_a_server_never_answers_are_not_kept_forever() -> None:
+    state = _LeaseState(10, Clock())
+    for _ in range(10_000):
+        state._renew()
+    assert len(state._renews_sent) <= 64
+
+
+def test_uses_of_many_tokens_go_out_in_reports_the_server_accepts() -> None:
+    """One report for every token answered in a second once passed the server's
+    64 KiB request limit past ~1,100 tokens: the server refused it, the stream
+    broke, the cache was dropped and the uses were lost, every second."""
+    clock = Clock()
+    state = leased(clock)
+    state._max_entries = 10_000
+    ids = [str(uuid.uuid4()) for _ in range(3000)]
+    for i in range(len(ids)):
+        state.put(f"raw{i}", principal(ids[i], f"u{i}"), state.ticket())
+        assert state.get(f"raw{i}") is not None
+    reports = state._usage()
+    assert all(r.ByteSize() < 65536 for r in reports)
+    assert sorted(u.token_id for r in reports for u in r.usage.uses) == sorted(ids)

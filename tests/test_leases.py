@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from tokenservice_server.leases import Invalidation, LeaseGranted, LeaseHub, Subscriber
+from tokenservice_server.leases import (
+    MAX_UNSENT_EVENTS,
+    Invalidation,
+    LeaseGranted,
+    LeaseHub,
+    Subscriber,
+)
 
 LEASE = 0.3
 
@@ -118,5 +124,51 @@ def test_acking_the_later_lease_acks_the_invalidation_before_it() -> None:
         await asyncio.wait_for(waiting, 0.05)
         sub.ack(10**9)  # beyond anything sent: counts as the last one, changes nothing
         assert sub.acked == sub.sequence
+
+    asyncio.run(main())
+
+
+def test_a_renew_flood_queues_one_lease_at_a_time() -> None:
+    async def main() -> None:
+        hub = LeaseHub(LEASE)
+        hub.extend_grants(asyncio.get_running_loop().time() + LEASE)
+        sub = hub.subscribe()
+        for i in range(10_000):
+            sub.renew(i + 1)
+        assert sub.outbox.qsize() == 1, "a Lease queued for every Renew of a flood"
+        first = await sub.next_event()
+        assert isinstance(first, LeaseGranted) and first.renew_id == 1
+        sub.renew(10_001)  # the queued one was sent: the next Renew is answered
+        assert [e.renew_id for e in drain(sub)] == [10_001]
+
+    asyncio.run(main())
+
+
+def test_a_subscriber_that_reads_nothing_is_ended_and_waited_for_only_until_its_bound() -> None:
+    async def main() -> None:
+        hub, (stuck,) = await leased_hub(1)
+        bound = stuck.bound
+        changes = [asyncio.create_task(hub.invalidate(["t"], []))
+                   for _ in range(MAX_UNSENT_EVENTS + 5)]
+        await asyncio.sleep(0)
+        assert stuck.behind and stuck.outbox.qsize() == MAX_UNSENT_EVENTS + 1
+        assert drain(stuck)[-1] is None, "the stream that fell behind is not told to end"
+        stuck.renew(99)
+        assert drain(stuck) == [], "a stream that fell behind was granted a lease"
+        await asyncio.wait_for(asyncio.gather(*changes), LEASE * 3)
+        assert asyncio.get_running_loop().time() >= bound
+
+    asyncio.run(main())
+
+
+def test_a_caller_holds_at_most_its_share_of_streams() -> None:
+    async def main() -> None:
+        hub = LeaseHub(LEASE, max_per_owner=2)
+        a, b = hub.subscribe("tok"), hub.subscribe("tok")
+        assert a is not None and b is not None
+        assert hub.subscribe("tok") is None
+        assert hub.subscribe("other") is not None
+        hub.unsubscribe(a, dropped=True)
+        assert hub.subscribe("tok") is not None
 
     asyncio.run(main())

@@ -138,6 +138,10 @@ class Config:
     # narrowing change waits at most this long for a consumer that stopped
     # answering; a shorter lease costs more renewals.
     lease_seconds: float = 2.0
+    # WatchTokenEvents streams one caller token may hold open on one server
+    # process (a consumer process holds one); more are refused with
+    # RESOURCE_EXHAUSTED. Raise it for a fleet sharing one token.
+    watch_streams_per_token: int = 1024
     # Peers allowed to name the real client in x-forwarded-for (the REST shim):
     # addresses or CIDR ranges.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -238,6 +242,7 @@ def validate(config: Config) -> None:
         "rest_idle_timeout_seconds", "grpc_max_concurrent_streams",
         "grpc_max_connection_idle_seconds", "grpc_keepalive_seconds",
         "grpc_min_ping_interval_seconds", "grpc_max_message_bytes",
+        "watch_streams_per_token",
     )
     for name in positive:
         if not getattr(config, name) > 0:

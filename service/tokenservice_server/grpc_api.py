@@ -42,7 +42,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .leases import Event, Invalidation, LeaseHub, Subscriber
+from .leases import Event, Invalidation, LeaseHub, ReportPace, Subscriber
 from .logs import rpc_log
 from .metrics import RpcMetrics
 from .peers import TrustedProxies
@@ -67,6 +67,11 @@ ERROR_DOMAIN = "tokenservice.dev"
 # A lease cache sends it with Authenticate to ask for a cache budget, and gets
 # the budget back under the same name in the trailing metadata.
 CACHE_BUDGET_METADATA = "tokenservice-cache-budget"
+# WatchTokenEvents refusals (RESOURCE_EXHAUSTED): the caller's token holds all
+# the streams it may, or a stream left too many events unread.
+WATCH_STREAMS_EXHAUSTED = "WATCH_STREAMS_EXHAUSTED"
+WATCH_STREAM_BEHIND = "WATCH_STREAM_BEHIND"
+WATCH_RETRY_SECONDS = 1.0
 
 _caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller")
 _token_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("token_id", default=None)
@@ -632,62 +637,109 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         if self._hub is None:
             raise Unavailable("this server does not stream token events")
         hub = self._hub
-        sub = hub.subscribe()
-        # Set when an Invalidate named the caller's own token or user: its
-        # token is checked again at the next Renew, and the stream ends if it
-        # no longer may watch.
-        recheck = asyncio.Event()
-        failure: list[DomainError] = []
-        # Set when the consumer ended its side: it has dropped its cache.
-        said_goodbye = asyncio.Event()
-        reader = asyncio.create_task(
-            self._read_watch(requests, sub, _raw_caller.get(), recheck, failure, said_goodbye)
-        )
+        sub = hub.subscribe(caller.token_id)
+        if sub is None:
+            raise RateLimited(
+                "this token holds as many token-event streams as it may on this server",
+                WATCH_RETRY_SECONDS, WATCH_STREAMS_EXHAUSTED,
+            )
+        loop = asyncio.get_running_loop()
+        watch = _Watch(_raw_caller.get())
+        reader = asyncio.create_task(self._read_watch(requests, sub, watch))
+        # The caller's token expires: no Invalidate says so, so the stream ends then.
+        expired = False
+        expiry: asyncio.TimerHandle | None = None
+        if caller.expires_at is not None:
+            left = (to_micros(caller.expires_at) - self._service.clock()) / 1_000_000
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                sub.outbox.put_nowait(None)
+
+            expiry = loop.call_later(max(0.0, left), expire)
         try:
             while (event := await sub.next_event()) is not None:
+                await self._recheck_watcher(watch)
                 if isinstance(event, Invalidation) and (
                     caller.token_id in event.token_ids or caller.user_id in event.user_ids
                 ):
-                    recheck.set()
-                await context.write(_event_pb(event))
-            if failure:
-                raise failure[0]
+                    watch.recheck = True
+                try:
+                    await context.write(_event_pb(event))
+                except Exception as error:  # noqa: BLE001 - grpc's own ExecuteBatchError
+                    # The consumer went away while the write waited on its window
+                    # (routine, and any verify holder can do it at will): the
+                    # stream is over, nothing to log at error.
+                    log.debug("token events stream gone mid-write",
+                              extra={"error": type(error).__name__})
+                    return
+            if watch.failure is not None:
+                raise watch.failure
+            if expired:
+                raise Unauthenticated(CALLER_UNAUTHENTICATED)
+            if sub.behind:
+                raise RateLimited(
+                    "this stream left too many events unread and was ended",
+                    WATCH_RETRY_SECONDS, WATCH_STREAM_BEHIND,
+                )
         finally:
+            if expiry is not None:
+                expiry.cancel()
             reader.cancel()
-            hub.unsubscribe(sub, dropped=said_goodbye.is_set())
+            hub.unsubscribe(sub, dropped=watch.said_goodbye)
+
+    async def _recheck_watcher(self, watch: _Watch) -> None:
+        """Raises if the watcher's token, named by an Invalidate since the last check,
+        may no longer watch (or if an earlier check said so)."""
+        async with watch.checking:
+            if watch.failure is not None:
+                raise watch.failure
+            if not watch.recheck:
+                return
+            try:
+                again = await self._service.aauthenticate(watch.raw)
+                self._service.require_verify(again)
+            except Unauthenticated:
+                watch.failure = Unauthenticated(CALLER_UNAUTHENTICATED)
+                raise watch.failure from None
+            except DomainError as error:
+                watch.failure = error
+                raise
+            watch.recheck = False
 
     async def _read_watch(
         self,
         requests: AsyncIterator[pb.WatchTokenEventsRequest],
         sub: Subscriber,
-        raw: str,
-        recheck: asyncio.Event,
-        failure: list[DomainError],
-        said_goodbye: asyncio.Event,
+        watch: _Watch,
     ) -> None:
         """Applies the consumer's Renew, Ack and UsageReport messages; ends the stream after."""
+        pace = ReportPace(asyncio.get_running_loop().time)
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")
-                if kind == "renew":
-                    if recheck.is_set():
-                        recheck.clear()
-                        again = await self._service.aauthenticate(raw)
-                        self._service.require_verify(again)
-                    sub.renew(request.renew.id)
-                elif kind == "ack":
+                if kind == "ack":
                     sub.ack(request.ack.sequence)
+                    continue
+                await self._recheck_watcher(watch)
+                if kind == "renew":
+                    sub.renew(request.renew.id)
                 elif kind == "usage":
+                    wait = pace.delay(len(request.usage.uses))
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                     now = self._service.clock()
                     await self._service.arecord_cached_uses(
                         [CachedUse(u.token_id, u.count, _micros_or(u, now))
                          for u in request.usage.uses]
                     )
-            said_goodbye.set()
+            watch.said_goodbye = True
         except DomainError as error:
             if isinstance(error, Unauthenticated):
                 error = Unauthenticated(CALLER_UNAUTHENTICATED)
-            failure.append(error)
+            if watch.failure is None:
+                watch.failure = error
         except grpc.RpcError:
             pass  # the stream broke: the writer side ends too
         finally:
@@ -697,6 +749,21 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
 
 def _asks_cache_budget(context: Any) -> bool:
     return any(key == CACHE_BUDGET_METADATA for key, _ in context.invocation_metadata() or ())
+
+
+class _Watch:
+    """What a WatchTokenEvents stream's writer and reader share."""
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw  # the caller's token as presented, to check it again
+        # An Invalidate named the caller's own token or user: check the token
+        # before anything more is sent on the stream or taken from it (an Ack
+        # is always taken: it only lets a change return sooner).
+        self.recheck = False
+        self.checking = asyncio.Lock()
+        self.failure: DomainError | None = None  # the stream ends with it
+        # The consumer ended its side: it has dropped its cache.
+        self.said_goodbye = False
 
 
 def _micros_or(use: pb.TokenUse, default: int) -> int:

@@ -13,6 +13,14 @@ order, so a Lease pushed later cannot let it use an answer the Invalidate
 dropped. A stream that ends is still waited for until its bound: the consumer
 may not have noticed yet, and keeps its cache until its lease runs out.
 
+A consumer that does not read what it is sent cannot make the server hold
+more of it than MAX_UNSENT_EVENTS: past that its stream ends (`behind`), and
+it is waited for like an ended stream, until its bound. A Renew that arrives
+while the Lease answering an earlier one is still unsent gets no Lease of its
+own: the queued one counts from an earlier Renew, so the consumer's window it
+opens is shorter, never longer. A Renew flood then costs the server nothing
+it keeps.
+
 The hub never grants past `grant_until`, which the process moves forward only
 after the store has recorded that this process's leases may hold that long
 (fanout.py): an origin on another replica then knows how long to wait for us.
@@ -27,6 +35,10 @@ from dataclasses import dataclass
 # A grant shorter than this is not worth sending: the renewal waits for the
 # next heartbeat instead.
 MIN_GRANT_SECONDS = 0.05
+# Events a stream may have waiting to be sent (its consumer is not reading them)
+# before the stream ends: a burst of narrowing changes from another replica
+# (500 per read) fits several times over, a consumer that stopped reading does not.
+MAX_UNSENT_EVENTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +56,34 @@ class Invalidation:
 
 
 Event = LeaseGranted | Invalidation
+
+# Usage reports, per stream: entries a second, and what a report costs at
+# least (so a flood of tiny reports is paced too). A consumer reports each
+# token it answered once a second: 10,000 distinct tokens a second per
+# consumer process is far above any real one.
+REPORT_USES_PER_SECOND = 10_000.0
+REPORT_MIN_COST = 100
+
+
+class ReportPace:
+    """A stream's usage reports beyond REPORT_USES_PER_SECOND wait: its reader
+    sleeps, so HTTP/2 flow control holds the sender back and nothing is lost."""
+
+    def __init__(self, clock: Callable[[], float], per_second: float = REPORT_USES_PER_SECOND,
+                 burst: float = REPORT_USES_PER_SECOND) -> None:
+        self._clock = clock
+        self._rate = per_second
+        self._burst = burst
+        self._tokens = burst
+        self._at = clock()
+
+    def delay(self, entries: int) -> float:
+        """Seconds to wait before applying a report of `entries` uses (0: at once)."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        self._tokens -= max(entries, REPORT_MIN_COST)
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 class _Barrier:
@@ -81,16 +121,39 @@ class _Barrier:
             self.done.set_result(None)
 
 
+class _Outbox(asyncio.Queue["Event | None"]):
+    """A subscriber's unsent events; knows whether a Lease is among them (as
+    PriorityQueue does, through the Queue's own _put/_get hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leases = 0
+
+    def _put(self, item: Event | None) -> None:
+        if isinstance(item, LeaseGranted):
+            self.leases += 1
+        super()._put(item)
+
+    def _get(self) -> Event | None:
+        item = super()._get()
+        if isinstance(item, LeaseGranted):
+            self.leases -= 1
+        return item
+
+
 class Subscriber:
     """One watching consumer: its outbox, its sequence numbers, its acks and its lease."""
 
-    def __init__(self, hub: LeaseHub) -> None:
+    def __init__(self, hub: LeaseHub, owner: str | None = None) -> None:
         self._hub = hub
-        self.outbox: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.owner = owner  # the caller's token: streams are counted per token
+        self.outbox = _Outbox()
         self.sequence = 0  # the last event pushed
         self.acked = 0  # the last event the consumer says it applied
         self.bound = 0.0  # loop time the latest lease granted ends by
         self.closed = False
+        # The outbox overflowed: the stream ends, and can no longer ack.
+        self.behind = False
         self._barriers: list[tuple[int, _Barrier]] = []
 
     def renew(self, renew_id: int) -> None:
@@ -114,11 +177,26 @@ class Subscriber:
         """The next event to send; None when the stream is to end."""
         return await self.outbox.get()
 
+    def _room(self) -> bool:
+        """False once the consumer has left MAX_UNSENT_EVENTS unread: the stream ends."""
+        if self.behind:
+            return False
+        if self.outbox.qsize() >= MAX_UNSENT_EVENTS:
+            self.behind = True
+            self.outbox.put_nowait(None)
+            return False
+        return True
+
     def _push_lease(self, renew_id: int, duration: float) -> None:
         self.sequence += 1
         self.outbox.put_nowait(LeaseGranted(self.sequence, renew_id, duration))
 
-    def _push_invalidation(self, token_ids: tuple[str, ...], user_ids: tuple[str, ...]) -> int:
+    def _push_invalidation(
+        self, token_ids: tuple[str, ...], user_ids: tuple[str, ...]
+    ) -> int | None:
+        """The event's sequence; None when the stream fell behind and ends instead."""
+        if not self._room():
+            return None
         self.sequence += 1
         self.outbox.put_nowait(Invalidation(self.sequence, token_ids, user_ids))
         return self.sequence
@@ -136,8 +214,12 @@ class LeaseHub:
         lease_seconds: float,
         needs_grant: Callable[[], None] | None = None,
         on_count: Callable[[int], None] | None = None,
+        max_per_owner: int | None = None,
     ) -> None:
         self.lease_seconds = lease_seconds
+        # Streams one caller token may hold open on this process (None: any number).
+        self._max_per_owner = max_per_owner
+        self._per_owner: dict[str, int] = {}
         self._needs_grant = needs_grant
         self._on_count = on_count  # told the number of subscribers when it changes
         self._subs: set[Subscriber] = set()
@@ -159,8 +241,14 @@ class LeaseHub:
         """A renewal waits for the store to record a longer lease for this process."""
         return bool(self._waiting_grant)
 
-    def subscribe(self) -> Subscriber:
-        sub = Subscriber(self)
+    def subscribe(self, owner: str | None = None) -> Subscriber | None:
+        """A new stream of `owner`'s; None when owner already holds max_per_owner."""
+        if owner is not None:
+            held = self._per_owner.get(owner, 0)
+            if self._max_per_owner is not None and held >= self._max_per_owner:
+                return None
+            self._per_owner[owner] = held + 1
+        sub = Subscriber(self, owner)
         self._subs.add(sub)
         if self._on_count is not None:
             self._on_count(len(self._subs))
@@ -174,6 +262,10 @@ class LeaseHub:
             return
         sub.closed = True
         self._subs.discard(sub)
+        if sub.owner is not None:
+            held = self._per_owner.pop(sub.owner, 1) - 1
+            if held > 0:
+                self._per_owner[sub.owner] = held
         self._waiting_grant.pop(sub, None)
         if self._on_count is not None:
             self._on_count(len(self._subs))
@@ -203,8 +295,8 @@ class LeaseHub:
             self.renew(sub, renew_id)
 
     def renew(self, sub: Subscriber, renew_id: int) -> None:
-        if sub.closed:
-            return
+        if sub.closed or sub.outbox.leases or not sub._room():
+            return  # a Lease is on its way (see the module's docstring), or the stream ends
         now = self._now()
         duration = min(self.lease_seconds, self._grant_until - now)
         if duration < MIN_GRANT_SECONDS:
@@ -227,7 +319,8 @@ class LeaseHub:
             sequence = sub._push_invalidation(tokens, users)
             if sub.bound > now:
                 pending[sub] = sub.bound
-                acks.append((sub, sequence))
+                if sequence is not None:  # else it cannot ack: wait out its lease
+                    acks.append((sub, sequence))
         self._lingering = [s for s in self._lingering if s.bound > now]
         for sub in self._lingering:
             pending[sub] = sub.bound  # can no longer ack: wait out its lease

@@ -117,6 +117,7 @@ class TokenServer:
             config.lease_seconds,
             needs_grant=lambda: self.fanout.wake(),
             on_count=metrics.set_token_watchers,
+            max_per_owner=config.watch_streams_per_token,
         )
         self.fanout = Fanout(
             self.store, self.hub, config.lease_seconds, self._blocking,

@@ -1204,13 +1204,16 @@ class TokenService:
         refused, it happened). The consumer answered them within the budget
         slice its last Authenticate granted (RateLimitStatus.cache_budget), so
         the next Authenticate past that slice finds them counted. Entries
-        naming no token id, or no use, are dropped. The charge reads the
-        token's limit and may wait on Redis: it runs on `blocking`.
+        naming no token id, no token that exists, or no use, are dropped: made-up
+        ids reach neither the last_used_at writes nor the kept limits. The
+        charge reads the tokens' limits and may wait on Redis: it runs on
+        `blocking`.
         """
         if len(uses) > MAX_USES_PER_REPORT:
             raise InvalidArgument([("uses", f"at most {MAX_USES_PER_REPORT} per report")])
         now = self.clock()
         counts: dict[str, int] = {}
+        last: dict[str, int] = {}
         for use in uses:
             try:
                 token_id = str(uuid.UUID(use.token_id))
@@ -1218,33 +1221,39 @@ class TokenService:
                 continue
             if use.count <= 0:
                 continue
-            if self.usage is not None:
-                self.usage.record(token_id, min(use.last_used_at, now))
+            last[token_id] = max(last.get(token_id, 0), min(use.last_used_at, now))
             counts[token_id] = counts.get(token_id, 0) + use.count
         if counts:
             await asyncio.get_running_loop().run_in_executor(
-                self.blocking, contextvars.copy_context().run, self._charge_cached, counts
+                self.blocking, contextvars.copy_context().run, self._charge_cached, counts, last
             )
 
-    def _charge_cached(self, counts: Mapping[str, int]) -> None:
+    def _charge_cached(self, counts: Mapping[str, int], last: Mapping[str, int]) -> None:
         try:
             limits = self._reported_limits(list(counts))
         except Unavailable:
             # Limits fail open, never authentication: the report's stream
-            # stays up, and these uses go uncounted.
+            # stays up, and these uses go uncounted (the next report, a second
+            # later, moves last_used_at).
             log.warning("usage report not charged: the token store is unavailable")
             return
         for token_id, count in counts.items():
-            limit = limits.get(token_id)
+            if token_id not in limits:
+                continue  # no such token
+            if self.usage is not None:
+                self.usage.record(token_id, last[token_id])
+            limit = limits[token_id]
             if limit is not None:
                 self.limiter.charge(token_id, *limit, min(count, limit[0]))
 
     def _reported_limits(self, token_ids: Sequence[str]) -> dict[str, tuple[int, float] | None]:
-        """Each token's (requests, period in seconds) for charging reports; None: none.
+        """Each existing token's (requests, period in seconds) for charging reports;
+        None: no limit. A token that does not exist is left out.
 
         Kept for REPORT_LIMIT_SECONDS, so a busy consumer's reports cost no
         read each; the tokens not kept are read in one query. A changed limit
-        reaches the charges that long after.
+        reaches the charges that long after. Ids that name no token are not
+        kept: made-up ids would push out the real ones.
         """
         now = self.clock()
         found: dict[str, tuple[int, float] | None] = {}
@@ -1261,8 +1270,7 @@ class TokenService:
         default = self.config.rate_limit
         for token_id in missing:
             if token_id not in own:
-                found[token_id] = None  # no such token
-                continue
+                continue  # no such token
             requests, period_us = own[token_id]
             if requests is not None and period_us is not None:
                 found[token_id] = (requests, period_us / 1_000_000)
@@ -1270,6 +1278,8 @@ class TokenService:
                 found[token_id] = None if default is None else (default.requests, default.period_s)
         with self._report_limits_lock:
             for token_id in missing:
+                if token_id not in found:
+                    continue
                 self._report_limits[token_id] = (found[token_id], now)
                 self._report_limits.move_to_end(token_id)
             while len(self._report_limits) > REPORT_LIMITS_KEPT:

@@ -68,6 +68,16 @@ MIN_RENEW_SECONDS = 0.05
 USAGE_REPORT_SECONDS = 1.0
 BACKOFF_FIRST_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
+# The protocol's longest lease: a longer one from a broken (or impostor) server
+# is cut to this, so no answer is kept past it without a renewal.
+MAX_LEASE_SECONDS = 5.0
+# Renews awaiting their Lease that are remembered: a server that answers none
+# costs no more than this.
+MAX_RENEWS_REMEMBERED = 64
+# Entries in one UsageReport: a consumer answering more distinct tokens than
+# this in a second sends several reports, each well under the server's 64 KiB
+# request limit (an entry is about 60 bytes).
+MAX_USES_PER_REPORT = 500
 
 
 @dataclass(frozen=True)
@@ -234,6 +244,8 @@ class _LeaseState:
         renew_id = next(self._renew_ids)
         with self._lock:
             self._renews_sent[renew_id] = self._clock()
+            while len(self._renews_sent) > MAX_RENEWS_REMEMBERED:
+                del self._renews_sent[next(iter(self._renews_sent))]
         return pb.WatchTokenEventsRequest(renew=pb.Renew(id=renew_id))
 
     def _renew_every(self) -> float:
@@ -244,16 +256,17 @@ class _LeaseState:
     def _report_soon(self) -> None:
         """Sends the usage report now rather than at the next tick (a slice was spent)."""
 
-    def _usage(self) -> pb.WatchTokenEventsRequest | None:
+    def _usage(self) -> list[pb.WatchTokenEventsRequest]:
+        """The uses answered since the last call, as reports of at most MAX_USES_PER_REPORT."""
         with self._lock:
             uses, self._uses = self._uses, {}
-        if not uses:
-            return None
-        report = pb.UsageReport()
+        reports: list[pb.WatchTokenEventsRequest] = []
         for token_id, (count, last) in uses.items():
-            use = report.uses.add(token_id=token_id, count=count)
+            if not reports or len(reports[-1].usage.uses) >= MAX_USES_PER_REPORT:
+                reports.append(pb.WatchTokenEventsRequest(usage=pb.UsageReport()))
+            use = reports[-1].usage.uses.add(token_id=token_id, count=count)
             use.last_used_at.CopyFrom(_timestamp(last))
-        return pb.WatchTokenEventsRequest(usage=report)
+        return reports
 
     def _apply(self, event: pb.TokenEvent) -> pb.WatchTokenEventsRequest | None:
         """Applies one event; returns the Ack to send after it, if any."""
@@ -271,7 +284,7 @@ class _LeaseState:
             return pb.WatchTokenEventsRequest(ack=pb.Ack(sequence=event.sequence))
         if kind == "lease":
             lease = event.lease
-            duration = lease.duration.ToNanoseconds() / 1e9
+            duration = min(lease.duration.ToNanoseconds() / 1e9, MAX_LEASE_SECONDS)
             with self._lock:
                 sent = self._renews_sent.pop(lease.renew_id, None)
                 for older in [i for i in self._renews_sent if i < lease.renew_id]:
@@ -356,8 +369,9 @@ class LeaseCache(_LeaseState):
 
     def _report_soon(self) -> None:
         outgoing = self._outgoing
-        if outgoing is not None and (usage := self._usage()) is not None:
-            outgoing.put(usage)
+        if outgoing is not None:
+            for usage in self._usage():
+                outgoing.put(usage)
 
     def wait_leased(self, timeout: float) -> bool:
         """Blocks until a lease holds (True) or `timeout` seconds pass (False)."""
@@ -440,9 +454,7 @@ class LeaseCache(_LeaseState):
                     yield self._renew()
                 if now >= next_usage:
                     next_usage = now + USAGE_REPORT_SECONDS
-                    usage = self._usage()
-                    if usage is not None:
-                        yield usage
+                    yield from self._usage()
                 continue
             if item is None:
                 return
@@ -621,8 +633,7 @@ class AsyncLeaseCache(_LeaseState):
                         await call.write(self._renew())
                 if now >= next_usage or report_now:
                     next_usage = now + USAGE_REPORT_SECONDS
-                    usage = self._usage()
-                    if usage is not None:
+                    for usage in self._usage():
                         async with writing:
                             await call.write(usage)
         except asyncio.CancelledError:
