@@ -264,7 +264,10 @@ def test_a_watcher_going_away_mid_write_logs_no_error(
             time.sleep(0.05)
         assert not ts.server.hub.subscribers
         time.sleep(0.5)  # the stream's handler logs after it has unsubscribed
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # The server's own log (grpc's client side in this process may log its own
+    # cancellation noise through asyncio; that is not the server's doing).
+    assert [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR and r.name.startswith("tokenservice")] == []
 
 
 def _report(real_id: str, junk: int) -> pb.WatchTokenEventsRequest:
@@ -307,23 +310,27 @@ def test_a_flood_of_usage_reports_is_paced(
 ) -> None:
     """One watcher once had its reports applied as fast as it could send them (30 a
     second of 1,100 ids each: most of a core, and every other caller's Authenticate
-    60 times slower). Each report here charges one use of a token whose limit pays
-    back one use a second: the charges it shows are the reports the server applied."""
+    60 times slower). Each report here counts one use of a token that promised
+    this consumer 10,000: the uses counted are the reports the server applied."""
     counter = manager.create_token("counter", ["pass:read"], rate_limit=(100_000, 100_000))
     stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
     try:
         leased(stream)
-        reports = 100
-        report = _report(counter.api_token.id, 999)
+        ask = (("tokenservice-cache-budget", "1"),)  # as a lease cache asks
+        ts.stub.Authenticate(pb.AuthenticateRequest(token=counter.token), metadata=ask,
+                             timeout=10)
+        reports = 1000
+        report = _report(counter.api_token.id, 1)
         start = time.monotonic()
         for _ in range(reports):
             stream.send(report)
         time.sleep(1.0)
         remaining = ts.authenticate(counter.token).rate_limit.remaining
         elapsed = time.monotonic() - start
-        applied = 100_000 - 1 - remaining
-        # The pace: a burst of 10,000 entries, then 10,000 a second, each report 1,000.
-        allowed = (10_000 + 10_000 * elapsed) / 1000 + 1
+        applied = 100_000 - 2 - remaining
+        # The pace: a burst of 10,000 entries, then 10,000 a second, each report
+        # counting as 100.
+        allowed = (10_000 + 10_000 * elapsed) / 100 + 1
         assert 0 < applied <= allowed, f"{applied} reports applied in {elapsed:.2f}s"
     finally:
         stream.close()

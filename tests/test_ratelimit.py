@@ -645,9 +645,13 @@ def _cached_and_reported(limiter: RateLimiter) -> list[tuple[bool, int, int]]:
     limiter.charge("t", 20, 3600.0, first.cache_budget)  # the consumer used them all
     after = limiter.check("t", 20, 3600.0, cache=True)  # counted; room for a new promise
     out.append((after.allowed, after.remaining, after.cache_budget))
-    limiter.charge("t", 20, 3600.0, 40)  # more than the limit: counted all the same
-    refused = limiter.check("t", 20, 3600.0, cache=True)
-    out.append((refused.allowed, refused.remaining, refused.cache_budget))
+    limiter.charge("t", 20, 3600.0, 40)  # more than promised: the promise is counted
+    capped = limiter.check("t", 20, 3600.0, cache=True)
+    out.append((capped.allowed, capped.remaining, capped.cache_budget))
+    limiter.charge("t", 20, 3600.0, 40)  # nothing promised beyond that one: nothing
+    limiter.charge("t", 20, 3600.0, 2)
+    drained = limiter.check("t", 20, 3600.0)
+    out.append((drained.allowed, drained.remaining, drained.cache_budget))
     return out
 
 
@@ -655,11 +659,14 @@ def test_cached_uses_are_promised_a_slice_at_a_time_and_counted_when_reported(
     stores: list[RedisStore],
 ) -> None:
     local = _cached_and_reported(RateLimiter(LocalStore(clock=Clock())))
-    assert local == [(True, 19, 2), (True, 18, 0), (True, 15, 2), (False, 0, 0)]
+    # A report counts at most what was promised: a watcher naming someone else's
+    # token cannot drain its limit.
+    assert local == [(True, 19, 2), (True, 18, 0), (True, 15, 2), (True, 12, 2), (True, 9, 0)]
     assert _cached_and_reported(RateLimiter(stores[0])) == local
 
 
-def test_a_promise_never_exceeds_what_the_window_has_room_for_and_lapses() -> None:
+def test_a_promise_lapses_a_period_after_its_last_report_and_never_exceeds_the_room(
+) -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
     for _ in range(99):
@@ -668,7 +675,12 @@ def test_a_promise_never_exceeds_what_the_window_has_room_for_and_lapses() -> No
     assert last.remaining == 0 and last.cache_budget == 0  # no room: nothing promised
     grant = limiter.check("u", 100, 10.0, cache=True)
     assert grant.cache_budget == 10
-    # Never reported (the consumer went away): forgotten after a period.
-    assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 0
-    clock.advance(10.0)
+    # A consumer spending it slowly keeps it alive by reporting, past the period...
+    for _ in range(3):
+        clock.advance(6.0)
+        limiter.charge("u", 100, 10.0, 1)
+    clock.advance(5.0)
+    assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 3  # 7 still promised
+    # ...and one that went away leaves it to lapse a period after.
+    clock.advance(11.0)
     assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 10

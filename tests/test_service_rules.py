@@ -369,19 +369,22 @@ def test_uses_a_consumer_answered_from_its_cache_count_against_the_limit(world: 
     # An Authenticate that does not ask is promised nothing.
     assert world.service.authenticate(default).rate_limit.cache_budget == 0  # type: ignore[union-attr]
     ids = {raw: world.caller(raw).token_id for raw in (default, own)}
-    # The consumers report far more than their slices (ids made up, uses of
-    # nothing and a bad id change nothing): counted all the same, up to the limit.
+    # The consumers report their uses (ids made up, uses of nothing and a bad id
+    # change nothing): counted up to what was promised, and no further.
     uses = [CachedUse(ids[default], 500, START), CachedUse(ids[own], 3, START),
             CachedUse(str(uuid.uuid4()), 5, START), CachedUse("not-an-id", 5, START),
             CachedUse(ids[default], 0, START)]
     asyncio.run(world.service.arecord_cached_uses(uses))
-    for raw in (default, own):
-        with pytest.raises(RateLimited):
-            world.service.authenticate(raw)
-    # Until they leave the window, a period (and a slice) after the report.
-    world.advance(11.0)
-    assert _cached(world.service, default).rate_limit.remaining == 99  # type: ignore[union-attr]
-    world.advance(55.0)
+    # default: 2 calls and the 10 promised; own: 1 call and the 1 promised.
+    assert world.service.authenticate(default).rate_limit.remaining == 87  # type: ignore[union-attr]
+    assert world.service.authenticate(own).rate_limit.remaining == 1  # type: ignore[union-attr]
+    # Reported again, with nothing promised: a watcher cannot drain a token's limit.
+    asyncio.run(world.service.arecord_cached_uses(uses))
+    assert world.service.authenticate(own).rate_limit.remaining == 0  # type: ignore[union-attr]
+    with pytest.raises(RateLimited):
+        world.service.authenticate(own)
+    # Until the calls leave the window, a period (and a slice) on.
+    world.advance(66.0)
     assert world.service.authenticate(own).rate_limit is not None
 
 

@@ -31,12 +31,13 @@ A consumer that caches Authenticate's answers (a lease cache) may ask for a
 cache budget: up to a tenth of the limit (CACHE_SLICE_DIVISOR) of uses it may
 answer from memory before it asks again. The key keeps how many such uses are
 promised and not yet reported (`promised`, forgotten a period after the last
-promise), and never promises more than a tenth of the limit at once, nor more
+promise or report), and never promises more than a tenth of the limit at once, nor more
 than the window has room for; the consumer's usage reports count the uses in
-the window (`charge`) and take them off the promise. So in any window a
-token gets at most `requests` counted calls plus the uses promised and not
-yet reported: at most `requests + ceil(requests / 10)` in all, however many
-consumers cache it.
+the window (`charge`) and take them off the promise, and count no more than
+was promised (a report naming someone else's token cannot drain its limit).
+So in any window a token gets at most `requests` counted calls plus the uses
+promised and not yet reported: at most `requests + ceil(requests / 10)` in
+all, however many consumers cache it.
 
 The failure throttles (throttle.py) are token buckets: a level and a time.
 
@@ -193,17 +194,23 @@ def window_step(state: WindowState, now: int, step: WindowStep
 
 def window_charge(state: WindowState, now: int, width: int, slices: int, count: int
                   ) -> WindowState:
-    """Counts `count` calls made without a check (answered from a consumer's cache), now.
+    """Counts uses a consumer answered from its cache, now: at most the uses promised.
 
     Never refused: they happened. They count in the current slice, so the
     window holds them for a period from the report, and they come off the
-    uses still promised.
+    promise. A report of more than was promised (a consumer that ignored its
+    budget, or one naming another's token to drain its limit) counts only
+    what was promised: a watcher cannot push a token over its limit.
     """
     counts, promised = _live(state, now, width, slices)
-    current = now // width
-    counts[current] = counts.get(current, 0) + count
-    promised = max(0, promised - count)
-    return WindowState(counts, promised, state.promised_until if promised else 0)
+    counted = min(count, promised)
+    if counted:
+        current = now // width
+        counts[current] = counts.get(current, 0) + counted
+    promised -= counted
+    # A consumer still spending its budget keeps the rest of the promise alive
+    # (it reports every second); an abandoned one lapses a period after.
+    return WindowState(counts, promised, now + slices * width if promised else 0)
 
 
 class LimitStore(ABC):
@@ -453,13 +460,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local width, slices, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local counts, order, stale, total, promised, promised_until = read(KEYS[1], now, width, slices)
+local counted = math.min(count, promised)
+if counted == 0 then return 0 end
 local current = math.floor(now / width)
-redis.call('HINCRBY', KEYS[1], string.format('%d', current), count)
+redis.call('HINCRBY', KEYS[1], string.format('%d', current), counted)
 if counts[current] == nil then order[#order + 1] = current end
-promised = math.max(0, promised - count)
-if promised == 0 then promised_until = 0 end
+promised = promised - counted
+if promised == 0 then promised_until = 0 else promised_until = now + slices * width end
 write(KEYS[1], now, width, slices, counts, order, stale, promised, promised_until)
-return 1
+return counted
 """
 
 _BUCKET_READ_LUA = """
