@@ -239,6 +239,37 @@ def test_a_watcher_whose_token_expires_is_ended_then(ts: RunningServer, email: s
         stream.close()
 
 
+def test_a_consumer_that_renews_but_never_acks_gets_no_lease_past_the_change(
+    ts: RunningServer, email: str, manager: TokenServiceClient
+) -> None:
+    """A change waits for each consumer's ack or for the lease it held when the
+    Invalidate was sent. A consumer that keeps renewing without acking must not be
+    granted a newer lease meanwhile: that lease would outlive the change's return."""
+    doomed = manager.create_token("doomed", ["pass:read"])
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
+    try:
+        leased(stream)
+        revoked = threading.Thread(target=manager.revoke_token,
+                                   args=(doomed.api_token.id,), kwargs={"timeout": 30})
+        revoked.start()
+        invalidate = stream.next()
+        assert invalidate.WhichOneof("kind") == "invalidate"
+        stream.renew(2)  # renews, acks nothing
+        revoked.join(30)
+        assert not revoked.is_alive()  # returned once the old lease ran out
+        # Nothing was granted while the Invalidate stood unacked...
+        events: queue.SimpleQueue[pb.TokenEvent] = queue.SimpleQueue()
+        threading.Thread(target=lambda: events.put(stream.next()), daemon=True).start()
+        with pytest.raises(queue.Empty):
+            events.get(timeout=LEASE * 2)
+        # ...and the Renew is answered as soon as it is acked.
+        stream.ack(invalidate.sequence)
+        lease = events.get(timeout=30)
+        assert lease.WhichOneof("kind") == "lease" and lease.lease.renew_id == 2
+    finally:
+        stream.close()
+
+
 def test_a_watcher_going_away_mid_write_logs_no_error(
     ts: RunningServer, email: str, caplog: pytest.LogCaptureFixture
 ) -> None:

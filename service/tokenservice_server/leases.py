@@ -155,6 +155,11 @@ class Subscriber:
         # The outbox overflowed: the stream ends, and can no longer ack.
         self.behind = False
         self._barriers: list[tuple[int, _Barrier]] = []
+        # The last Invalidate pushed: until it is acked, a Renew gets no Lease (the
+        # change's wait is bounded by the lease the consumer held when it was
+        # sent; a new one granted before the ack would outlive that bound).
+        self.invalidated = 0
+        self._deferred_renew: int | None = None
 
     def renew(self, renew_id: int) -> None:
         self._hub.renew(self, renew_id)
@@ -172,6 +177,9 @@ class Subscriber:
             elif not barrier.done.done():
                 keep.append((seq, barrier))
         self._barriers = keep
+        if self._deferred_renew is not None and self.acked >= self.invalidated:
+            renew_id, self._deferred_renew = self._deferred_renew, None
+            self._hub.renew(self, renew_id)
 
     async def next_event(self) -> Event | None:
         """The next event to send; None when the stream is to end."""
@@ -198,6 +206,7 @@ class Subscriber:
         if not self._room():
             return None
         self.sequence += 1
+        self.invalidated = self.sequence
         self.outbox.put_nowait(Invalidation(self.sequence, token_ids, user_ids))
         return self.sequence
 
@@ -297,6 +306,9 @@ class LeaseHub:
     def renew(self, sub: Subscriber, renew_id: int) -> None:
         if sub.closed or sub.outbox.leases or not sub._room():
             return  # a Lease is on its way (see the module's docstring), or the stream ends
+        if sub.invalidated > sub.acked:
+            sub._deferred_renew = renew_id  # granted once the Invalidate is acked
+            return
         now = self._now()
         duration = min(self.lease_seconds, self._grant_until - now)
         if duration < MIN_GRANT_SECONDS:
