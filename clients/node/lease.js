@@ -61,7 +61,9 @@ class LeaseCache {
         tokenId, count: String(u.count), lastUsedAt: { seconds: String(Math.floor(u.last / 1000)) },
       }));
       this.uses.clear();
-      stream.write({ usage: { uses } });
+      for (let i = 0; i < uses.length; i += 500) { // a report stays well under 64 KiB
+        stream.write({ usage: { uses: uses.slice(i, i + 500) } });
+      }
     };
     const reporter = setInterval(this.report, 1000);
     stream.on("data", (event) => {
@@ -77,7 +79,8 @@ class LeaseCache {
       } else if (event.lease) {
         const sent = this.sent.get(Number(event.lease.renewId));
         const d = event.lease.duration || {};
-        const seconds = Number(d.seconds || 0) + (d.nanos || 0) / 1e9;
+        // No lease longer than the protocol allows, whatever a server says.
+        const seconds = Math.min(5, Number(d.seconds || 0) + (d.nanos || 0) / 1e9);
         if (sent === undefined || seconds <= 0) return;
         if (this.now() >= this.leaseUntil) this.drop(); // lapsed: nothing older is kept
         this.leaseUntil = Math.max(this.leaseUntil, sent + seconds);
