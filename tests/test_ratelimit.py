@@ -636,51 +636,51 @@ def test_a_changed_limit_holds_from_the_next_call_in_either_store(redis_url: str
 
 
 def _cached_and_reported(limiter: RateLimiter) -> list[tuple[bool, int, int]]:
-    """A 20/3600s key: a caching consumer's call, its uses reported, and checks after."""
+    """A 20/3600s key: calls from caches (each promised two uses), their reports."""
     out = []
-    first = limiter.check("t", 20, 3600.0, cache=True)  # promised: a tenth of the limit
-    out.append((first.allowed, first.remaining, first.cache_budget))
-    again = limiter.check("t", 20, 3600.0, cache=True)  # nothing more while it is out
-    out.append((again.allowed, again.remaining, again.cache_budget))
-    limiter.charge("t", 20, 3600.0, first.cache_budget)  # the consumer used them all
-    after = limiter.check("t", 20, 3600.0, cache=True)  # counted; room for a new promise
-    out.append((after.allowed, after.remaining, after.cache_budget))
-    limiter.charge("t", 20, 3600.0, 40)  # more than promised: the promise is counted
-    capped = limiter.check("t", 20, 3600.0, cache=True)
-    out.append((capped.allowed, capped.remaining, capped.cache_budget))
-    limiter.charge("t", 20, 3600.0, 40)  # nothing promised beyond that one: nothing
-    limiter.charge("t", 20, 3600.0, 2)
-    drained = limiter.check("t", 20, 3600.0)
-    out.append((drained.allowed, drained.remaining, drained.cache_budget))
+
+    def check(cache: bool = True) -> None:
+        d = limiter.check("t", 20, 3600.0, cache=cache)
+        out.append((d.allowed, d.remaining, d.cache_budget))
+
+    check()  # 1 counted, 2 promised: 17 left
+    check()  # another cache: 2 counted, 4 promised
+    limiter.charge("t", 20, 3600.0, 2)  # a cache spent its two: counted, off the promise
+    check()  # 5 counted, 4 promised
+    limiter.charge("t", 20, 3600.0, 40)  # more than promised: the four are counted
+    check()  # 10 counted, 2 promised
+    limiter.charge("t", 20, 3600.0, 40)  # the two
+    limiter.charge("t", 20, 3600.0, 2)  # nothing promised any more: nothing counted
+    check(cache=False)
     return out
 
 
-def test_cached_uses_are_promised_a_slice_at_a_time_and_counted_when_reported(
+def test_cached_uses_are_promised_per_call_and_counted_when_reported(
     stores: list[RedisStore],
 ) -> None:
     local = _cached_and_reported(RateLimiter(LocalStore(clock=Clock())))
     # A report counts at most what was promised: a watcher naming someone else's
     # token cannot drain its limit.
-    assert local == [(True, 19, 2), (True, 18, 0), (True, 15, 2), (True, 12, 2), (True, 9, 0)]
+    assert local == [(True, 17, 2), (True, 14, 2), (True, 11, 2), (True, 8, 2), (True, 7, 0)]
     assert _cached_and_reported(RateLimiter(stores[0])) == local
 
 
-def test_a_promise_lapses_a_period_after_its_last_report_and_never_exceeds_the_room(
-) -> None:
+def test_promised_uses_hold_their_room_until_reported_or_lapsed() -> None:
     clock = Clock()
     limiter = RateLimiter(LocalStore(clock=clock))
-    for _ in range(99):
+    for _ in range(95):
         limiter.check("t", 100, 10.0)
     last = limiter.check("t", 100, 10.0, cache=True)
-    assert last.remaining == 0 and last.cache_budget == 0  # no room: nothing promised
-    grant = limiter.check("u", 100, 10.0, cache=True)
-    assert grant.cache_budget == 10
-    # A consumer spending it slowly keeps it alive by reporting, past the period...
-    for _ in range(3):
-        clock.advance(6.0)
-        limiter.charge("u", 100, 10.0, 1)
-    clock.advance(5.0)
-    assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 3  # 7 still promised
-    # ...and one that went away leaves it to lapse a period after.
-    clock.advance(11.0)
+    assert (last.remaining, last.cache_budget) == (0, 4)  # no more than the room left
+    assert not limiter.check("t", 100, 10.0).allowed  # the room is promised
+    # Never reported (the cache went away): the promise lapses in a few seconds.
+    clock.advance(ratelimit.PROMISE_BUCKETS - 0.001)
+    assert not limiter.check("t", 100, 10.0).allowed
+    clock.advance(0.001)
+    assert limiter.check("t", 100, 10.0).remaining == 3
+    # Reported in time, the uses count like calls.
     assert limiter.check("u", 100, 10.0, cache=True).cache_budget == 10
+    clock.advance(3.0)
+    limiter.charge("u", 100, 10.0, 10)
+    clock.advance(3.0)
+    assert limiter.check("u", 100, 10.0).remaining == 88

@@ -108,7 +108,7 @@ class LeaseCache {
     const key = crypto.createHash("sha256").update(raw).digest("hex");
     const hit = this.entries.get(key);
     if (hit && this.now() < this.leaseUntil && !(hit.expires && Date.now() >= hit.expires)) {
-      if (hit.budget > 0) {
+      if (hit.budget > 0 && this.now() < hit.budgetUntil) {
         hit.budget -= 1; // a rate-limited token: only within the slice the server granted
         const use = this.uses.get(hit.who.tokenId) || { count: 0, last: 0 };
         this.uses.set(hit.who.tokenId, { count: use.count + 1, last: Date.now() });
@@ -130,7 +130,9 @@ class LeaseCache {
     // Kept only if nothing that could change it happened while it was in flight.
     if (ticket !== null && ticket === this.generation && this.now() < this.leaseUntil) {
       const expires = who.expiresAt ? Number(who.expiresAt.seconds) * 1000 : 0;
-      this.entries.set(key, { who, expires, budget: who.rateLimit ? budget : Infinity });
+      // A budget is spent within 2 s, or asked for again (the server's promise holds 4 s).
+      const budgetUntil = this.now() + 2;
+      this.entries.set(key, { who, expires, budget: who.rateLimit ? budget : Infinity, budgetUntil });
     }
     return { ...who, cached: false };
   }

@@ -29,15 +29,15 @@ fixed cost.
 
 A consumer that caches Authenticate's answers (a lease cache) may ask for a
 cache budget: up to a tenth of the limit (CACHE_SLICE_DIVISOR) of uses it may
-answer from memory before it asks again. The key keeps how many such uses are
-promised and not yet reported (`promised`, forgotten a period after the last
-promise or report), and never promises more than a tenth of the limit at once, nor more
-than the window has room for; the consumer's usage reports count the uses in
-the window (`charge`) and take them off the promise, and count no more than
-was promised (a report naming someone else's token cannot drain its limit).
-So in any window a token gets at most `requests` counted calls plus the uses
-promised and not yet reported: at most `requests + ceil(requests / 10)` in
-all, however many consumers cache it.
+answer from memory before it asks again, spent within two seconds. The key
+keeps the uses promised, per second, for PROMISE_BUCKETS seconds, and counts
+them like calls: a call or a promise fits only when the calls counted and the
+uses still promised leave room for it. The consumer's usage reports take the
+uses off the oldest promises and count them in the window, and count no more
+than was promised (a report naming someone else's token cannot drain its
+limit). So the limit holds with no slack whatever the caches do: every use is
+counted or promised, and a promise a cache leaves unspent only holds its room
+for a few seconds.
 
 The failure throttles (throttle.py) are token buckets: a level and a time.
 
@@ -79,8 +79,13 @@ KEY_PREFIX = "tokenservice:rl:"
 # A period is cut into this many slices: a call counts until its slice leaves
 # the window, between one period and one period and a slice after it.
 WINDOW_SLICES = 10
-# A lease cache is promised at most this fraction of the limit (rounded up) at once.
+# A lease cache is promised at most this fraction of the limit (rounded up) a call.
 CACHE_SLICE_DIVISOR = 10
+# A promise holds for PROMISE_BUCKETS seconds (kept per second): a cache spends
+# its budget within two seconds of getting it and reports every second, so its
+# uses reach the server while the promise holds; one it abandons lapses soon.
+PROMISE_BUCKET_US = 1_000_000
+PROMISE_BUCKETS = 4
 MICROS = 1_000_000
 
 
@@ -136,81 +141,94 @@ class WindowResult(NamedTuple):
 
 
 class WindowState(NamedTuple):
-    """A key's state: calls per slice index, and the uses promised until a time."""
+    """A key's state: calls per slice index, and uses promised to caches per second."""
 
     counts: dict[int, int]
-    promised: int
-    promised_until: int
+    promises: dict[int, int]
 
 
-EMPTY = WindowState({}, 0, 0)
+EMPTY = WindowState({}, {})
 
 
 def _live(state: WindowState, now: int, width: int, slices: int
-          ) -> tuple[dict[int, int], int]:
-    """The counts still in the window at `now`, and the promise if it still holds."""
+          ) -> tuple[dict[int, int], dict[int, int]]:
+    """The counts still in the window at `now`, and the promises still holding."""
     oldest = now // width - slices
     counts = {j: c for j, c in state.counts.items() if j >= oldest and c > 0}
-    promised = state.promised if state.promised_until > now else 0
-    return counts, promised
+    first = now // PROMISE_BUCKET_US - PROMISE_BUCKETS + 1
+    promises = {k: p for k, p in state.promises.items() if k >= first and p > 0}
+    return counts, promises
 
 
-def _reset_us(counts: dict[int, int], now: int, width: int, slices: int) -> int:
-    return (max(counts) + slices + 1) * width - now if counts else 0
+def _drops(counts: dict[int, int], promises: dict[int, int], width: int, slices: int
+           ) -> list[tuple[int, int]]:
+    """(when, how many): the moments counted calls leave the window and promises lapse."""
+    events = [((j + slices + 1) * width, c) for j, c in counts.items()]
+    events += [((k + PROMISE_BUCKETS) * PROMISE_BUCKET_US, p) for k, p in promises.items()]
+    return sorted(events)
 
 
 def window_step(state: WindowState, now: int, step: WindowStep
                 ) -> tuple[WindowResult, WindowState]:
     """One check: the result and the key's new state.
 
-    The Lua script in RedisStore is this function, line for line.
+    A call fits when the calls counted, the uses promised to caches and this
+    one come to at most the limit. The Lua script in RedisStore is this
+    function, line for line.
     """
     width, slices, limit, cost = step.width_us, step.slices, step.limit, step.cost
-    counts, promised = _live(state, now, width, slices)
-    promised_until = state.promised_until if promised else 0
-    total = sum(counts.values())
-    if total + cost > limit:
-        need, dropped, retry = total + cost - limit, 0, (slices + 1) * width
-        for j in sorted(counts):  # the oldest leave first
-            dropped += counts[j]
+    counts, promises = _live(state, now, width, slices)
+    total, promised = sum(counts.values()), sum(promises.values())
+    if total + promised + cost > limit:
+        need, dropped, retry = total + promised + cost - limit, 0, (slices + 1) * width
+        drops = _drops(counts, promises, width, slices)
+        for when, amount in drops:  # the oldest leave first
+            dropped += amount
             if dropped >= need:
-                retry = (j + slices + 1) * width - now
+                retry = when - now
                 break
-        result = WindowResult(False, total, retry, _reset_us(counts, now, width, slices), 0)
-        return result, WindowState(counts, promised, promised_until)
-    current = now // width
+        reset = drops[-1][0] - now if drops else 0
+        return WindowResult(False, total + promised, retry, reset, 0), WindowState(counts, promises)
     if cost > 0:
+        current = now // width
         counts[current] = counts.get(current, 0) + cost
         total += cost
     granted = 0
     if step.promise_max > 0:
-        granted = max(0, min(step.promise_max - promised, limit - total - promised))
+        granted = max(0, min(step.promise_max, limit - total - promised))
         if granted:
+            second = now // PROMISE_BUCKET_US
+            promises[second] = promises.get(second, 0) + granted
             promised += granted
-            promised_until = now + slices * width
-    result = WindowResult(True, total, 0, _reset_us(counts, now, width, slices), granted)
-    return result, WindowState(counts, promised, promised_until)
+    drops = _drops(counts, promises, width, slices)
+    reset = drops[-1][0] - now if drops else 0
+    return WindowResult(True, total + promised, 0, reset, granted), WindowState(counts, promises)
 
 
 def window_charge(state: WindowState, now: int, width: int, slices: int, count: int
-                  ) -> WindowState:
+                  ) -> tuple[int, WindowState]:
     """Counts uses a consumer answered from its cache, now: at most the uses promised.
 
-    Never refused: they happened. They count in the current slice, so the
-    window holds them for a period from the report, and they come off the
-    promise. A report of more than was promised (a consumer that ignored its
+    Never refused: they happened. They come off the oldest promises and count
+    in the current slice, so the window holds them for a period from the
+    report. A report of more than was promised (a consumer that ignored its
     budget, or one naming another's token to drain its limit) counts only
     what was promised: a watcher cannot push a token over its limit.
+    Returns the uses counted and the new state.
     """
-    counts, promised = _live(state, now, width, slices)
-    counted = min(count, promised)
+    counts, promises = _live(state, now, width, slices)
+    counted = 0
+    for second in sorted(promises):
+        take = min(promises[second], count - counted)
+        promises[second] -= take
+        counted += take
+        if counted >= count:
+            break
+    promises = {k: p for k, p in promises.items() if p > 0}
     if counted:
         current = now // width
         counts[current] = counts.get(current, 0) + counted
-    promised -= counted
-    # A consumer still spending its budget keeps the rest of the promise alive
-    # (it reports every second); an abandoned one lapses a period after.
-    return WindowState(counts, promised, now + slices * width if promised else 0)
+    return counted, WindowState(counts, promises)
 
 
 class LimitStore(ABC):
@@ -314,7 +332,7 @@ class LocalStore(LimitStore):
         with self._lock:
             now = round(self._clock() * MICROS)
             table = self._table(namespace)
-            table[key] = window_charge(table.get(key, EMPTY), now, width_us, slices, count)
+            _, table[key] = window_charge(table.get(key, EMPTY), now, width_us, slices, count)
             table.move_to_end(key)
             self._trim(table)
 
@@ -367,40 +385,55 @@ class LocalStore(LimitStore):
 # only 14 digits, too few for microseconds since 1970.
 
 _WINDOW_READ_LUA = """
+local PBUCKET, PBUCKETS = 1000000, 4
+
 local function read(key, now, width, slices)
   local oldest = math.floor(now / width) - slices
+  local first = math.floor(now / PBUCKET) - PBUCKETS + 1
   local raw = redis.call('HGETALL', key)
-  local counts, order, stale, total = {}, {}, {}, 0
-  local promised, promised_until = 0, 0
+  local counts, promises, stale, total, promised = {}, {}, {}, 0, 0
   for k = 1, #raw, 2 do
     local f, v = raw[k], tonumber(raw[k + 1])
-    if f == 'p' then promised = v
-    elseif f == 'u' then promised_until = v
+    if string.sub(f, 1, 1) == 'p' then
+      local b = tonumber(string.sub(f, 2))
+      if b >= first and v > 0 then
+        promises[b] = v
+        promised = promised + v
+      else
+        stale[#stale + 1] = f
+      end
     else
       local j = tonumber(f)
       if j >= oldest and v > 0 then
         counts[j] = v
-        order[#order + 1] = j
         total = total + v
       else
         stale[#stale + 1] = f
       end
     end
   end
-  if promised_until <= now then promised, promised_until = 0, 0 end
-  table.sort(order)
-  return counts, order, stale, total, promised, promised_until
+  -- Dropped now, before anything is written: a field written below may have the
+  -- name of one that read as spent.
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  return counts, promises, total, promised
 end
 
-local function write(key, now, width, slices, counts, order, stale, promised, promised_until)
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  local expiry = promised_until - now
-  if #order > 0 then
-    expiry = math.max(expiry, (order[#order] + slices + 1) * width - now)
+local function drops(counts, promises, width, slices)
+  local out = {}
+  for j, c in pairs(counts) do
+    if c > 0 then out[#out + 1] = {(j + slices + 1) * width, c} end
   end
-  redis.call('HSET', key, 'p', string.format('%d', promised),
-             'u', string.format('%d', promised_until))
-  redis.call('PEXPIRE', key, math.ceil(math.max(expiry, 0) / 1000) + 1)
+  for b, p in pairs(promises) do
+    if p > 0 then out[#out + 1] = {(b + PBUCKETS) * PBUCKET, p} end
+  end
+  table.sort(out, function(x, y) return x[1] < y[1] end)
+  return out
+end
+
+local function finish(key, now, out)
+  if #out > 0 then
+    redis.call('PEXPIRE', key, math.ceil((out[#out][1] - now) / 1000) + 1)
+  end
 end
 """
 
@@ -413,41 +446,46 @@ for i, key in ipairs(KEYS) do
   local width, slices = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local limit, cost, promise_max = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
                                    tonumber(ARGV[a + 5])
-  local counts, order, stale, total, promised, promised_until = read(key, now, width, slices)
-  local reset = 0
-  if total + cost > limit then
-    local need, dropped, retry = total + cost - limit, 0, (slices + 1) * width
-    for _, j in ipairs(order) do
-      dropped = dropped + counts[j]
+  local counts, promises, total, promised = read(key, now, width, slices)
+  if total + promised + cost > limit then
+    local need, dropped, retry = total + promised + cost - limit, 0, (slices + 1) * width
+    local ds = drops(counts, promises, width, slices)
+    for _, d in ipairs(ds) do
+      dropped = dropped + d[2]
       if dropped >= need then
-        retry = (j + slices + 1) * width - now
+        retry = d[1] - now
         break
       end
     end
-    if #order > 0 then reset = (order[#order] + slices + 1) * width - now end
-    out[#out + 1], out[#out + 2], out[#out + 3] = 0, total, retry
+    local reset = 0
+    if #ds > 0 then reset = ds[#ds][1] - now end
+    out[#out + 1], out[#out + 2], out[#out + 3] = 0, total + promised, retry
     out[#out + 1], out[#out + 2] = reset, 0
   else
-    local current = math.floor(now / width)
+    local wrote = false
     if cost > 0 then
+      local current = math.floor(now / width)
       redis.call('HINCRBY', key, string.format('%d', current), cost)
-      if counts[current] == nil then order[#order + 1] = current end
       counts[current] = (counts[current] or 0) + cost
       total = total + cost
+      wrote = true
     end
     local granted = 0
     if promise_max > 0 then
-      granted = math.max(0, math.min(promise_max - promised, limit - total - promised))
+      granted = math.max(0, math.min(promise_max, limit - total - promised))
       if granted > 0 then
+        local b = math.floor(now / PBUCKET)
+        redis.call('HINCRBY', key, 'p' .. string.format('%d', b), granted)
+        promises[b] = (promises[b] or 0) + granted
         promised = promised + granted
-        promised_until = now + slices * width
+        wrote = true
       end
     end
-    if cost > 0 or granted > 0 then
-      write(key, now, width, slices, counts, order, stale, promised, promised_until)
-    end
-    if #order > 0 then reset = (order[#order] + slices + 1) * width - now end
-    out[#out + 1], out[#out + 2], out[#out + 3] = 1, total, 0
+    local ds = drops(counts, promises, width, slices)
+    if wrote then finish(key, now, ds) end
+    local reset = 0
+    if #ds > 0 then reset = ds[#ds][1] - now end
+    out[#out + 1], out[#out + 2], out[#out + 3] = 1, total + promised, 0
     out[#out + 1], out[#out + 2] = reset, granted
   end
 end
@@ -459,15 +497,25 @@ _CHARGE_LUA = _WINDOW_READ_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local width, slices, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local counts, order, stale, total, promised, promised_until = read(KEYS[1], now, width, slices)
-local counted = math.min(count, promised)
+local counts, promises = read(KEYS[1], now, width, slices)
+local order = {}
+for b, _ in pairs(promises) do order[#order + 1] = b end
+table.sort(order)
+local counted = 0
+for _, b in ipairs(order) do
+  local take = math.min(promises[b], count - counted)
+  if take > 0 then
+    promises[b] = promises[b] - take
+    counted = counted + take
+    redis.call('HINCRBY', KEYS[1], 'p' .. string.format('%d', b), -take)
+  end
+  if counted >= count then break end
+end
 if counted == 0 then return 0 end
 local current = math.floor(now / width)
 redis.call('HINCRBY', KEYS[1], string.format('%d', current), counted)
-if counts[current] == nil then order[#order + 1] = current end
-promised = promised - counted
-if promised == 0 then promised_until = 0 else promised_until = now + slices * width end
-write(KEYS[1], now, width, slices, counts, order, stale, promised, promised_until)
+counts[current] = (counts[current] or 0) + counted
+finish(KEYS[1], now, drops(counts, promises, width, slices))
 return counted
 """
 

@@ -23,8 +23,8 @@ RevokeToken (or any change narrowing it) has returned:
 - uses answered from memory are reported in batches, so `last_used_at` and
   rate limits still see them; a token with a rate limit is answered from
   memory only within the cache budget its last Authenticate promised
-  (`rate_limit.cache_budget`), then asked again, with the uses answered so far
-  reported first.
+  (`rate_limit.cache_budget`, spent within CACHE_BUDGET_SECONDS), then asked
+  again, with the uses answered so far reported first.
 
 `LeaseCache` runs the stream on a background thread (for `grpc.server` and
 plain code); `AsyncLeaseCache` runs it as a task on the event loop (for
@@ -66,6 +66,10 @@ log = logging.getLogger("tokenservice_client.lease")
 FIRST_RENEW_SECONDS = 0.5
 MIN_RENEW_SECONDS = 0.05
 USAGE_REPORT_SECONDS = 1.0
+# A cache budget is spent within this long of its Authenticate, or asked for
+# again: the server holds its promise a little longer, so the uses reported
+# (every second) are counted while it holds.
+CACHE_BUDGET_SECONDS = 2.0
 BACKOFF_FIRST_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
 # The protocol's longest lease: a longer one from a broken (or impostor) server
@@ -108,7 +112,8 @@ class _LeaseState:
         self._key = os.urandom(32)
         self._lock = threading.Lock()
         # HMAC of the raw token -> [principal, expiry as a POSIX time or None,
-        # uses it may still answer (its budget slice; None: no rate limit)].
+        # uses it may still answer (its budget; None: no rate limit), until when
+        # it may spend them (on `clock`)].
         self._entries: collections.OrderedDict[bytes, list[Any]] = collections.OrderedDict()
         self._by_token: dict[str, set[bytes]] = {}
         self._by_user: dict[str, set[bytes]] = {}
@@ -142,13 +147,13 @@ class _LeaseState:
             if entry is None or self._clock() >= self._lease_until:
                 self._misses += 1
                 return None
-            principal, expires, budget = entry
+            principal, expires, budget, budget_until = entry
             now = time.time()
             if expires is not None and now >= expires:
                 self._remove(key)
                 self._misses += 1
                 return None
-            if budget is not None and budget <= 0:
+            if budget is not None and (budget <= 0 or self._clock() >= budget_until):
                 # Its slice is spent: Authenticate decides again, once the uses
                 # answered here are on their way to be counted.
                 spent = True
@@ -194,7 +199,8 @@ class _LeaseState:
             if ticket != self._generation or self._clock() >= self._lease_until:
                 return
             self._remove(key)
-            self._entries[key] = [principal, expires, budget]
+            self._entries[key] = [principal, expires, budget,
+                                  self._clock() + CACHE_BUDGET_SECONDS]
             self._by_token.setdefault(principal.token_id, set()).add(key)
             self._by_user.setdefault(principal.user_id, set()).add(key)
             while len(self._entries) > self._max_entries:
