@@ -35,9 +35,11 @@ them like calls: a call or a promise fits only when the calls counted and the
 uses still promised leave room for it. The consumer's usage reports take the
 uses off the oldest promises and count them in the window, and count no more
 than was promised (a report naming someone else's token cannot drain its
-limit). So the limit holds with no slack whatever the caches do: every use is
-counted or promised, and a promise a cache leaves unspent only holds its room
-for a few seconds.
+limit). So the limit holds whatever the caches do, as long as they report in
+time: every use is counted or promised, and a promise a cache leaves unspent
+only holds its room for a few seconds. The slack: a cache that stalls for
+more than about two seconds between answering uses and reporting them lets
+its promise lapse first, and those uses (at most its budget) go uncounted.
 
 The failure throttles (throttle.py) are token buckets: a level and a time.
 
