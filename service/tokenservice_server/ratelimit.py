@@ -170,6 +170,14 @@ def _drops(counts: dict[int, int], promises: dict[int, int], width: int, slices:
     return sorted(events)
 
 
+def _latest(counts: dict[int, int], promises: dict[int, int], width: int, slices: int) -> int:
+    """When the last counted call leaves the window and the last promise lapses (0: none)."""
+    latest = (max(counts) + slices + 1) * width if counts else 0
+    if promises:
+        latest = max(latest, (max(promises) + PROMISE_BUCKETS) * PROMISE_BUCKET_US)
+    return latest
+
+
 def window_step(state: WindowState, now: int, step: WindowStep
                 ) -> tuple[WindowResult, WindowState]:
     """One check: the result and the key's new state.
@@ -202,8 +210,8 @@ def window_step(state: WindowState, now: int, step: WindowStep
             second = now // PROMISE_BUCKET_US
             promises[second] = promises.get(second, 0) + granted
             promised += granted
-    drops = _drops(counts, promises, width, slices)
-    reset = drops[-1][0] - now if drops else 0
+    latest = _latest(counts, promises, width, slices)  # no sort on the allowed path
+    reset = latest - now if latest else 0
     return WindowResult(True, total + promised, 0, reset, granted), WindowState(counts, promises)
 
 
@@ -432,9 +440,20 @@ local function drops(counts, promises, width, slices)
   return out
 end
 
-local function finish(key, now, out)
-  if #out > 0 then
-    redis.call('PEXPIRE', key, math.ceil((out[#out][1] - now) / 1000) + 1)
+local function latest(counts, promises, width, slices)
+  local last = 0
+  for j, c in pairs(counts) do
+    if c > 0 then last = math.max(last, (j + slices + 1) * width) end
+  end
+  for b, p in pairs(promises) do
+    if p > 0 then last = math.max(last, (b + PBUCKETS) * PBUCKET) end
+  end
+  return last
+end
+
+local function finish(key, now, last)
+  if last > 0 then
+    redis.call('PEXPIRE', key, math.ceil((last - now) / 1000) + 1)
   end
 end
 """
@@ -483,10 +502,10 @@ for i, key in ipairs(KEYS) do
         wrote = true
       end
     end
-    local ds = drops(counts, promises, width, slices)
-    if wrote then finish(key, now, ds) end
+    local last = latest(counts, promises, width, slices)
+    if wrote then finish(key, now, last) end
     local reset = 0
-    if #ds > 0 then reset = ds[#ds][1] - now end
+    if last > 0 then reset = last - now end
     out[#out + 1], out[#out + 2], out[#out + 3] = 1, total + promised, 0
     out[#out + 1], out[#out + 2] = reset, granted
   end
@@ -517,7 +536,7 @@ if counted == 0 then return 0 end
 local current = math.floor(now / width)
 redis.call('HINCRBY', KEYS[1], string.format('%d', current), counted)
 counts[current] = (counts[current] or 0) + counted
-finish(KEYS[1], now, drops(counts, promises, width, slices))
+finish(KEYS[1], now, latest(counts, promises, width, slices))
 return counted
 """
 
