@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from . import h2load
+from .bare import PATH as BARE_PATH
 from .h2load import GRPC_HEADERS, Load, grpc_frame
-from .servers import HOST, TOKENSERVICE, start_tokenservice, taskset, wait_ready
+from .servers import HOST, TOKENSERVICE, start_bare, start_tokenservice, taskset, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "consumer"
@@ -115,10 +116,22 @@ def throughput(args: argparse.Namespace, workdir: Path, target: str, token: str,
             name = f"{kind}-{'cache' if cached else 'nocache'}"
             consumers[name] = Consumer(name, target, consumer_cpus, aio, verify if cached else None)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in consumers}
+    # The ceiling, on the consumer's core and under the same load in every round: a
+    # bare grpc.aio server with an empty method (h2load's headroom shows against it).
+    bare = start_bare(workdir, consumer_cpus)
+    rounds["bare"] = []
     try:
+        wait_ready([bare])
         for name, consumer in consumers.items():  # warm: the lease, the cache, the channels
             assert consumer.probe(token) == "OK", f"{name} refused the token"
         for r in range(args.repeats):
+            out = h2load.run(Load(f"http://{HOST}:{bare.grpc_port}{BARE_PATH}", body,
+                                  args.connections, args.streams, duration=args.duration,
+                                  warmup=1.0, headers=GRPC_HEADERS), workdir, driver_cpus, "bare")
+            rounds["bare"].append({"rate": out.rate, "p50_ms": out.p50_ms, "p99_ms": out.p99_ms,
+                                   "ok": not out.error and out.failed == 0,
+                                   "driver_busy": out.driver_busy})
+            log(f"round {r + 1} bare: {out.rate:.0f}/s p50 {out.p50_ms} ms")
             order = list(consumers.items())
             order = order[r % len(order):] + order[:r % len(order)]
             for name, consumer in order:
@@ -138,6 +151,7 @@ def throughput(args: argparse.Namespace, workdir: Path, target: str, token: str,
     finally:
         for consumer in consumers.values():
             consumer.stop()
+        bare.stop()
     result: dict[str, Any] = {}
     for name, runs in rounds.items():
         result[name] = {k: statistics.median(r[k] for r in runs)
@@ -148,6 +162,10 @@ def throughput(args: argparse.Namespace, workdir: Path, target: str, token: str,
                                                          rounds[f"{kind}-nocache"], strict=True)]
         result[f"{kind}-ratio"] = {"median": statistics.median(ratios),
                                    "min": min(ratios), "max": max(ratios)}
+        ceiling = [c["rate"] / b["rate"] for c, b in zip(rounds[f"{kind}-cache"],
+                                                          rounds["bare"], strict=True)]
+        result[f"{kind}-cache-of-bare"] = {"median": statistics.median(ceiling),
+                                           "min": min(ceiling), "max": max(ceiling)}
     return result
 
 
@@ -270,17 +288,20 @@ def revokes(args: argparse.Namespace, server: Any, url: str, manage: str, verify
 
 def markdown(result: dict[str, Any]) -> str:
     t = result["throughput"]
-    lines = ["| example consumer, WhoAmI | calls/s | p50 ms | p99 ms | every call OK? |",
-             "|---|---|---|---|---|"]
-    for name in ("aio-nocache", "aio-cache", "sync-nocache", "sync-cache"):
+    lines = ["| example consumer, WhoAmI | calls/s | p50 ms | p99 ms | h2load core busy |"
+             " every call OK? |", "|---|---|---|---|---|---|"]
+    for name in ("bare", "aio-nocache", "aio-cache", "sync-nocache", "sync-cache"):
         r = t[name]
-        lines.append(f"| {name} | {r['rate']:.0f} | {r['p50_ms']} | {r['p99_ms']} |"
-                     f" {'yes' if r['ok'] else '**no**'} |")
+        label = "bare grpc.aio server (the ceiling)" if name == "bare" else name
+        lines.append(f"| {label} | {r['rate']:.0f} | {r['p50_ms']} | {r['p99_ms']} |"
+                     f" {r['driver_busy']} | {'yes' if r['ok'] else '**no**'} |")
     lines += ["", "| ratio within each round | median | range |", "|---|---|---|"]
     for kind in ("aio", "sync"):
-        r = t[f"{kind}-ratio"]
-        lines.append(f"| {kind}: with the cache ÷ without | {r['median']:.2f} |"
-                     f" {r['min']:.2f}–{r['max']:.2f} |")
+        for key, what in ((f"{kind}-ratio", "with the cache ÷ without"),
+                          (f"{kind}-cache-of-bare", "with the cache ÷ bare")):
+            r = t[key]
+            lines.append(f"| {kind}: {what} | {r['median']:.2f} |"
+                         f" {r['min']:.2f}–{r['max']:.2f} |")
     a = result["admission"]
     lines += ["", "| AuthInterceptor.authenticate(), in process | calls | p50 µs | p99 µs |",
               "|---|---|---|---|",
