@@ -431,3 +431,49 @@ def test_many_streams_that_never_ack_delay_a_revoke_by_one_lease_at_most(
         manager.close()
         ts.channel.close()
         ts.server.stop(grace=1)
+
+
+def test_a_change_of_this_process_reaches_its_consumers_once(ts: RunningServer, email: str) -> None:
+    """The process making a change delivers it to its own consumers as it settles the
+    call; its loop reading committed events may read the event first (between the
+    commit and the settling) and must not push a second Invalidate. An event it did
+    not make, even one given the id of its own rolled-back event, is delivered."""
+    from tokenservice_server import narrowing
+
+    server = ts.server
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
+    events: queue.SimpleQueue[pb.TokenEvent] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                events.put(stream.next())
+        except grpc.RpcError:
+            pass
+
+    def write(token_id: str, claim, rollback: bool = False) -> None:
+        """A narrowing event, committed (or rolled back) as a call of a process would."""
+        collecting = narrowing.collect([], claim)
+        try:
+            with server.store.connection(), server.store.db.atomic() as txn:
+                server.store.narrowed(token_ids=[token_id])
+                if rollback:
+                    txn.rollback()
+        finally:
+            narrowing.stop(collecting)
+
+    try:
+        leased(stream)
+        threading.Thread(target=read, daemon=True).start()
+        # Ours, committed, never settled: only settling would deliver it.
+        write("tok_ours", server.fanout.claim)
+        with pytest.raises(queue.Empty):
+            events.get(timeout=1.0)  # ten polls of the loop and more
+        # Ours, rolled back (on SQLite its id goes to the next event); then another
+        # process's, which this process must deliver.
+        write("tok_gone", server.fanout.claim, rollback=True)
+        write("tok_theirs", None)
+        event = events.get(timeout=10)
+        assert list(event.invalidate.token_ids) == ["tok_theirs"]
+    finally:
+        stream.close()

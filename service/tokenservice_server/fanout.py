@@ -96,7 +96,12 @@ class Fanout:
         self._redis_thread: threading.Thread | None = None
         self._watch_from: int | None = None
         self._last_seen = 0
-        self._local: set[int] = set()  # events of our own calls: delivered by settle()
+        # Events of our own calls, delivered by settle(); claimed from the calls'
+        # threads before they commit, so under a lock. Keyed with the time written:
+        # on SQLite a rolled-back event's id is given to the next event written,
+        # which may be another process's, and that one is ours to deliver.
+        self._local: set[tuple[int, int]] = set()
+        self._local_lock = threading.Lock()
         self._to_ack: list[int] = []
         self._deliveries: set[asyncio.Task[None]] = set()
         self._granted_from = -1e18  # loop time of the last heartbeat recorded
@@ -146,6 +151,15 @@ class Fanout:
 
     # Settling our own calls' changes.
 
+    def claim(self, event: Narrowed) -> None:
+        """An event of one of our calls, not yet committed: settle() delivers it, not the loop.
+
+        From any thread; called before the event's transaction commits, so the loop
+        cannot read it first and push a second Invalidate to our consumers.
+        """
+        with self._local_lock:
+            self._local.add((event.event_id, event.created_at))
+
     async def settle(self, events: Sequence[Narrowed]) -> None:
         """Returns once every consumer of every process has applied these events
         or its lease has run out (or, for a process that heartbeats but never
@@ -153,7 +167,7 @@ class Fanout:
         if not events:
             return
         for event in events:
-            self._local.add(event.event_id)
+            self.claim(event)
         tokens = sorted({t for e in events for t in e.token_ids})
         users = sorted({u for e in events for u in e.user_ids})
         await asyncio.gather(
@@ -240,15 +254,18 @@ class Fanout:
             # Events before now predate every lease this process will grant.
             self._watch_from = self._last_seen = await self._db(store.last_event_id)
         events = await self._db(store.events_after, self._last_seen, EVENTS_PER_READ)
+        with self._local_lock:
+            local = set(self._local)
         for event in events:
             self._last_seen = event.event_id
-            if event.event_id in self._local:
+            if (event.event_id, event.created_at) in local:
                 continue
             task = asyncio.create_task(self._deliver(event))
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
         if events:
-            self._local = {i for i in self._local if i > self._last_seen}
+            with self._local_lock:
+                self._local = {k for k in self._local if k[0] > self._last_seen}
         if len(events) == EVENTS_PER_READ:
             self.wake()  # more to read
         # Only after a successful read: a process that cannot see new events

@@ -189,11 +189,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         blocking: futures.Executor | None = None,
         metrics: RpcMetrics | None = None,
         settle: Callable[[Sequence[Narrowed]], Awaitable[None]] | None = None,
+        claim: Callable[[Narrowed], None] | None = None,
     ) -> None:
         self._service = service
         # Awaited after a call's rules have returned and before it answers, with
-        # the narrowing changes the call committed (narrowing.py).
+        # the narrowing changes the call committed; `claim` is told each one
+        # before it commits (narrowing.py).
         self._settle = settle
+        self._claim = claim
         self._metrics = metrics
         self._connection = connection
         self._trusted = TrustedProxies(trusted_proxies)
@@ -237,13 +240,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         collects = ours and is_async and method != AUTHENTICATE
         service, connection = self._service, self._connection
         trusted, blocking, metrics = self._trusted, self._blocking, self._metrics
-        settle = self._settle
+        settle, claim = self._settle, self._claim
 
         def run_blocking(
             request: Any, context: Any, raw: str | None, address: str, narrowed: list[Narrowed]
         ) -> Any:
             """A synchronous method, whole, on a worker thread (in a copy of the context)."""
-            narrowing.collect(narrowed)
+            narrowing.collect(narrowed, claim)
             with connection():
                 if needs_caller:
                     try:
@@ -274,7 +277,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     # calls run in copies of this context (as aauthenticate's do),
                     # so their events land here.
                     narrowed_async: list[Narrowed] = []
-                    collecting = narrowing.collect(narrowed_async)
+                    collecting = narrowing.collect(narrowed_async, claim)
                     try:
                         return await behavior(request, context)
                     finally:

@@ -31,31 +31,45 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from collections.abc import Callable
 
 from .values import Narrowed
 
 log = logging.getLogger("tokenservice.narrowing")
 
-_collected: contextvars.ContextVar[list[Narrowed] | None] = contextvars.ContextVar(
+Collecting = tuple[list[Narrowed], Callable[[Narrowed], None] | None]
+
+_collected: contextvars.ContextVar[Collecting | None] = contextvars.ContextVar(
     "narrowed", default=None
 )
 
 
-def collect(into: list[Narrowed]) -> contextvars.Token[list[Narrowed] | None]:
-    """From now on in this context, narrowing changes are appended to `into`."""
-    return _collected.set(into)
+def collect(
+    into: list[Narrowed], claim: Callable[[Narrowed], None] | None = None
+) -> contextvars.Token[Collecting | None]:
+    """From now on in this context, narrowing changes are appended to `into`.
+
+    `claim`, when given, is told each event as the store writes it, before its
+    transaction commits: the process settling the call delivers the event to
+    its own consumers itself, and its loop reading committed events must not
+    deliver it a second time (it could read it before settling begins).
+    """
+    return _collected.set((into, claim))
 
 
-def stop(token: contextvars.Token[list[Narrowed] | None]) -> None:
+def stop(token: contextvars.Token[Collecting | None]) -> None:
     _collected.reset(token)
 
 
 def record(event: Narrowed) -> None:
     """Called by the store for each narrowing event it writes."""
-    into = _collected.get()
-    if into is None:
+    collecting = _collected.get()
+    if collecting is None:
         # Tests and tools that call the rules directly: nobody waits for
         # consumers, who still learn of the change by polling.
         log.debug("a narrowing change outside a collecting call", extra={"event": event.event_id})
         return
+    into, claim = collecting
+    if claim is not None:
+        claim(event)
     into.append(event)

@@ -167,6 +167,7 @@ class TokenServer:
                     self._blocking,
                     metrics.RpcMetrics(),
                     settle=self.fanout.settle,
+                    claim=self.fanout.claim,
                 )
             ],
             # Refuse to share a port with another process by accident; only the
