@@ -176,3 +176,24 @@ def test_a_caller_holds_at_most_its_share_of_streams() -> None:
         assert hub.subscribe("tok") is not None
 
     asyncio.run(main())
+
+
+def test_a_callers_streams_share_one_report_pace_and_reopening_buys_no_new_burst() -> None:
+    """A hostile watcher could multiply its usage-report rate by opening more
+    streams, or by closing and reopening one; the pace is its token's."""
+
+    async def main() -> None:
+        hub = LeaseHub(LEASE, max_per_owner=4)
+        a, b = hub.subscribe("tok"), hub.subscribe("tok")
+        other = hub.subscribe("other")
+        assert a is not None and b is not None and other is not None
+        # A draw that takes the pace 30 s to make up (10,000 entries a second).
+        assert a.pace.delay(300_000) == 0.0
+        assert b.pace.delay(100) > 0  # the token's other stream waits too...
+        assert other.pace.delay(100) == 0.0  # ...another token does not
+        hub.unsubscribe(a, dropped=True)
+        hub.unsubscribe(b, dropped=True)
+        again = hub.subscribe("tok")
+        assert again is not None and again.pace.delay(100) > 0
+
+    asyncio.run(main())

@@ -42,7 +42,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .leases import Event, Invalidation, LeaseHub, ReportPace, Subscriber
+from .leases import Event, Invalidation, LeaseHub, Subscriber
 from .logs import rpc_log
 from .metrics import RpcMetrics
 from .peers import TrustedProxies
@@ -718,7 +718,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         watch: _Watch,
     ) -> None:
         """Applies the consumer's Renew, Ack and UsageReport messages; ends the stream after."""
-        pace = ReportPace(asyncio.get_running_loop().time)
+        pace = sub.pace
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")

@@ -29,6 +29,7 @@ after the store has recorded that this process's leases may hold that long
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -57,16 +58,17 @@ class Invalidation:
 
 Event = LeaseGranted | Invalidation
 
-# Usage reports, per stream: entries a second, and what a report costs at
-# least (so a flood of tiny reports is paced too). A consumer reports each
-# token it answered once a second: 10,000 distinct tokens a second per
-# consumer process is far above any real one.
+# Usage reports, per caller token (shared by all the streams it holds on one
+# process, so opening more streams buys no more): entries a second, and what a
+# report costs at least (so a flood of tiny reports is paced too). A consumer
+# reports each token it answered once a second: 10,000 distinct tokens a
+# second for the consumers sharing one verify token is far above any real one.
 REPORT_USES_PER_SECOND = 10_000.0
 REPORT_MIN_COST = 100
 
 
 class ReportPace:
-    """A stream's usage reports beyond REPORT_USES_PER_SECOND wait: its reader
+    """Usage reports beyond REPORT_USES_PER_SECOND wait: the stream's reader
     sleeps, so HTTP/2 flow control holds the sender back and nothing is lost."""
 
     def __init__(self, clock: Callable[[], float], per_second: float = REPORT_USES_PER_SECOND,
@@ -84,6 +86,10 @@ class ReportPace:
         self._at = now
         self._tokens -= max(entries, REPORT_MIN_COST)
         return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+    def rested(self) -> bool:
+        """Back to its full burst: forgetting it now gives nobody anything."""
+        return self._tokens + (self._clock() - self._at) * self._rate >= self._burst
 
 
 class _Barrier:
@@ -144,9 +150,10 @@ class _Outbox(asyncio.Queue["Event | None"]):
 class Subscriber:
     """One watching consumer: its outbox, its sequence numbers, its acks and its lease."""
 
-    def __init__(self, hub: LeaseHub, owner: str | None = None) -> None:
+    def __init__(self, hub: LeaseHub, owner: str | None, pace: ReportPace) -> None:
         self._hub = hub
         self.owner = owner  # the caller's token: streams are counted per token
+        self.pace = pace  # its usage reports' pace, shared with the owner's other streams
         self.outbox = _Outbox()
         self.sequence = 0  # the last event pushed
         self.acked = 0  # the last event the consumer says it applied
@@ -229,6 +236,9 @@ class LeaseHub:
         # Streams one caller token may hold open on this process (None: any number).
         self._max_per_owner = max_per_owner
         self._per_owner: dict[str, int] = {}
+        # Per owner, while it holds a stream and until its pace has rested after
+        # (so closing and reopening streams buys no fresh burst).
+        self._paces: dict[str, ReportPace] = {}
         self._needs_grant = needs_grant
         self._on_count = on_count  # told the number of subscribers when it changes
         self._subs: set[Subscriber] = set()
@@ -257,11 +267,25 @@ class LeaseHub:
             if self._max_per_owner is not None and held >= self._max_per_owner:
                 return None
             self._per_owner[owner] = held + 1
-        sub = Subscriber(self, owner)
+            pace = self._paces.get(owner)
+            if pace is None:
+                if len(self._paces) > 2 * len(self._per_owner) + 64:
+                    self._forget_rested_paces()
+                pace = self._paces[owner] = ReportPace(time.monotonic)
+        else:
+            pace = ReportPace(time.monotonic)
+        sub = Subscriber(self, owner, pace)
         self._subs.add(sub)
         if self._on_count is not None:
             self._on_count(len(self._subs))
         return sub
+
+    def _forget_rested_paces(self) -> None:
+        """Drops the paces of owners with no stream left whose pace has rested."""
+        self._paces = {
+            owner: pace for owner, pace in self._paces.items()
+            if owner in self._per_owner or not pace.rested()
+        }
 
     def unsubscribe(self, sub: Subscriber, dropped: bool = False) -> None:
         """The stream ended. Its lease still holds until its bound, unless the
