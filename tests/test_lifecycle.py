@@ -217,7 +217,14 @@ def test_grace_zero_revokes_at_once(ts: RunningServer, admin) -> None:
     assert not works(ts, old.token) and works(ts, rotated.token)
 
 
-@pytest.mark.parametrize("grace", [Duration(seconds=-1), Duration(seconds=7 * 86400 + 1)])
+@pytest.mark.parametrize("grace", [
+    Duration(seconds=-1),
+    Duration(seconds=7 * 86400 + 1),
+    Duration(nanos=-1),  # a nanosecond either side of the range is outside it
+    Duration(seconds=7 * 86400, nanos=1),
+    Duration(seconds=1, nanos=-5),  # no Duration at all: mixed signs...
+    Duration(seconds=1, nanos=2_000_000_000),  # ...nanos past a second
+])
 def test_grace_outside_zero_to_seven_days_is_invalid(ts: RunningServer, admin, grace) -> None:
     old = create(ts, admin)
     error = rpc_error(ts.stub.RotateToken,
@@ -508,3 +515,60 @@ def test_rest_list_filters(ts: RunningServer, rest: Rest, admin, zoo) -> None:
     assert r3.status_code == 422 and r3.json()["error"]["details"][0]["field"] == "pageToken"
     bad = rest.client.get("/api/v1/api-tokens", params={"state": "GONE"}, headers=h)
     assert bad.status_code == 422
+
+
+def test_a_token_cannot_rotate_a_token_stronger_or_longer_lived_than_itself(
+    ts: RunningServer, admin
+) -> None:
+    """Rotation hands the caller the new secret: it would otherwise turn a weak or
+    short-lived token into a copy of any stronger token of the same user."""
+    weak = create(ts, admin, "weak", ("api_token:manage", "pass:read"),
+                  expires_at=stamp(later(hours=1)))
+    strong = create(ts, admin, "strong", ("api_token:manage", "pass:read", "pass:create"))
+    error = rpc_error(rotate, ts, weak.token, strong.api_token.id)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "pass:create" in error.details()
+    # The same scopes, but the target never expires and the caller does within the hour.
+    lasting = create(ts, admin, "lasting", ("api_token:manage", "pass:read"))
+    error = rpc_error(rotate, ts, weak.token, lasting.api_token.id)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "outlive" in error.details()
+    for untouched in (strong, lasting):
+        info = get(ts, admin, untouched.api_token.id)
+        assert info.state == pb.ApiToken.ACTIVE and not info.replaced_by_id
+        assert works(ts, untouched.token)
+    # Nothing stronger and no longer-lived: allowed, as rotating itself is.
+    sooner = create(ts, weak.token, "sooner", ("pass:read",), expires_at=stamp(later(minutes=30)))
+    assert works(ts, rotate(ts, weak.token, sooner.api_token.id).token)
+    assert works(ts, rotate(ts, weak.token, weak.api_token.id).token)
+
+
+def test_an_admin_revokes_but_cannot_rotate_another_users_token(ts: RunningServer) -> None:
+    """api_token:admin reaches the org's tokens to list and revoke them; a rotation
+    would hand the admin a working secret of someone else's."""
+    admin = ts.manager("boss@acme.test", permissions=("api_token:manage", "api_token:admin"))
+    dave = ts.manager("dave@acme.test", permissions=("api_token:manage", "invoice.view"))
+    theirs = create(ts, dave, "dave-prod", ("invoice.view",))
+    error = rpc_error(rotate, ts, admin, theirs.api_token.id)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "owner" in error.details()
+    assert get(ts, admin, theirs.api_token.id).state == pb.ApiToken.ACTIVE
+    assert works(ts, theirs.token)
+    ts.stub.RevokeToken(pb.RevokeTokenRequest(id=theirs.api_token.id), metadata=bearer(admin))
+    assert not works(ts, theirs.token)
+
+
+def test_a_state_filter_the_proto_does_not_define_is_invalid(ts: RunningServer, admin) -> None:
+    for number in (7, -1):
+        error = rpc_error(ts.stub.ListTokens, pb.ListTokensRequest(state=number),
+                          metadata=bearer(admin), timeout=10)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fields(error) == ["state"]
+
+
+def test_two_authorization_entries_are_no_caller(ts: RunningServer, admin) -> None:
+    """Which of two credentials would count is not the caller's to leave open."""
+    other = ts.manager("second@acme.test")
+    error = rpc_error(ts.stub.ListTokens, pb.ListTokensRequest(),
+                      metadata=(*bearer(admin), *bearer(other)), timeout=10)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED

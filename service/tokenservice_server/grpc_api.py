@@ -129,10 +129,10 @@ def client_address(context: grpc.ServicerContext, trusted: TrustedProxies) -> st
 
 
 def bearer_token(context: grpc.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata():
-        if key == "authorization":
-            return parse_bearer(value)
-    return None
+    """The caller's bearer token; None when there is none, or more than one (which
+    one would count is not the caller's to leave open: REST refuses two as well)."""
+    found = [value for key, value in context.invocation_metadata() if key == "authorization"]
+    return parse_bearer(found[0]) if len(found) == 1 else None
 
 
 class _Malformed:
@@ -426,6 +426,22 @@ _STATES = {
 _STATE_FILTERS = {number: state for state, number in _STATES.items()}
 
 
+def _grace_micros(grace: duration_pb2.Duration) -> int:
+    """A grace period in microseconds, rounded away from zero, so a nanosecond past
+    seven days, or before zero, is outside the range rather than on its edge."""
+    seconds, nanos = grace.seconds, grace.nanos
+    if (
+        abs(nanos) >= 1_000_000_000
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise InvalidArgument([("grace_period", "is not a valid duration")])
+    whole = seconds * 1_000_000
+    if nanos >= 0:
+        return whole + (nanos + 999) // 1000
+    return whole - (-nanos + 999) // 1000
+
+
 def token_pb(info: TokenInfo) -> pb.ApiToken:
     message = pb.ApiToken(
         id=info.id,
@@ -514,6 +530,10 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
         return pb.CreateTokenResponse(token=created.raw, api_token=token_pb(created.info))
 
     def ListTokens(self, request: pb.ListTokensRequest, context: Any) -> pb.ListTokensResponse:
+        if request.state and request.state not in _STATE_FILTERS:
+            # An open enum carries any number: one the proto does not define is
+            # no filter at all, not "every state".
+            raise InvalidArgument([("state", f"{request.state} is not a token state")])
         page = self._service.list_tokens(
             _caller.get(), request.page_size, request.page_token,
             _STATE_FILTERS.get(request.state), _timestamp(request, "not_used_since"),
@@ -532,7 +552,7 @@ class TokenServiceServicer(pb_grpc.TokenServiceServicer):
 
     def RotateToken(self, request: pb.RotateTokenRequest, context: Any) -> pb.RotateTokenResponse:
         rotated = self._service.rotate_token(
-            _caller.get(), request.id, request.grace_period.ToMicroseconds(),
+            _caller.get(), request.id, _grace_micros(request.grace_period),
             self._client(context),
         )
         _token_id.set(rotated.info.id)

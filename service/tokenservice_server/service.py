@@ -930,6 +930,7 @@ class TokenService:
         now = self.clock()
         old = self._in_reach(caller, self.store.get_token(token_id, now))
         self._require_rotatable(old)
+        self._require_may_rotate(caller, old)
         actor = _actor(caller, client)
         old_expires = None if old.expires_at is None else to_micros(old.expires_at)
         grace_end = now + grace_us
@@ -969,6 +970,33 @@ class TokenService:
             info, previous = done
             return RotatedToken(raw=raw, info=info, previous=previous)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _require_may_rotate(caller: Principal, token: TokenInfo) -> None:
+        """Rotation hands the caller a working secret with the token's owner, scopes
+        and expiry: Create's rules for the caller, as if it minted that token.
+
+        Only the owner may rotate (api_token:admin lists and revokes the org's
+        tokens; a secret of another user's would let an admin act as them), and
+        a token can never get a token stronger than itself: every scope held by
+        the caller, an expiry no later than the calling token's.
+        """
+        if token.user_id != caller.user_id:
+            raise PermissionDenied(
+                "only the token's owner can rotate it: rotation hands over a working secret"
+            )
+        missing = [scope for scope in token.scopes if scope not in caller.scopes]
+        if missing:
+            raise PermissionDenied(
+                "the caller does not hold " + ", ".join(repr(s) for s in missing)
+                + ", which the token has: a token can never get a token stronger than itself"
+            )
+        limit = caller.expires_at
+        if limit is not None and (token.expires_at is None or token.expires_at > limit):
+            raise PermissionDenied(
+                f"the calling token expires at {_iso(limit)}, and the token would outlive it:"
+                " a token can never get a token that outlives it"
+            )
 
     @staticmethod
     def _require_rotatable(token: TokenInfo) -> None:
