@@ -251,6 +251,21 @@ def test_calls_in_flight_are_bounded_like_one_grpc_connection(ts: RunningServer)
         assert after.status_code == 200, after.text
 
 
+def test_a_reply_after_the_deadline_is_500(rest: Rest, ts: RunningServer) -> None:
+    """A reply ready only after the caller's deadline is not given, however quick the
+    method (Authenticate may answer without once waiting): the caller asked for no
+    answer that late. (Over a channel grpcio counts deadlines in milliseconds, so
+    there a 1 ns deadline sometimes still gets a quick answer.)"""
+    token = ts.manager()
+    for _ in range(5):
+        r = rest.client.post("/api/v1/authenticate", json={"token": token},
+                             headers={"grpc-timeout": "1n"})
+        assert_error(r, 500, "internal_error")
+    r = rest.client.post("/api/v1/authenticate", json={"token": token},
+                         headers={"grpc-timeout": "10S"})
+    assert r.status_code == 200, r.text
+
+
 def test_the_client_address_is_the_one_the_forwarded_header_named() -> None:
     """In process the HTTP client is the call's peer; the server works out the same
     address (and throttle bucket) from it as from the x-forwarded-for the shim sent."""

@@ -174,10 +174,16 @@ class LocalHandlers:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"Received message larger than max ({size} vs. {self.max_message_bytes})",
             )
-        context = HttpCallContext(metadata, peer, subject, time.monotonic() + timeout)
+        end = time.monotonic() + timeout
+        context = HttpCallContext(metadata, peer, subject, end)
         try:
             async with asyncio.timeout(timeout):
                 async with self._slots:
-                    return await handler(message, context)
+                    reply = await handler(message, context)
         except TimeoutError:
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS) from None
+        if time.monotonic() >= end:
+            # Done without once yielding to the loop, past its deadline: a gRPC caller
+            # would not have had this reply in time either.
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
+        return reply
