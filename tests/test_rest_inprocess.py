@@ -24,7 +24,7 @@ import httpx
 import pytest
 import test_rest
 from conftest import TOKENSERVICE, RunningServer, free_port, make_config, start_server
-from rest_helpers import Rest, bearer_header
+from rest_helpers import Rest, bearer_header, running_rest
 from test_rest import assert_error
 from test_rest_process import wait_for_http
 
@@ -264,6 +264,27 @@ def test_a_reply_after_the_deadline_is_500(rest: Rest, ts: RunningServer) -> Non
     r = rest.client.post("/api/v1/authenticate", json={"token": token},
                          headers={"grpc-timeout": "10S"})
     assert r.status_code == 200, r.text
+
+
+def test_a_request_larger_than_grpc_takes_is_refused_alike_on_both_paths(database_url) -> None:
+    """The gRPC server's largest request holds in process too, with the same answer."""
+    running = start_server(make_config(database_url, grpc_max_message_bytes=200))
+    try:
+        token = running.manager()
+        body = {"name": "n" * 300, "scopes": ["pass:read"]}
+        with running_local_rest(running) as local, running_rest(running.target) as channel:
+            answers = [rest.client.post("/api/v1/api-tokens", json=body,
+                                        headers=bearer_header(token)) for rest in (local, channel)]
+            small = local.client.post("/api/v1/api-tokens", json={**body, "name": "n"},
+                                      headers=bearer_header(token))
+        assert small.status_code == 201, small.text
+        in_process, over_channel = answers
+        assert_error(in_process, 429, "rate_limited")
+        assert in_process.json() == over_channel.json()
+        assert in_process.status_code == over_channel.status_code
+    finally:
+        running.channel.close()
+        running.server.stop(grace=1)
 
 
 def test_the_client_address_is_the_one_the_forwarded_header_named() -> None:

@@ -172,7 +172,7 @@ class LocalHandlers:
         if size > self.max_message_bytes:
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Received message larger than max ({size} vs. {self.max_message_bytes})",
+                f"SERVER: Received message larger than max ({size} vs. {self.max_message_bytes})",
             )
         end = time.monotonic() + timeout
         context = HttpCallContext(metadata, peer, subject, end)
