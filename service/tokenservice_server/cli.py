@@ -248,7 +248,8 @@ class _Hangup:
 
 
 def _private_socket_folder(config: Config) -> tempfile.TemporaryDirectory[str] | None:
-    """Where the in-process REST shim reaches gRPC: a folder only this user may enter.
+    """Where the supervisor's REST shim (`serve --workers N`) reaches each worker's gRPC:
+    a folder only this user may enter.
 
     The shim dials gRPC over a Unix socket there, in plaintext, rather than through
     the public port: it then needs no certificate of its own (with mTLS, it would
@@ -271,10 +272,6 @@ def _serve(config: Config) -> int:
         signal.signal(signal.SIGHUP, hangup)
     if config.workers > 1:
         return _supervise(config, stop, hangup)
-    # The folder also goes at exit (TemporaryDirectory's finalizer) if start-up fails.
-    folder = _private_socket_folder(config) if not config.local_socket else None
-    if folder is not None:
-        config = dataclasses.replace(config, local_socket=os.path.join(folder.name, "grpc.sock"))
     server = TokenServer(config)
     if server.tls is not None:
         hangup.ready(server.tls.reload)
@@ -282,18 +279,20 @@ def _serve(config: Config) -> int:
     _serve_metrics(config)
     rest = None
     if config.rest_enabled:
-        from .rest import RestLimits, RestServer
+        from .rest import LocalHandlers, RestLimits, RestServer
 
-        rest = RestServer(f"unix:{config.local_socket}", config.host, config.http_port,
-                          tls=server.tls, limits=RestLimits.from_config(config))
+        # In process: the shim awaits the gRPC server's own handlers on its loop, no
+        # gRPC hop; at most as many calls at once as one gRPC connection may carry.
+        local = LocalHandlers(server.unary_handlers, config.grpc_max_concurrent_streams,
+                              config.grpc_max_message_bytes)
+        rest = RestServer(None, config.host, config.http_port, tls=server.tls,
+                          limits=RestLimits.from_config(config), local=local)
         rest.start(server.loop)
     stop.wait()
     log.info("stopping: draining in-flight calls")
     if rest is not None:
         rest.stop(config.shutdown_grace_seconds)
     server.stop()
-    if folder is not None:
-        folder.cleanup()
     return 0
 
 

@@ -202,6 +202,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._trusted = TrustedProxies(trusted_proxies)
         self._blocking = blocking
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._handles: dict[str, Callable[..., Any]] = {}
 
     async def intercept_service(
         self,
@@ -224,11 +225,20 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is None:
             return handler
         wrapped = handler._replace(
-            unary_unary=self._wrap(method, handler.unary_unary),
+            unary_unary=self.unary(method, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
         )
         self._wrapped[method] = wrapped
         return wrapped
+
+    def unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """The wrapped handler of a unary method, made once: the closure the server runs
+        for `method`, which the REST shim in this process calls too (rest/inprocess.py),
+        so both faces share one log line, metrics, caller policy and error mapping."""
+        handle = self._handles.get(method)
+        if handle is None:
+            handle = self._handles[method] = self._wrap(method, behavior)
+        return handle
 
     def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         ours = method.startswith(_PREFIX)

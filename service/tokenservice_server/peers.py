@@ -45,8 +45,8 @@ def client_address(peer: str, forwarded: str | None, trusted: TrustedProxies) ->
     lies to the left came from the client and proves nothing.
     """
     address = peer_address(peer)
-    # A Unix socket peer is the in-process REST shim on its private socket
-    # (server.py, local_socket): nobody else can reach that socket.
+    # A Unix socket peer is the REST shim of `serve --workers N`'s supervisor on a
+    # worker's private socket (server.py, local_socket): nobody else can reach it.
     if (address in trusted or peer.startswith("unix:")) and forwarded:
         named = ip_address(forwarded.rsplit(",", 1)[-1])
         if named is not None:

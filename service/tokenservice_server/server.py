@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from concurrent import futures
 from typing import Any
 
@@ -15,6 +16,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
+from tokenservice.v1 import token_service_pb2 as pb
 from tokenservice.v1 import token_service_pb2_grpc as pb_grpc
 
 from . import metrics
@@ -37,6 +39,8 @@ from .usage import UsageRecorder
 from .wakeups import RedisWakeups
 
 log = logging.getLogger("tokenservice.server")
+
+HEALTH_CHECK = f"/{HEALTH_SERVICE_NAME}/Check"
 
 
 def grpc_limits(config: Config) -> list[tuple[str, int]]:
@@ -158,25 +162,34 @@ class TokenServer:
 
     async def _build(self) -> grpc.aio.Server:
         config = self.config
+        interceptor = RpcInterceptor(
+            self.service,
+            self.store.connection,
+            config.trusted_proxies,
+            self._blocking,
+            metrics.RpcMetrics(),
+            settle=self.fanout.settle,
+            claim=self.fanout.claim,
+        )
+        servicer = TokenServiceServicer(self.service, config.trusted_proxies, self.hub)
+        # Every unary method's wrapped handler, made here before the server takes any
+        # call: the server runs these very closures, and so does the REST shim when it
+        # runs in this process (`serve`), calling them without a gRPC hop.
+        self.unary_handlers: dict[str, Callable[..., Awaitable[Any]]] = {
+            f"/{SERVICE_NAME}/{method.name}": interceptor.unary(
+                f"/{SERVICE_NAME}/{method.name}", getattr(servicer, method.name)
+            )
+            for method in pb.DESCRIPTOR.services_by_name["TokenService"].methods
+            if not (method.client_streaming or method.server_streaming)
+        }
+        self.unary_handlers[HEALTH_CHECK] = interceptor.unary(HEALTH_CHECK, self.health.Check)
         server = grpc.aio.server(
-            interceptors=[
-                RpcInterceptor(
-                    self.service,
-                    self.store.connection,
-                    config.trusted_proxies,
-                    self._blocking,
-                    metrics.RpcMetrics(),
-                    settle=self.fanout.settle,
-                    claim=self.fanout.claim,
-                )
-            ],
+            interceptors=[interceptor],
             # Refuse to share a port with another process by accident; only the
             # workers of `serve --workers N` share it, on purpose.
             options=[("grpc.so_reuseport", 1 if config.reuse_port else 0), *grpc_limits(config)],
         )
-        pb_grpc.add_TokenServiceServicer_to_server(
-            TokenServiceServicer(self.service, config.trusted_proxies, self.hub), server
-        )
+        pb_grpc.add_TokenServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -25,7 +25,7 @@ from .config import Config, ConfigError
 
 log = logging.getLogger("tokenservice.tls")
 
-# Metadata in which the in-process REST shim names its caller's certificate subject.
+# Metadata in which the REST shim names its caller's certificate subject.
 # The gRPC server believes it only on the shim's private Unix socket (see peer_subject).
 SUBJECT_METADATA = "x-tokenservice-client-subject"
 
@@ -198,9 +198,10 @@ def channel_credentials(
 def peer_subject(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> str | None:
     """The caller's certificate subject (`CN=...,O=...`), or None without one.
 
-    From the caller's own TLS handshake, or, for a call the in-process REST shim
-    makes over its private Unix socket, from the shim's metadata naming the
-    certificate its HTTPS client presented. Any other caller's metadata is ignored.
+    From the caller's own TLS handshake (a REST call inside `serve` carries its HTTPS
+    client's there too), or, for a call the supervisor's REST shim makes over a
+    worker's private Unix socket, from the shim's metadata naming the certificate
+    its HTTPS client presented. Any other caller's metadata is ignored.
     """
     auth = context.auth_context()
     for key in ("x509_subject", "x509_common_name"):

@@ -1,4 +1,11 @@
-"""The ASGI app: matches a route, transcodes, calls gRPC over a real channel, renders.
+"""The ASGI app: matches a route, transcodes, calls the gRPC method, renders.
+
+Where the call goes: under `tokenservice serve` (one process) straight to the
+gRPC server's own wrapped handler for the method, awaited on the server's event
+loop with a small context built from the HTTP request (inprocess.py); otherwise
+(`tokenservice rest --grpc-target`, the supervisor of `serve --workers N`) over
+a real grpc.aio channel. Either way the caller gets the same answer, the same
+error mapping, and the server the same log line and metrics.
 
 A plain ASGI callable using starlette's Request/Response, rather than
 starlette's router, because the routes come from descriptors and the router's
@@ -11,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -28,6 +35,7 @@ from ..tls import SUBJECT_METADATA
 from . import apidocs
 from .errors import ApiError, from_rpc_error, internal_error, not_found, unauthorized
 from .headers import RESPONSE_HEADERS
+from .inprocess import HEALTH_CHECK, LocalHandlers, RpcFailure, peer_of
 from .openapi import build_openapi
 from .routes import Route, build_routes
 from .transcode import build_request, parse_json, render_response
@@ -96,6 +104,12 @@ def parse_deadline(header: str | None) -> float:
     return min(seconds, MAX_DEADLINE_S)
 
 
+def _client_subject(request: Request) -> str | None:
+    """The HTTPS client's certificate subject: set by the shim's own HTTPS protocol
+    from the verified client certificate, never from a request header."""
+    return request.scope.get("extensions", {}).get("tls", {}).get("client_cert_name")
+
+
 def _is_json(content_type: str) -> bool:
     media, _, params = content_type.partition(";")
     media = media.strip().lower()
@@ -114,18 +128,26 @@ def _is_json(content_type: str) -> bool:
 
 
 class RestApp:
-    """The REST/JSON shim as an ASGI application."""
+    """The REST/JSON shim as an ASGI application.
+
+    With `local` (the gRPC server's handlers, in this process and on this event
+    loop) it calls them directly and opens no channel; else it dials grpc_target.
+    """
 
     def __init__(
         self,
-        grpc_target: str,
+        grpc_target: str | None,
         *,
         services: Iterable[ServiceDescriptor] | None = None,
         trusted_health: bool = True,
         default_deadline: float = DEFAULT_DEADLINE_S,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        local: LocalHandlers | None = None,
     ) -> None:
+        if local is None and not grpc_target:
+            raise ValueError("the REST shim needs a gRPC target or the server's handlers")
         self.grpc_target = grpc_target
+        self.local = local
         self.channel_credentials = channel_credentials
         self.services = list(services) if services is not None else default_services()
         self.routes: list[Route] = build_routes(self.services)
@@ -140,6 +162,7 @@ class RestApp:
 
     def _get_channel(self) -> grpc.aio.Channel:
         """The channel, created on first use inside the serving event loop."""
+        assert self.grpc_target, "an in-process shim has no channel"
         if self._channel is None:
             # round_robin: a target may list several addresses (the Unix sockets of
             # `serve --workers N`), and calls then spread over all of them.
@@ -163,7 +186,8 @@ class RestApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self._get_channel()
+                    if self.local is None:
+                        self._get_channel()
                 except Exception as exc:  # pragma: no cover - bad target syntax
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -209,7 +233,7 @@ class RestApp:
             if method != "GET":
                 raise self._method_not_allowed(["GET"])
             if path == "/healthz":
-                return await self._health()
+                return await self._health(request)
             if path == "/metrics":
                 page, content_type = metrics.render()
                 return Response(page, headers={"Content-Type": content_type})
@@ -265,18 +289,18 @@ class RestApp:
             raise ApiError(422, "validation_error", "The request body must be a JSON object.")
         return value
 
-    def _metadata(self, request: Request) -> list[tuple[str, str]]:
+    def _metadata(self, request: Request, forward_client: bool = True) -> list[tuple[str, str]]:
+        """The call's metadata; over a channel it names the HTTP client in
+        x-forwarded-for (in process the client is the call's peer instead)."""
         metadata = []
         authorization = request.headers.getlist("authorization")
         if len(authorization) > 1:
             raise unauthorized("Send a single Authorization header.")
         if authorization:
             metadata.append(("authorization", _bearer_metadata(authorization[0])))
-        if request.client is not None and request.client.host:
+        if forward_client and request.client is not None and request.client.host:
             metadata.append(("x-forwarded-for", request.client.host))
-        # Set by the shim's own HTTPS protocol from the verified client certificate,
-        # never from a request header.
-        subject = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_name")
+        subject = _client_subject(request)
         if subject:
             metadata.append((SUBJECT_METADATA, subject))
         return metadata
@@ -296,7 +320,8 @@ class RestApp:
     async def _call(
         self, route: Route, values: dict[tuple[str, ...], str], request: Request
     ) -> Response:
-        metadata = self._metadata(request)
+        local = self.local
+        metadata = self._metadata(request, forward_client=local is None)
         deadline = (
             parse_deadline(request.headers.get("grpc-timeout"))
             if "grpc-timeout" in request.headers
@@ -306,39 +331,55 @@ class RestApp:
         body = await self._parse_body(request, route.body == "*") if route.body else None
         message = build_request(route, values, query, body)
         try:
-            reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
-        except grpc.aio.AioRpcError as err:
+            if local is not None:
+                reply = await local.call(
+                    route.rpc_path, message, tuple(metadata), peer_of(request.client),
+                    _client_subject(request), deadline,
+                )
+            else:
+                reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
+        except (grpc.aio.AioRpcError, RpcFailure) as err:
             body_field = route.body if route.body != "*" else ""
             raise from_rpc_error(err, route.method.input_type, body_field) from None
         headers = RESPONSE_HEADERS.get(reply.DESCRIPTOR.full_name)
         return json_response(route.success_status, render_response(route, reply),
                              headers(reply) if headers else None)
 
-    async def _health(self) -> Response:
+    def _health_check(
+        self, request: Request
+    ) -> Callable[[health_pb2.HealthCheckRequest], Awaitable[health_pb2.HealthCheckResponse]]:
+        """grpc.health.v1 Check: the server's own handler in process, else over the channel."""
+        local = self.local
+        if local is None:
+            stub = health_pb2_grpc.HealthStub(self._get_channel())
+            return lambda message: stub.Check(message, timeout=HEALTH_DEADLINE_S)
+        peer = peer_of(request.client)
+        return lambda message: local.call(
+            HEALTH_CHECK, message, (), peer, None, HEALTH_DEADLINE_S
+        )
+
+    async def _health(self, request: Request) -> Response:
         """200 while the service serves; the body names each dependency's state."""
-        stub = health_pb2_grpc.HealthStub(self._get_channel())
+        check = self._health_check(request)
         names = [""] if self.trusted_health else [s.full_name for s in self.services]
         serving = health_pb2.HealthCheckResponse.SERVING
         dependencies: dict[str, str] = {}
         try:
             statuses = []
             for name in names:
-                reply = await stub.Check(
-                    health_pb2.HealthCheckRequest(service=name), timeout=HEALTH_DEADLINE_S
-                )
+                reply = await check(health_pb2.HealthCheckRequest(service=name))
                 statuses.append(reply.status)
             for name in DEPENDENCIES:
                 try:
-                    reply = await stub.Check(
-                        health_pb2.HealthCheckRequest(service=DEPENDENCY_PREFIX + name),
-                        timeout=HEALTH_DEADLINE_S,
+                    reply = await check(
+                        health_pb2.HealthCheckRequest(service=DEPENDENCY_PREFIX + name)
                     )
-                except grpc.aio.AioRpcError as err:
+                except (grpc.aio.AioRpcError, RpcFailure) as err:
                     if err.code() == grpc.StatusCode.NOT_FOUND:
                         continue  # not configured (no Redis), or an older server
                     raise
                 dependencies[name] = "up" if reply.status == serving else "down"
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, RpcFailure):
             statuses = [None]
         if all(status == serving for status in statuses):
             return json_response(200, {"status": "SERVING", "dependencies": dependencies})
@@ -349,8 +390,11 @@ class RestApp:
         return error_response(ApiError(503, "unavailable", message))
 
 
-def create_app(grpc_target: str, *, trusted_health: bool = True, **options: Any) -> RestApp:
-    """The REST shim as an ASGI app proxying to the gRPC server at grpc_target.
+def create_app(
+    grpc_target: str | None, *, trusted_health: bool = True, **options: Any
+) -> RestApp:
+    """The REST shim as an ASGI app proxying to the gRPC server at grpc_target, or,
+    with `local=`, calling the server's handlers in this process.
 
     The gRPC channel is opened in the serving event loop (at lifespan start-up,
     or on the first request) and closed at lifespan shutdown.

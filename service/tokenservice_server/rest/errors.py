@@ -15,6 +15,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.descriptor import Descriptor
@@ -125,7 +126,18 @@ def json_field_path(path: str, message: Descriptor | None) -> str:
     return ".".join(out)
 
 
-def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
+class FailedCall(Protocol):
+    """A failed call as the shim reads it: grpc.aio.AioRpcError from a gRPC channel, or
+    inprocess.RpcFailure from a handler called in process; the same three methods."""
+
+    def code(self) -> grpc.StatusCode: ...
+
+    def details(self) -> str | None: ...
+
+    def trailing_metadata(self) -> Any: ...
+
+
+def _rich_status(err: FailedCall | grpc.RpcError) -> status_pb2.Status | None:
     try:
         trailing = err.trailing_metadata() or ()
     except Exception:  # a locally generated error may have none
@@ -140,9 +152,12 @@ def _rich_status(err: grpc.RpcError) -> status_pb2.Status | None:
 
 
 def from_rpc_error(
-    err: grpc.RpcError, request: Descriptor | None, body_field: str = ""
+    err: FailedCall | grpc.RpcError, request: Descriptor | None, body_field: str = ""
 ) -> ApiError:
     """The REST error for a failed RPC, with BadRequest violations and RetryInfo.
+
+    The same for a call over a channel and one in process: both carry the status
+    code, its details and the google.rpc.Status in `grpc-status-details-bin`.
 
     `body_field` is the route's body when it is one field (PATCH's `api_token`):
     the caller sent that message's fields at the top level, so violations are

@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..config import Config
 from ..tls import ServerTls, subject_of
 from .app import create_app
+from .inprocess import LocalHandlers
 
 log = logging.getLogger("tokenservice.rest")
 
@@ -362,23 +363,27 @@ def _bind(
 
 
 class RestServer:
-    """The shim served by uvicorn on its own thread and event loop.
+    """The shim served by uvicorn on its own thread and event loop, or on the gRPC server's.
 
     With `tls` it serves HTTPS only (and requires client certificates when `tls`
     has a client CA); `channel_credentials` secure its own channel to gRPC.
+    With `local` (the gRPC server's handlers) it calls them in process, and must
+    then be started on the server's loop; grpc_target is then not dialed.
     """
 
     def __init__(
         self,
-        grpc_target: str,
+        grpc_target: str | None,
         host: str,
         port: int,
         *,
         tls: ServerTls | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         limits: RestLimits | None = None,
+        local: LocalHandlers | None = None,
     ) -> None:
         self.grpc_target = grpc_target
+        self.local = local
         self.host = host
         self.port = port
         self.tls = tls
@@ -393,11 +398,15 @@ class RestServer:
 
         With `loop` (a running loop on another thread: the gRPC server's), the shim
         is served there instead of on a thread and loop of its own, so a REST call
-        and the gRPC call it makes never hop between two event loops.
+        and the gRPC call it makes never hop between two event loops. With `local`
+        it must be: the handlers run on the loop the gRPC server runs them on.
         """
+        if self.local is not None and loop is None:
+            raise ValueError("an in-process shim runs on the gRPC server's event loop")
         sock = _bind(self.host, self.port, self.limits, tls=self.tls is not None)
         self.port = sock.getsockname()[1]
-        app = create_app(self.grpc_target, channel_credentials=self.channel_credentials)
+        app = create_app(self.grpc_target, channel_credentials=self.channel_credentials,
+                         local=self.local)
         server = _Server(_config(app, self.host, self.port, 5.0, self.tls, self.limits))
         self._server = server
         ready = threading.Event()
@@ -427,7 +436,10 @@ class RestServer:
         if not server.started:
             self._thread.join(_START_TIMEOUT_S)
             raise RuntimeError(f"the REST shim failed to start: {self._error!r}")
-        log.info("serving REST", extra={"port": self.port, "grpc_target": self.grpc_target})
+        log.info("serving REST", extra={
+            "port": self.port,
+            "grpc_target": "in process" if self.local is not None else self.grpc_target,
+        })
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting, lets in-flight requests finish (up to grace seconds), closes."""
