@@ -66,10 +66,10 @@ FLOOD_CLIENT = "203.0.113.9"
 # Phase groups, in the order of a round; `size` and `workers` expand per size / per worker count.
 # `peer` (drf-api-key on gunicorn, always on SQLite) runs by default on SQLite, `sqlite`
 # (the same Authenticate on a SQLite store, beside the PostgreSQL ones) on PostgreSQL.
-GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits",
-          "peer", "sqlite", "list", "create", "cold")
-QUICK_GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "workers", "limits",
-                "peer", "sqlite")
+GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "nometrics", "workers",
+          "limits", "peer", "sqlite", "list", "create", "cold")
+QUICK_GROUPS = ("bare", "health", "auth", "size", "rest", "flood", "nolog", "nometrics",
+                "workers", "limits", "peer", "sqlite")
 BACKEND_ONLY = {"peer": "sqlite", "sqlite": "postgres"}
 PEER = "drf-api-key"
 PROFILED = ("auth", "rest", "w2_rest")  # --profile: py-spy under these phases' loads
@@ -236,6 +236,10 @@ class Bench:
             self.servers["nolog"] = start_tokenservice(
                 "nolog", urls[base], self.tmp, self.server_cpus, log_level="WARNING", rest=False,
                 **kw)
+        if "nometrics" in groups:
+            self.servers["nometrics"] = start_tokenservice(
+                "nometrics", urls[base], self.tmp, self.server_cpus, metrics=False, rest=False,
+                **kw)
         if "workers" in groups:
             # Both worker counts get every core: one process cannot use a second one,
             # two can; the driver stays pinned to its own core and competes for it.
@@ -392,6 +396,10 @@ class Bench:
             out.append(Phase("nolog", "Authenticate, warm, log level WARNING (no line per RPC)",
                              "nolog", grpc_load("nolog", AUTHENTICATE, auth_body),
                              probe=self.grpc_probe("nolog", AUTHENTICATE, auth_raw)))
+        if "nometrics" in groups:
+            out.append(Phase("nometrics", "Authenticate, warm, metrics off (METRICS=0)",
+                             "nometrics", grpc_load("nometrics", AUTHENTICATE, auth_body),
+                             probe=self.grpc_probe("nometrics", AUTHENTICATE, auth_raw)))
         if "workers" in groups:
             # The kernel spreads connections, not calls, over the workers (SO_REUSEPORT):
             # 4 would often land 3 to 1, so these phases open 16 (same calls in flight).
@@ -852,6 +860,11 @@ def ratios(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> list[d
         lambda v: v < 0.05, lambda r: 1 - rate("auth", r) / rate("nolog", r), "auth", "nolog")
     add("the per-RPC log line's share of warm Authenticate's server CPU", "< 0.05",
         lambda v: v < 0.05, lambda r: 1 - per_cpu("auth", "nolog", r), "auth", "nolog")
+    add("metrics' share of warm Authenticate (1 − with ÷ without)", "< 0.05",
+        lambda v: v < 0.05, lambda r: 1 - rate("auth", r) / rate("nometrics", r),
+        "auth", "nometrics")
+    add("metrics' share of warm Authenticate's server CPU", "< 0.05",
+        lambda v: v < 0.05, lambda r: 1 - per_cpu("auth", "nometrics", r), "auth", "nometrics")
     add("Authenticate: --workers 2 ÷ --workers 1", "", None,
         lambda r: rate("w2_auth", r) / rate("w1_auth", r), "w2_auth", "w1_auth")
     add("REST Authenticate: --workers 2 ÷ --workers 1", "", None,

@@ -166,7 +166,7 @@ def process_cpu_seconds(pid: int) -> float:
 def start_tokenservice(name: str, url: str, workdir: Path, cpus: set[int] | None, *,
                        rounds: int, workers: int = 1, log_level: str = "INFO",
                        rest: bool = True, rate_limit: str = RATE_LIMIT,
-                       redis_url: str | None = None) -> Server:
+                       redis_url: str | None = None, metrics: bool = True) -> Server:
     """`tokenservice serve` on free ports, logging to workdir/<name>.log.
 
     Rate limits are off unless asked for: one token takes every call of a phase,
@@ -185,14 +185,14 @@ def start_tokenservice(name: str, url: str, workdir: Path, cpus: set[int] | None
         command += ["--workers", str(workers)]
     # A crash (a segfault in a C extension) prints every thread's Python stack to the log.
     env = {**os.environ, "GRPC_VERBOSITY": "NONE", "TOKENSERVICE_LOG_LEVEL": log_level,
-           "PYTHONFAULTHANDLER": "1"}
+           "PYTHONFAULTHANDLER": "1", "TOKENSERVICE_METRICS": "1" if metrics else "0"}
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env,
                                 cwd=workdir, stdin=subprocess.DEVNULL)
     return Server(name, proc, log_path, grpc_port, http_port, cpus,
                   {"workers": workers, "log_level": log_level, "rest": rest,
-                   "rate_limit": rate_limit, "redis": bool(redis_url)})
+                   "rate_limit": rate_limit, "redis": bool(redis_url), "metrics": metrics})
 
 
 def start_bare(workdir: Path, cpus: set[int] | None) -> Server:

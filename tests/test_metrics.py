@@ -87,6 +87,24 @@ def test_metric_port_of_its_own(tmp_path, spawn) -> None:
     assert samples[("tokenservice_authentications_total", (("outcome", "ok"),))] == 1
 
 
+def test_metrics_off_count_nothing_and_have_no_page(tmp_path, spawn) -> None:
+    """TOKENSERVICE_METRICS=0: the server serves as ever, /metrics is no route, and a
+    metrics port of its own is a contradiction refused before anything starts."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    token = setup_user(url, "off@example.com")
+    server = spawn(url, rest=True, env={"TOKENSERVICE_METRICS": "0"})
+    assert authenticate(server.target, token) == grpc.StatusCode.OK
+    page = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10)
+    assert page.status_code == 404
+    assert page.json()["error"]["code"] == "not_found"
+    refused = cli("serve", "--database-url", url, "--grpc-port", str(free_port()),
+                  "--metrics-port", str(free_port()), "--no-rest",
+                  env={"TOKENSERVICE_METRICS": "0"})
+    assert refused.returncode != 0
+    assert "--metrics-port needs metrics on" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def _per_process_counts(metrics_dir: Path) -> list[float]:
     """Authenticate OK counts of each process, read from its own file of the shared directory."""
     counts = []

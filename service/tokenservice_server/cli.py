@@ -286,7 +286,8 @@ def _serve(config: Config) -> int:
         local = LocalHandlers(server.unary_handlers, config.grpc_max_concurrent_streams,
                               config.grpc_max_message_bytes)
         rest = RestServer(None, config.host, config.http_port, tls=server.tls,
-                          limits=RestLimits.from_config(config), local=local)
+                          limits=RestLimits.from_config(config), local=local,
+                          metrics=config.metrics)
         rest.start(server.loop)
     stop.wait()
     log.info("stopping: draining in-flight calls")
@@ -374,7 +375,7 @@ def _supervise(config: Config, stop: threading.Event, hangup: _Hangup) -> int:
 
             target = "unix:" + ",".join(p for p in sockets if p)
             rest = RestServer(target, config.host, config.http_port, tls=tls,
-                              limits=RestLimits.from_config(config))
+                              limits=RestLimits.from_config(config), metrics=config.metrics)
             rest.start()
         _serve_metrics(config)
         while not stop.wait(1.0):
@@ -463,7 +464,7 @@ def run(argv: Sequence[str]) -> int:
             credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         run_rest(args.grpc_target, config.host, config.http_port,
                  tls=ServerTls.from_config(config), channel_credentials=credentials,
-                 limits=RestLimits.from_config(config))
+                 limits=RestLimits.from_config(config), metrics=config.metrics)
         return 0
     if args.command == "scopes":
         catalog = ScopeCatalog.load(config.scopes_file)

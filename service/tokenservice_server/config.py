@@ -153,6 +153,9 @@ class Config:
     # `serve --workers N`: N server processes sharing the gRPC port (SO_REUSEPORT),
     # so one Python process's GIL does not cap the service at one core.
     workers: int = 1
+    # Prometheus metrics: counted on every RPC and served on /metrics. Off for a
+    # server nobody scrapes: nothing is counted and /metrics answers 404.
+    metrics: bool = True
     # /metrics on a port of its own as well (None: on the REST port only).
     metrics_port: int | None = None
     # Set by `serve --workers` for its worker processes only (in their environment):
@@ -251,6 +254,8 @@ def validate(config: Config) -> None:
         raise ConfigError("need at least 1 Authenticate read worker and 1 CreateToken a caller")
     if config.bcrypt_max_waiting < 0 or config.bcrypt_max_per_client < 1:
         raise ConfigError("bcrypt max waiting must be at least 0, and per client at least 1")
+    if config.metrics_port is not None and not config.metrics:
+        raise ConfigError("--metrics-port needs metrics on (TOKENSERVICE_METRICS=1)")
     if not 1 <= config.workers <= 64:
         raise ConfigError("--workers must be between 1 and 64")
     if not 0.05 <= config.lease_seconds <= MAX_LEASE_SECONDS:

@@ -167,7 +167,7 @@ class TokenServer:
             self.store.connection,
             config.trusted_proxies,
             self._blocking,
-            metrics.RpcMetrics(),
+            metrics.RpcMetrics() if config.metrics else None,
             settle=self.fanout.settle,
             claim=self.fanout.claim,
         )

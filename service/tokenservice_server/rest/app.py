@@ -143,11 +143,13 @@ class RestApp:
         default_deadline: float = DEFAULT_DEADLINE_S,
         channel_credentials: grpc.ChannelCredentials | None = None,
         local: LocalHandlers | None = None,
+        metrics: bool = True,
     ) -> None:
         if local is None and not grpc_target:
             raise ValueError("the REST shim needs a gRPC target or the server's handlers")
         self.grpc_target = grpc_target
         self.local = local
+        self.metrics = metrics  # off: /metrics is no route (TOKENSERVICE_METRICS=0)
         self.channel_credentials = channel_credentials
         self.services = list(services) if services is not None else default_services()
         self.routes: list[Route] = build_routes(self.services)
@@ -229,6 +231,8 @@ class RestApp:
         path = raw.decode("latin-1") if raw else request.scope["path"]
         path = path.split("?", 1)[0]
         method = request.method
+        if path == "/metrics" and not self.metrics:
+            raise not_found("No route matches this path: metrics are off.")
         if path in ("/healthz", "/openapi.json", "/metrics"):
             if method != "GET":
                 raise self._method_not_allowed(["GET"])

@@ -381,9 +381,11 @@ class RestServer:
         channel_credentials: grpc.ChannelCredentials | None = None,
         limits: RestLimits | None = None,
         local: LocalHandlers | None = None,
+        metrics: bool = True,
     ) -> None:
         self.grpc_target = grpc_target
         self.local = local
+        self.metrics = metrics
         self.host = host
         self.port = port
         self.tls = tls
@@ -406,7 +408,7 @@ class RestServer:
         sock = _bind(self.host, self.port, self.limits, tls=self.tls is not None)
         self.port = sock.getsockname()[1]
         app = create_app(self.grpc_target, channel_credentials=self.channel_credentials,
-                         local=self.local)
+                         local=self.local, metrics=self.metrics)
         server = _Server(_config(app, self.host, self.port, 5.0, self.tls, self.limits))
         self._server = server
         ready = threading.Event()
@@ -463,13 +465,14 @@ def run_rest(
     tls: ServerTls | None = None,
     channel_credentials: grpc.ChannelCredentials | None = None,
     limits: RestLimits | None = None,
+    metrics: bool = True,
 ) -> None:
     """Serves the shim in the foreground until SIGINT/SIGTERM, then drains and returns.
 
     With `tls`, SIGHUP re-reads the certificates.
     """
     sock = _bind(host, port, limits, tls=tls is not None)
-    app = create_app(grpc_target, channel_credentials=channel_credentials)
+    app = create_app(grpc_target, channel_credentials=channel_credentials, metrics=metrics)
     server = _Server(_config(app, host, sock.getsockname()[1], 5.0, tls, limits))
     server.reload_on_hangup = tls
     log.info("REST shim on %s:%d -> gRPC %s", host, sock.getsockname()[1], grpc_target)
