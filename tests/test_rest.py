@@ -241,6 +241,24 @@ def test_bad_values_are_422_with_the_field(rest: Rest, manager: str) -> None:
     assert error["details"][0]["field"] == "expiresAt"
     r = rest.create(manager, scopes="pass:read")
     assert assert_error(r, 422, "validation_error")["details"][0]["field"] == "scopes"
+    # Inside a nested message, the field itself is named, not the message around it.
+    for limit, field in (({"requests": 99999999999, "period": "60s"}, "rateLimit.requests"),
+                         ({"requests": 5.5, "period": "60s"}, "rateLimit.requests"),
+                         ({"requests": 5, "period": "abc"}, "rateLimit.period")):
+        r = rest.create(manager, rateLimit=limit)
+        details = assert_error(r, 422, "validation_error")["details"]
+        assert [d["field"] for d in details] == [field], details
+
+
+def test_a_patch_names_a_bad_nested_value_from_the_top_of_its_body(
+    rest: Rest, manager: str
+) -> None:
+    made = rest.create(manager).json()["apiToken"]
+    r = rest.client.patch(f"/api/v1/api-tokens/{made['id']}",
+                          json={"rateLimit": {"requests": 5, "period": "soon"}},
+                          headers=bearer_header(manager))
+    details = assert_error(r, 422, "validation_error")["details"]
+    assert [d["field"] for d in details] == ["rateLimit.period"]
 
 
 @pytest.mark.parametrize(

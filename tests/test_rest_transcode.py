@@ -150,7 +150,7 @@ def test_query_parameters_in_both_spellings_and_repeated() -> None:
     assert bad.value.status == 422
     with pytest.raises(ApiError) as bad:
         build_request(route, values, [("filter.flag", "maybe")], None)
-    assert bad.value.details[0]["field"] == "filter"
+    assert bad.value.details[0]["field"] == "filter.flag"  # the parameter as sent
     with pytest.raises(ApiError) as bad:  # path-bound fields are not query parameters
         build_request(route, values, [("shelfId", "other")], None)
     assert bad.value.status == 422

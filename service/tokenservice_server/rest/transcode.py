@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from .errors import ApiError, unauthorized, validation_error
 from .routes import Route, find_field, is_map, is_repeated, resolve_field_path
@@ -301,19 +302,46 @@ def _imply_update_mask(route: Route, data: dict[str, Any], body: Any) -> None:
 
 
 def _bad_values(route: Route, data: dict[str, Any]) -> list[tuple[str, str]]:
-    """Which top-level fields failed to parse, each with what was expected."""
-    desc = route.method.input_type
+    """Which fields failed to parse, each with what was expected: the innermost
+    field of a nested message (`rateLimit.period`), not the message around it.
+
+    A PATCH whose body is one message field names them as the caller sent them,
+    at the top level of the body (as the server's own violations are named).
+    """
+    found = _bad_fields(route.method.input_type, data, "")
+    if route.body and route.body != "*":
+        prefix = _json_path(resolve_field_path(route.method.input_type, route.body)) + "."
+        found = [(p.removeprefix(prefix), why) for p, why in found]
+    return found or [("", "invalid request")]
+
+
+def _bad_fields(desc: Descriptor, data: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
+    message_class = GetMessageClass(desc)
     found = []
     for key, value in data.items():
         try:
-            json_format.ParseDict({key: value}, route.request_class())
+            json_format.ParseDict({key: value}, message_class())
+            continue
         except Exception:
-            fd = find_field(desc, key, json_names=True)
-            if fd is not None:
-                found.append((fd.json_name, "must be " + expected_value(fd)))
-            else:
-                found.append((key, "invalid value"))
-    return found or [("", "invalid request")]
+            pass
+        fd = find_field(desc, key, json_names=True)
+        if fd is None:
+            found.append((prefix + key, "invalid value"))
+            continue
+        path = prefix + fd.json_name
+        if (
+            fd.type == FieldDescriptor.TYPE_MESSAGE
+            and not is_map(fd)
+            and not is_repeated(fd)
+            and _has_plain_json(fd.message_type)
+            and isinstance(value, dict)
+        ):
+            inner = _bad_fields(fd.message_type, value, path + ".")
+            if inner:
+                found += inner
+                continue
+        found.append((path, "must be " + expected_value(fd)))
+    return found
 
 
 def _null_fill(data: dict[str, Any], desc: Descriptor) -> None:
