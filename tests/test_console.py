@@ -404,6 +404,14 @@ def test_org_admins_see_every_token_of_their_org_only(ts, rest: Rest, page) -> N
     assert theirs.locator("td").nth(2).inner_text() == "colleague@acme.test"  # Created by
     assert page.get_by_role("columnheader", name="Created by").is_visible()
     assert row(page, "Globex key").count() == 0
+    # An admin revokes a colleague's key but cannot rotate it (the API would refuse:
+    # a rotation hands over a working secret); their own keys they rotate.
+    assert theirs.get_by_role("button", name="Revoke Colleague's key").count() == 1
+    assert theirs.get_by_role("button", name="Rotate Colleague's key").count() == 0
+    mine, colleagues = (row(page, "bootstrap").filter(has_text=f"{who}@acme.test")
+                        for who in ("admin", "colleague"))
+    assert mine.get_by_role("button", name="Rotate bootstrap").count() == 1
+    assert colleagues.get_by_role("button", name="Rotate bootstrap").count() == 0
 
     # A plain manager sees only their own tokens, and no Created by column.
     page.get_by_role("button", name="Sign out").click()

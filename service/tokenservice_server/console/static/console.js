@@ -435,13 +435,15 @@
   }
 
   // Edit and Rotate while the token is in use and not replaced (the API refuses
-  // both afterwards: 409); Revoke until it is revoked.
+  // both afterwards: 409); Revoke until it is revoked. Rotate only your own tokens:
+  // the API lets nobody else have a working secret of yours (403).
   function actionsOf(t) {
     const now = stateOf(t);
     const current = !t.replacedById && now !== "REVOKED";
+    const own = state.who && t.createdByEmail === state.who.userEmail;
     return el("div", { class: "row-actions" },
       current ? actionButton("edit", t, "Edit", "") : null,
-      current && now === "ACTIVE" ? actionButton("rotate", t, "Rotate", "") : null,
+      current && own && now === "ACTIVE" ? actionButton("rotate", t, "Rotate", "") : null,
       now !== "REVOKED" ? actionButton("revoke", t, "Revoke", "button-danger-quiet") : null);
   }
 
