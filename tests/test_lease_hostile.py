@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -481,5 +483,57 @@ def test_a_change_of_this_process_reaches_its_consumers_once(ts: RunningServer, 
         write("tok_theirs", None)
         event = events.get(timeout=10)
         assert list(event.invalidate.token_ids) == ["tok_theirs"]
+    finally:
+        stream.close()
+
+
+@contextlib.contextmanager
+def narrowing_held_up(database_url: str) -> Iterator[None]:
+    """Holds up every narrowing change's commit (the store's write lock on SQLite,
+    its event lock on PostgreSQL) while the block runs, as another writer would."""
+    if database_url.startswith("sqlite"):
+        held = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+        held.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            held.execute("COMMIT")
+            held.close()
+        return
+    import psycopg2
+
+    from tokenservice_server.db import postgres_params
+    from tokenservice_server.store import EVENTS_LOCK
+
+    held = psycopg2.connect(**postgres_params(database_url))
+    held.autocommit = True
+    try:
+        held.cursor().execute("SELECT pg_advisory_lock(%s)", (EVENTS_LOCK,))
+        yield
+    finally:
+        held.close()  # the session's lock goes with it
+
+
+def test_a_revoke_whose_caller_gave_up_still_reaches_every_consumer(
+    ts: RunningServer, email: str, manager: TokenServiceClient, database_url: str
+) -> None:
+    """A revoke that commits after its caller's deadline has passed answers
+    DEADLINE_EXCEEDED, but the token is revoked: the consumers must still drop it,
+    though nobody is left to wait for their acks."""
+    doomed = manager.create_token("doomed", ["pass:read"])
+    boss = ts.mint(email, ["api_token:manage", "pass:read"])
+    stream = Stream(ts, ts.mint(email, ["api_token:verify"]))
+    try:
+        leased(stream)
+        with narrowing_held_up(database_url):
+            with pytest.raises(grpc.RpcError) as late:
+                ts.stub.RevokeToken(pb.RevokeTokenRequest(id=doomed.api_token.id),
+                                    metadata=bearer(boss), timeout=0.3)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.5)  # the call's worker still waits on the lock
+        event = stream.next()  # the stream's own deadline bounds the wait
+        assert event.WhichOneof("kind") == "invalidate"
+        assert doomed.api_token.id in event.invalidate.token_ids
+        assert manager.get_token(doomed.api_token.id).state == pb.ApiToken.REVOKED
     finally:
         stream.close()

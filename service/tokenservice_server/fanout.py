@@ -64,6 +64,11 @@ PRUNE_EVERY_SECONDS = 30.0
 KEEP_EVENTS_SECONDS = 600.0
 PRUNE_BATCH = 1000
 EVENTS_PER_READ = 500
+# An event one of our calls claimed, committed, and never settled (the call was
+# cancelled by its deadline after the commit) is delivered by the loop once it
+# has waited this long since the claim: late, never lost. A call that settles
+# as usual does so within milliseconds of its commit.
+ORPHAN_SECONDS = 1.0
 
 
 class Fanout:
@@ -96,11 +101,15 @@ class Fanout:
         self._redis_thread: threading.Thread | None = None
         self._watch_from: int | None = None
         self._last_seen = 0
-        # Events of our own calls, delivered by settle(); claimed from the calls'
-        # threads before they commit, so under a lock. Keyed with the time written:
-        # on SQLite a rolled-back event's id is given to the next event written,
-        # which may be another process's, and that one is ours to deliver.
-        self._local: set[tuple[int, int]] = set()
+        # Events of our own calls: claimed from the calls' threads before they
+        # commit (so under a lock), then delivered by settle(). Keyed with the time
+        # written: on SQLite a rolled-back event's id is given to the next event
+        # written, which may be another process's, and that one is ours to deliver.
+        self._claims: dict[tuple[int, int], float] = {}  # not settled yet: when claimed
+        self._settled: set[tuple[int, int]] = set()  # settled, maybe not read yet
+        # Read by the loop while claimed and not yet settled: delivered here if no
+        # settle() comes for them within ORPHAN_SECONDS of the claim.
+        self._orphans: dict[tuple[int, int], Narrowed] = {}
         self._local_lock = threading.Lock()
         self._to_ack: list[int] = []
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -158,7 +167,7 @@ class Fanout:
         cannot read it first and push a second Invalidate to our consumers.
         """
         with self._local_lock:
-            self._local.add((event.event_id, event.created_at))
+            self._claims[(event.event_id, event.created_at)] = time.monotonic()
 
     async def settle(self, events: Sequence[Narrowed]) -> None:
         """Returns once every consumer of every process has applied these events
@@ -166,8 +175,12 @@ class Fanout:
         acks, after SETTLE_CAP_SECONDS)."""
         if not events:
             return
-        for event in events:
-            self.claim(event)
+        with self._local_lock:
+            for event in events:
+                key = (event.event_id, event.created_at)
+                self._claims.pop(key, None)
+                self._orphans.pop(key, None)
+                self._settled.add(key)
         tokens = sorted({t for e in events for t in e.token_ids})
         users = sorted({u for e in events for u in e.user_ids})
         await asyncio.gather(
@@ -254,18 +267,31 @@ class Fanout:
             # Events before now predate every lease this process will grant.
             self._watch_from = self._last_seen = await self._db(store.last_event_id)
         events = await self._db(store.events_after, self._last_seen, EVENTS_PER_READ)
+        deliver: list[Narrowed] = []
         with self._local_lock:
-            local = set(self._local)
-        for event in events:
-            self._last_seen = event.event_id
-            if (event.event_id, event.created_at) in local:
-                continue
+            for event in events:
+                self._last_seen = event.event_id
+                key = (event.event_id, event.created_at)
+                if key in self._settled:
+                    self._settled.discard(key)
+                elif key in self._claims:
+                    self._orphans[key] = event  # settle() is on its way, or never comes
+                else:
+                    deliver.append(event)
+            if events:
+                # Claims the loop has read past without finding: rolled back.
+                self._claims = {k: at for k, at in self._claims.items()
+                                if k[0] > self._last_seen or k in self._orphans}
+                self._settled = {k for k in self._settled if k[0] > self._last_seen}
+            if self._orphans:
+                late = time.monotonic() - ORPHAN_SECONDS
+                for key in [k for k in self._orphans if self._claims.get(k, late) <= late]:
+                    self._claims.pop(key, None)
+                    deliver.append(self._orphans.pop(key))
+        for event in deliver:
             task = asyncio.create_task(self._deliver(event))
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
-        if events:
-            with self._local_lock:
-                self._local = {k for k in self._local if k[0] > self._last_seen}
         if len(events) == EVENTS_PER_READ:
             self.wake()  # more to read
         # Only after a successful read: a process that cannot see new events
