@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
+import selectors
+import socket
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -221,8 +226,9 @@ def test_a_tokens_rate_limit_answers_with_its_headers_in_process(database_url) -
 
 
 def test_calls_in_flight_are_bounded_like_one_grpc_connection(ts: RunningServer) -> None:
-    """With one place, a second call waits for the first, and its deadline runs while
-    it waits: it ends 500 like a call a gRPC connection's stream limit held back."""
+    """With one place, another client's call waits for the first, and its deadline runs
+    while it waits: it ends 500 like a call a gRPC connection's stream limit held back.
+    The same client asking for more than its share is refused at once (429)."""
     release = asyncio.Event()
     entered = threading.Event()
     real = ts.server.unary_handlers[SCOPES_PATH]
@@ -241,8 +247,14 @@ def test_calls_in_flight_are_bounded_like_one_grpc_connection(ts: RunningServer)
                                                            timeout=30)))
         thread.start()
         assert entered.wait(30)
-        waited = rest.client.get("/api/v1/api-tokens", headers={
-            **bearer_header(token), "grpc-timeout": "500m"})
+        busy = rest.client.get("/api/v1/api-tokens", headers=bearer_header(token))
+        assert_error(busy, 429, "rate_limited")
+        assert busy.headers["Retry-After"] == "1"
+        other = httpx.Client(base_url=rest.base_url, transport=httpx.HTTPTransport(
+            local_address="127.0.0.2"), timeout=30)
+        with other:
+            waited = other.get("/api/v1/api-tokens", headers={
+                **bearer_header(token), "grpc-timeout": "500m"})
         assert_error(waited, 500, "internal_error")
         ts.server.loop.call_soon_threadsafe(release.set)
         thread.join(30)
@@ -318,3 +330,103 @@ def test_the_context_gives_the_verified_subject_and_nothing_unknown() -> None:
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     assert failure.value.trailing_metadata() == (("tokenservice-cache-budget", "3"),)
     assert context.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_client_that_hangs_up_gives_its_places_back_at_once(ts: RunningServer) -> None:
+    """uvicorn does not cancel a request whose client left: an abandoned call once kept
+    its place until its deadline, so one client could fill the house by sending and
+    hanging up. Its places now come back as it hangs up, with the call still held."""
+    release = asyncio.Event()
+    entered = threading.Semaphore(0)
+    real = ts.server.unary_handlers[SCOPES_PATH]
+
+    async def held(message: Any, context: Any) -> Any:
+        entered.release()
+        await release.wait()
+        return await real(message, context)
+
+    handlers = {**ts.server.unary_handlers, SCOPES_PATH: held}
+    local = local_handlers(ts, handlers=handlers, max_concurrent=8)  # 2 a client
+    server = RestServer(None, "127.0.0.1", 0, local=local)
+    server.start(ts.server.loop)
+    try:
+        sockets = []
+        for _ in range(local.per_client):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /api/v1/scopes HTTP/1.1\r\nHost: x\r\n\r\n")
+            sockets.append(sock)
+        for _ in sockets:
+            assert entered.acquire(timeout=30)
+        assert local.in_flight("127.0.0.1") == local.per_client
+        for sock in sockets:  # hang up, with the calls still held
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        until = time.monotonic() + 30
+        while local.in_flight("127.0.0.1") and (
+            time.monotonic() < until
+        ):
+            time.sleep(0.05)
+        assert local.in_flight("127.0.0.1") == 0
+        ts.server.loop.call_soon_threadsafe(release.set)
+        r = httpx.get(f"http://127.0.0.1:{server.port}/api/v1/scopes", timeout=30)
+        assert r.status_code == 200
+    finally:
+        ts.server.loop.call_soon_threadsafe(release.set)
+        server.stop(grace=1)
+
+
+def _raw_flood(port: int, source: str, connections: int, stop: threading.Event,
+               answers: list[bytes]) -> None:
+    """Bad-token Authenticates from `source` on many keep-alive connections at once,
+    each sending its next request as soon as its last one was answered."""
+    body = json.dumps({"token": "tks_" + "A" * 40}).encode()
+    request = (b"POST /api/v1/authenticate HTTP/1.1\r\nHost: x\r\n"
+               b"Content-Type: application/json\r\ngrpc-timeout: 60S\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with selectors.DefaultSelector() as selector:
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                            source_address=(source, 0))
+            sock.sendall(request)
+            selector.register(sock, selectors.EVENT_READ)
+        while not stop.is_set():
+            for key, _ in selector.select(timeout=0.1):
+                sock = key.fileobj
+                data = sock.recv(65536)
+                if not data:
+                    selector.unregister(sock)
+                    continue
+                if data.startswith(b"HTTP/1.1 "):  # an answer's head (its body may follow)
+                    answers.append(data[9:12])
+                    sock.sendall(request)
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+
+
+def test_one_clients_flood_leaves_others_and_health_served(ts: RunningServer) -> None:
+    """One address floods Authenticate with bad tokens (throttled, then held back by
+    the tarpit) on 400 connections at once. Another client's good token is answered
+    meanwhile, and /healthz within its own 2 s deadline (it once queued behind the
+    flood for a place and reported the service down): the flood holds at most its
+    share, and the rest of it is refused at once."""
+    good = ts.manager()
+    with running_local_rest(ts) as rest:
+        url = f"{rest.base_url}/api/v1/authenticate"
+        stop = threading.Event()
+        answers: list[bytes] = []
+        flooding = threading.Thread(target=_raw_flood, args=(
+            rest.server.port, "127.0.0.2", 400, stop, answers), daemon=True)
+        flooding.start()
+        try:
+            while len(answers) < 400 and flooding.is_alive():
+                time.sleep(0.05)  # the flood is throttled and tarpitted by now
+            with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.3"),
+                              timeout=30) as other:
+                for _ in range(5):
+                    assert other.post(url, json={"token": good}).status_code == 200
+                    health = other.get(f"{rest.base_url}/healthz")
+                    assert health.status_code == 200, health.text
+        finally:
+            stop.set()
+            flooding.join(30)
+        assert set(answers) <= {b"401", b"429"}

@@ -15,11 +15,12 @@ starlette's router, because the routes come from descriptors and the router's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -41,6 +42,8 @@ from .routes import Route, build_routes
 from .transcode import build_request, parse_json, render_response
 
 log = logging.getLogger("tokenservice.rest")
+
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
 # The deadline passed on to gRPC when the caller sends none, and the most a
@@ -108,6 +111,37 @@ def _client_subject(request: Request) -> str | None:
     """The HTTPS client's certificate subject: set by the shim's own HTTPS protocol
     from the verified client certificate, never from a request header."""
     return request.scope.get("extensions", {}).get("tls", {}).get("client_cert_name")
+
+
+def _client_host(request: Request) -> str:
+    """Whose share of the in-process places a call takes: the client's address
+    (every client of a Unix socket is one)."""
+    return request.client.host if request.client is not None and request.client.host else "unix:"
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Returns once the HTTP client has gone (the body, if any, was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, call: Awaitable[T]) -> T:
+    """The call's result, or ClientDisconnect once the HTTP client has gone: uvicorn
+    does not cancel an app whose client left, and an abandoned call would keep its
+    place (and its client's share) until its deadline."""
+    task = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnect()
+    return task.result()
 
 
 def _is_json(content_type: str) -> bool:
@@ -336,10 +370,10 @@ class RestApp:
         message = build_request(route, values, query, body)
         try:
             if local is not None:
-                reply = await local.call(
+                reply = await _unless_gone(request, local.call(
                     route.rpc_path, message, tuple(metadata), peer_of(request.client),
-                    _client_subject(request), deadline,
-                )
+                    _client_subject(request), deadline, _client_host(request),
+                ))
             else:
                 reply = await self._callable(route)(message, metadata=metadata, timeout=deadline)
         except (grpc.aio.AioRpcError, RpcFailure) as err:

@@ -12,6 +12,10 @@ What the loopback hop used to bound is bounded here too: at most
 `max_concurrent` calls in flight (the gRPC server's streams per connection,
 which capped the shim's one channel), requests no larger than the server
 accepts, and the shim's deadline around the wait for a place and the call.
+One client (an address; for IPv6 its /64) holds at most a quarter of the
+places: more is refused at once (RESOURCE_EXHAUSTED, REST 429) rather than
+queued, so one client's flood cannot make everyone else wait. The health
+check takes no place: a full house is no reason to report the service down.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 
 from tokenservice_client import ip_address
 
+from ..errors import RateLimited
+from ..grpc_api import status_for
+from ..throttle import client_keys
+
 Handler = Callable[[Any, Any], Awaitable[Any]]
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -35,6 +43,9 @@ HEALTH_CHECK = f"/{HEALTH_SERVICE_NAME}/Check"
 
 # What the gRPC client library says for these, so a failure reads the same either way.
 DEADLINE_DETAILS = "Deadline Exceeded"
+# One client's share of the places: at most 1/PER_CLIENT_SHARE of them.
+PER_CLIENT_SHARE = 4
+CLIENT_BUSY = "too many calls in flight from this client; retry once some have answered"
 
 
 class RpcFailure(grpc.aio.AbortError):
@@ -156,15 +167,45 @@ class LocalHandlers:
     max_concurrent: int
     max_message_bytes: int
     _slots: asyncio.Semaphore = field(init=False, repr=False)
+    _in_flight: dict[str, int] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrent)
+        self.per_client = max(1, self.max_concurrent // PER_CLIENT_SHARE)
+
+    def in_flight(self, client: str) -> int:
+        """Calls of this client (its /64 for IPv6) running or waiting for a place."""
+        return self._in_flight.get(_client_key(client), 0)
 
     async def call(
         self, path: str, message: Any, metadata: Metadata, peer: str, subject: str | None,
-        timeout: float,
+        timeout: float, client: str = "",
     ) -> Any:
-        """The handler's reply; RpcFailure with the status a gRPC caller would get."""
+        """The handler's reply; RpcFailure with the status a gRPC caller would get.
+
+        `client` is the HTTP client's address, whose share of the places the call
+        takes; the health check passes none and takes no place.
+        """
+        if not client:
+            return await self._run(path, message, metadata, peer, subject, timeout, None)
+        key = _client_key(client)
+        held = self._in_flight.get(key, 0)
+        if held >= self.per_client:
+            status = status_for(RateLimited(CLIENT_BUSY, 1.0))
+            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, CLIENT_BUSY,
+                             tuple(status.trailing_metadata))
+        self._in_flight[key] = held + 1
+        try:
+            return await self._run(path, message, metadata, peer, subject, timeout, self._slots)
+        finally:
+            left = self._in_flight.pop(key) - 1
+            if left:
+                self._in_flight[key] = left
+
+    async def _run(
+        self, path: str, message: Any, metadata: Metadata, peer: str, subject: str | None,
+        timeout: float, slots: asyncio.Semaphore | None,
+    ) -> Any:
         handler = self.handlers[path]  # a route without a handler is a bug: KeyError
         if timeout <= 0:
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
@@ -178,8 +219,11 @@ class LocalHandlers:
         context = HttpCallContext(metadata, peer, subject, end)
         try:
             async with asyncio.timeout(timeout):
-                async with self._slots:
+                if slots is None:
                     reply = await handler(message, context)
+                else:
+                    async with slots:
+                        reply = await handler(message, context)
         except TimeoutError:
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS) from None
         if time.monotonic() >= end:
@@ -187,3 +231,8 @@ class LocalHandlers:
             # would not have had this reply in time either.
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_DETAILS)
         return reply
+
+
+def _client_key(client: str) -> str:
+    """What one client's share is counted by: its address, or its IPv6 /64."""
+    return client_keys(client)[-1]
