@@ -336,6 +336,11 @@ def test_trusted_proxies_are_addresses_or_ranges_and_only_they_name_the_client()
         load_config({}, {"TOKENSERVICE_TRUSTED_PROXIES": "10.0.0.0/33"})
     with pytest.raises(ConfigError):
         load_config({}, {"TOKENSERVICE_TRUSTED_PROXIES": "proxy.internal"})
+    # Loopback by default; `none` trusts no peer to name another client.
+    assert load_config({}, {}).trusted_proxies == ("127.0.0.1", "::1")
+    nobody = TrustedProxies(load_config({}, {"TOKENSERVICE_TRUSTED_PROXIES": "none"})
+                            .trusted_proxies)
+    assert client_address("ipv4:127.0.0.1:4000", "203.0.113.9", nobody) == "127.0.0.1"
 
 
 def test_an_ipv6_client_counts_against_its_address_and_its_slash_64() -> None:

@@ -203,6 +203,8 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
             return False
         raise ConfigError(f"{source}: expected true or false, got {raw!r}")
     if name in _TUPLE_FIELDS:
+        if raw.strip().lower() == "none":  # an empty value means the default
+            return ()
         return tuple(p.strip() for p in raw.split(",") if p.strip())
     if name == "rate_limit":
         return parse_rate_limit(raw, source)
