@@ -543,6 +543,17 @@ def test_a_token_cannot_rotate_a_token_stronger_or_longer_lived_than_itself(
     assert works(ts, rotate(ts, weak.token, weak.api_token.id).token)
 
 
+def test_a_token_rotates_itself_after_its_user_lost_a_permission(ts: RunningServer) -> None:
+    """Its replacement holds what it held, still narrowed by the user's permissions at
+    every Authenticate: nothing stronger than itself, so nothing to refuse."""
+    token = ts.manager("narrowed@acme.test", permissions=ALL)
+    made = create(ts, token, "svc", ("api_token:manage", "pass:read", "pass:create"))
+    with connection(ts.server.store.db):
+        ts.server.service.set_permissions("narrowed@acme.test", ["api_token:manage", "pass:read"])
+    rotated = rotate(ts, made.token, made.api_token.id)
+    assert sorted(ts.authenticate(rotated.token).scopes) == ["api_token:manage", "pass:read"]
+
+
 def test_an_admin_revokes_but_cannot_rotate_another_users_token(ts: RunningServer) -> None:
     """api_token:admin reaches the org's tokens to list and revoke them; a rotation
     would hand the admin a working secret of someone else's."""

@@ -985,6 +985,8 @@ class TokenService:
             raise PermissionDenied(
                 "only the token's owner can rotate it: rotation hands over a working secret"
             )
+        if token.id == caller.token_id:
+            return  # its own replacement is never stronger than itself
         missing = [scope for scope in token.scopes if scope not in caller.scopes]
         if missing:
             raise PermissionDenied(
