@@ -163,3 +163,42 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_workers_end_with_a_supervisor_killed_with_sigkill(tmp_path: Path) -> None:
+    """A supervisor that cannot drain (kill -9, the OOM killer) must not leave its
+    workers serving the port for ever, beside the next supervisor's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSERVICE_")}
+    grpc_port = _free_port()
+    server = subprocess.Popen(
+        [TOKENSERVICE, "serve", "--workers", "2", "--no-rest", "--grpc-port", str(grpc_port),
+         "--database-url", f"sqlite:///{tmp_path / 'k.db'}", "--bcrypt-rounds", "4"],
+        env=env, stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(server.pid)) < 2 or not _answers(grpc_port):
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.2)
+        workers = _children(server.pid)
+    finally:
+        server.kill()
+        server.wait()
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in workers if _running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # not left behind, whatever the outcome
+    assert workers and not alive
+    assert not _answers(grpc_port)
+
+
+def _running(pid: int) -> bool:
+    """Still running: neither gone nor a zombie waiting for whoever adopted it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -272,6 +272,8 @@ def _serve(config: Config) -> int:
         signal.signal(signal.SIGHUP, hangup)
     if config.workers > 1:
         return _supervise(config, stop, hangup)
+    if config.reuse_port:
+        _end_with_supervisor()
     server = TokenServer(config)
     if server.tls is not None:
         hangup.ready(server.tls.reload)
@@ -295,6 +297,20 @@ def _serve(config: Config) -> int:
         rest.stop(config.shutdown_grace_seconds)
     server.stop()
     return 0
+
+
+def _end_with_supervisor() -> None:
+    """A worker of `serve --workers` is sent SIGTERM (and drains) when its supervisor
+    ends, however it ends: a supervisor killed with -9 would otherwise leave its
+    workers serving the shared port for ever, beside the next supervisor's."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() == 1:  # it ended before the call above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_command() -> list[str]:
