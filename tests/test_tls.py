@@ -431,7 +431,7 @@ def test_sighup_serves_a_new_certificate_to_new_connections_only(
 
 
 def test_workers_serve_mtls_and_pass_sighup_on(pki: Pki, token: str, serve_tls,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path, db: str) -> None:
     live = Issued(tmp_path / "live.crt", tmp_path / "live.key", pki.server.subject)
     _replace(live, pki.server)
     server = serve_tls("--workers", "2", "--tls-cert", str(live.cert), "--tls-key",
@@ -440,6 +440,16 @@ def test_workers_serve_mtls_and_pass_sighup_on(pki: Pki, token: str, serve_tls,
     r = wait_for_https(f"{server.base_url}/api/v1/api-tokens", verify=https(pki.ca, pki.client),
                        headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200 and len(r.json()["tokens"]) == 1
+    # The supervisor's shim passes its HTTPS client's subject on to the worker.
+    r = httpx.post(f"{server.base_url}/api/v1/api-tokens",
+                   json={"name": "via a worker", "scopes": ["pass:read"]},
+                   headers={"Authorization": f"Bearer {token}"},
+                   verify=https(pki.ca, pki.client), timeout=10)
+    assert r.status_code == 201, r.text
+    events = [json.loads(line) for line in cli(
+        "audit", "--database-url", db, check=True).stdout.splitlines() if line.strip()]
+    made = [e for e in events if e["details"].get("name") == "via a worker"]
+    assert made[0]["details"]["client_subject"] == "CN=billing service,O=tokenservice tests"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.base_url}/healthz", verify=https(pki.ca), timeout=10)
 
@@ -639,3 +649,31 @@ def test_node_example_and_curl_walkthrough_over_mtls(
                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert walked.returncode == 0, walked.stdout + walked.stderr
     assert "FAIL" not in walked.stderr
+
+
+def test_the_audit_log_records_the_callers_verified_certificate_subject(
+    pki: Pki, token: str, serve_tls, db: str
+) -> None:
+    """Who made a change, as mTLS proved it: on gRPC from the handshake, on REST from
+    the HTTPS client's certificate; a header or metadata claiming one is ignored."""
+    server = serve_tls(*tls_flags(pki, mutual=True), ready=grpc_credentials(pki.ca, pki.client))
+    forged = (SUBJECT_METADATA, "CN=forged")
+    with grpc.secure_channel(server.target, grpc_credentials(pki.ca, pki.client),
+                             OWN_CONNECTION) as channel:
+        pb_grpc.TokenServiceStub(channel).CreateToken(
+            pb.CreateTokenRequest(name="over grpc", scopes=["pass:read"]),
+            metadata=[("authorization", f"Bearer {token}"), forged], timeout=10,
+        )
+    verify = https(pki.ca, pki.client)
+    assert wait_for_https(f"{server.base_url}/healthz", verify=verify).status_code == 200
+    r = httpx.post(f"{server.base_url}/api/v1/api-tokens",
+                   json={"name": "over rest", "scopes": ["pass:read"]},
+                   headers={"Authorization": f"Bearer {token}", forged[0]: forged[1]},
+                   verify=verify, timeout=10)
+    assert r.status_code == 201, r.text
+    lines = cli("audit", "--database-url", db, check=True).stdout.splitlines()
+    events = [json.loads(line) for line in lines if line.strip()]
+    subjects = {e["details"].get("name"): e["details"].get("client_subject")
+                for e in events if e["action"] == "token.create"}
+    expected = "CN=billing service,O=tokenservice tests"
+    assert subjects == {"ops": None, "over grpc": expected, "over rest": expected}

@@ -47,7 +47,8 @@ from .logs import rpc_log
 from .metrics import RpcMetrics
 from .peers import TrustedProxies
 from .policy import SERVICE_NAME, Caller, caller_for
-from .service import TokenService, wants_cache_budget
+from .service import TokenService, client_subject, wants_cache_budget
+from .tls import peer_subject
 from .values import (
     UPDATABLE,
     AuditEvent,
@@ -288,6 +289,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     # so their events land here.
                     narrowed_async: list[Narrowed] = []
                     collecting = narrowing.collect(narrowed_async, claim)
+                    client_subject.set(peer_subject(context) or "")  # for the audit log
                     try:
                         return await behavior(request, context)
                     finally:
@@ -298,6 +300,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 address = client_address(context, trusted)
                 ctx = contextvars.copy_context()
                 ctx.run(_client_address.set, address)
+                ctx.run(client_subject.set, peer_subject(context) or "")  # for the audit log
                 loop = asyncio.get_running_loop()
                 narrowed: list[Narrowed] = []
                 try:

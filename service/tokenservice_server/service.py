@@ -77,6 +77,12 @@ wants_cache_budget: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "wants_cache_budget", default=False
 )
 
+# Set by the caller of a rule that writes audit events: the subject of the client
+# certificate the caller presented and the server verified (mTLS); "" for none.
+client_subject: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "client_subject", default=""
+)
+
 DEFAULT_PAGE_SIZE = 50
 MAX_USES_PER_REPORT = 10_000
 # How long a token's limit read for charging usage reports is reused, and for how many tokens.
@@ -130,7 +136,8 @@ def _client(client: Client) -> str:
 
 
 def _actor(caller: Principal, client: Client) -> Actor:
-    return Actor(caller.user_id, caller.email, caller.token_id, _client(client))
+    return Actor(caller.user_id, caller.email, caller.token_id, _client(client),
+                 client_subject.get())
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -437,7 +437,7 @@ class Store:
                 actor_token_id=e.actor.token_id,
                 token_id=e.token_id or token_id,
                 client_address=e.actor.client_address,
-                details=dict(e.details),
+                details=_with_subject(e.details, e.actor.client_subject),
             )
             for e in entries
         ]
@@ -820,6 +820,13 @@ def _emit(events: Iterable[AuditEventValue]) -> None:
             "client_address": e.client_address,
             "details": e.details,
         })
+
+
+def _with_subject(details: Mapping[str, Any], subject: str) -> dict[str, Any]:
+    """An event's details, with the caller's verified certificate subject when it had one."""
+    if not subject:
+        return dict(details)
+    return {**details, "client_subject": subject[:512]}
 
 
 def _token_info(token: ApiToken, now: int) -> TokenInfo:

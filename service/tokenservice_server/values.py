@@ -180,6 +180,8 @@ class Actor:
     email: str = ""
     token_id: str = ""
     client_address: str = ""
+    # The subject of the client certificate the caller presented (mTLS), if any.
+    client_subject: str = ""
 
 
 # The command line acts with direct access to the store, as no user.
