@@ -132,6 +132,7 @@ def test_audit_prints_json_lines_newest_first(db) -> None:
     ("token", "revoke"),
     ("audit", "--limit", "0"),
     ("audit", "--limit", "many"),
+    ("audit", "--token-id", "zzz"),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(db, args) -> None:
     assert_one_line_error(cli(*args, env=db))

@@ -461,3 +461,20 @@ def test_narrowing_a_users_permissions_reaches_a_warm_consumer(
         narrowing.stop(collecting)
     settle_blocking(service.store, narrowed)  # what a command runner does after the change
     assert cache.authenticate(raw).scopes == {"pass:read"}
+
+
+def test_a_new_rate_limit_reaches_a_warm_consumer(world: World, cache: LeaseCache) -> None:
+    """A cached answer was given its budget (or none: no limit at all) under the old
+    limit; once UpdateToken sets a tighter one has returned, the cache may not go on
+    answering under the old."""
+    made = world.token()
+    warm(cache, made.token)
+    world.manager.update_token(made.api_token.id, rate_limit=(2, 3600))
+    admitted = 0
+    for _ in range(20):
+        try:
+            cache.authenticate(made.token)
+            admitted += 1
+        except RateLimited:
+            pass
+    assert admitted <= 2

@@ -1410,8 +1410,14 @@ class TokenService:
         """The newest `limit` events, of one org or all (the command line's `audit`)."""
         if limit <= 0:
             raise InvalidArgument([("limit", "must be more than zero")])
+        token_id = token_id.strip()
+        if token_id:
+            try:
+                token_id = str(uuid.UUID(token_id))
+            except ValueError:
+                raise InvalidArgument([("token_id", "is not a token id")]) from None
         return self.store.list_audit_events(
-            org_id=org_id, after=None, limit=limit, token_id=token_id.strip()
+            org_id=org_id, after=None, limit=limit, token_id=token_id
         )
 
     def mint_for_email(

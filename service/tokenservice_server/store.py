@@ -339,7 +339,11 @@ class Store:
                     ).execute()
                     if updated != 1:
                         raise _Refused
-                narrowed = [token_id] if {"scopes", "expires_at"} & changes.keys() else []
+                # A new rate limit narrows too: a consumer's cached answer was given
+                # a budget (or none, for a token without a limit) under the old one.
+                narrowed = (
+                    [token_id] if {"scopes", "expires_at", "rate_limit"} & changes.keys() else []
+                )
                 if clamp_children_to is not None:
                     below = self._subtree(key)
                     if below:
