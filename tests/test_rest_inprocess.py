@@ -225,20 +225,28 @@ def test_a_tokens_rate_limit_answers_with_its_headers_in_process(database_url) -
         running.server.stop(grace=1)
 
 
+def held_scopes(
+    ts: RunningServer,
+) -> tuple[dict[str, Any], asyncio.Event, threading.Semaphore]:
+    """The server's handlers with ListScopes held until `release` is set (on the
+    server's loop); `entered` is released once for each call that got in."""
+    release = asyncio.Event()
+    entered = threading.Semaphore(0)
+    real = ts.server.unary_handlers[SCOPES_PATH]
+
+    async def held(message: Any, context: Any) -> Any:
+        entered.release()
+        await release.wait()
+        return await real(message, context)
+
+    return {**ts.server.unary_handlers, SCOPES_PATH: held}, release, entered
+
+
 def test_calls_in_flight_are_bounded_like_one_grpc_connection(ts: RunningServer) -> None:
     """With one place, another client's call waits for the first, and its deadline runs
     while it waits: it ends 500 like a call a gRPC connection's stream limit held back.
     The same client asking for more than its share is refused at once (429)."""
-    release = asyncio.Event()
-    entered = threading.Event()
-    real = ts.server.unary_handlers[SCOPES_PATH]
-
-    async def held(message: Any, context: Any) -> Any:
-        entered.set()
-        await release.wait()
-        return await real(message, context)
-
-    handlers = {**ts.server.unary_handlers, SCOPES_PATH: held}
+    handlers, release, entered = held_scopes(ts)
     token = ts.manager()
     with running_local_rest(ts, handlers=handlers, max_concurrent=1) as rest:
         first: dict[str, httpx.Response] = {}
@@ -246,7 +254,7 @@ def test_calls_in_flight_are_bounded_like_one_grpc_connection(ts: RunningServer)
             target=lambda: first.setdefault("r", httpx.get(f"{rest.base_url}/api/v1/scopes",
                                                            timeout=30)))
         thread.start()
-        assert entered.wait(30)
+        assert entered.acquire(timeout=30)
         busy = rest.client.get("/api/v1/api-tokens", headers=bearer_header(token))
         assert_error(busy, 429, "rate_limited")
         assert busy.headers["Retry-After"] == "1"
@@ -336,16 +344,7 @@ def test_a_client_that_hangs_up_gives_its_places_back_at_once(ts: RunningServer)
     """uvicorn does not cancel a request whose client left: an abandoned call once kept
     its place until its deadline, so one client could fill the house by sending and
     hanging up. Its places now come back as it hangs up, with the call still held."""
-    release = asyncio.Event()
-    entered = threading.Semaphore(0)
-    real = ts.server.unary_handlers[SCOPES_PATH]
-
-    async def held(message: Any, context: Any) -> Any:
-        entered.release()
-        await release.wait()
-        return await real(message, context)
-
-    handlers = {**ts.server.unary_handlers, SCOPES_PATH: held}
+    handlers, release, entered = held_scopes(ts)
     local = local_handlers(ts, handlers=handlers, max_concurrent=8)  # 2 a client
     server = RestServer(None, "127.0.0.1", 0, local=local)
     server.start(ts.server.loop)
