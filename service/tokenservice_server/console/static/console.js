@@ -232,7 +232,10 @@
     (focusTarget || dialog.querySelector("input, button")).focus();
   }
 
+  // The secret goes at once: a dialog's "close" event (which also clears it, for
+  // Escape) comes a task later, and the page should not hold the token meanwhile.
   function closeDialog(dialog) {
+    hideSecret();
     if (dialog.open) dialog.close();
   }
 
